@@ -1,0 +1,364 @@
+"""One typed configuration for every stage: a preset YAML plus ``section.field=value`` overrides.
+
+Presets live in ``contra_ray/presets/<name>.yaml`` (one per paper Table 5 row, plus CPU presets). The
+config is validated once, before any work, by :meth:`Config.validate`; every error is a
+:class:`ConfigError` whose message names the field and the offending value. Checks that need the expert
+store (enough saved epochs for T+ + M, same model/dataset/ZCA) live in :mod:`contra_ray.experts`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .models import MODEL_NAMES, ModelSpec
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DATASETS = ("cifar10", "cifar100", "cifar10-jpeg", "imagefolder")
+AUG_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("CONTRA_RAY_CACHE", str(Path.home() / ".cache" / "contra_ray"))
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = "cifar10-jpeg"  # cifar10 | cifar100 (torchvision format) | cifar10-jpeg | imagefolder
+    root: str | None = None  # dataset directory, tarball or ImageFolder root; None = default location
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+    train_per_class: int | None = None  # class-balanced subset of the train split (None = all)
+    zca: bool = True
+    zca_eps: float = 0.1
+    download: bool = False
+    subset_seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "convnet"
+    width: int = 128
+    depth: int | None = None
+
+
+@dataclasses.dataclass
+class ExpertConfig:
+    num_experts: int = 2
+    epochs: int = 8  # saved epochs; the store holds epochs + 1 parameter vectors (0 = init)
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    dsa: bool = True
+    curriculum: bool = False  # App. B; sample order easy -> hard with pacing h(e)
+    curriculum_lambda: float = 0.3
+    curriculum_gamma: int = 5
+    store: str | None = None  # directory; None = <output_dir>/experts
+    seed: int = 0
+    cpus_per_expert: float = 1.0
+    gpus_per_expert: float = 0.0
+    eval_every: int = 1  # test accuracy every n epochs (0 = only the last)
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    ipc: int = 1
+    beta: float = 0.0  # β, weight of the sampled segment (Eq. 8)
+    K: int = 3  # concurrent segments
+    R: int | None = None  # spacing of concurrent starts; None = floor((T+ - T-) / K)
+    syn_steps: int = 80  # N
+    expert_epochs: int = 2  # M
+    min_start_epoch: int = 0  # T-
+    max_start_epoch: int = 4  # T+ (sampled start in [T-, T+))
+    batch_syn: int | None = None  # None = whole synthetic set
+    iterations: int = 5000
+    lr_img: float = 100.0
+    lr_label: float = 5.0
+    lr_lr: float = 1e-5
+    syn_lr_init: float = 0.01  # initial student step size α (= expert lr)
+    soft_labels: bool = True  # DATM learned soft labels
+    init: str = "real_correct"  # real_correct | real | noise
+    dsa: bool = True
+    seed: int = 0
+    eval_every: int = 0  # evaluate every n iterations (0 = only at the end)
+    eval_runs_periodic: int = 1
+    checkpoint_every: int = 0
+    dtype: str = "float32"
+
+    def resolved_R(self) -> int:
+        if self.R is not None:
+            return self.R
+        return max(1, (self.max_start_epoch - self.min_start_epoch) // max(self.K, 1))
+
+    def concurrent_starts(self) -> list[int]:
+        """Start epochs T- + iR, i = 0..K-1 (paper Eq. 8)."""
+        return [self.min_start_epoch + i * self.resolved_R() for i in range(self.K)]
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    models: list[str] = dataclasses.field(default_factory=lambda: ["convnet"])
+    runs: int = 5
+    epochs: int = 300
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa: bool = True
+    lr: float | None = None  # None = the artifact's learned syn_lr
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+    test_batch_size: int = 1000
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None = sqlite:///<output_dir>/mlflow.db
+    experiment: str = "contra_ray"
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    device: str = "cpu"
+    threads: int = 0  # torch threads per process (0 = torch default)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    experts: ExpertConfig = dataclasses.field(default_factory=ExpertConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    # ------------------------------------------------------------------ derived values
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def expert_store(self) -> Path:
+        return Path(self.experts.store) if self.experts.store else self.run_dir() / "experts"
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{(Path(self.output_dir) / 'mlflow.db').resolve()}"
+
+    def model_spec(self, num_classes: int, image_size: int, channels: int = 3) -> ModelSpec:
+        return ModelSpec(self.model.name, num_classes, image_size, channels, self.model.width, self.model.depth)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "Config":
+        """Check every field that can be checked without data; returns ``self``.
+
+        Raises:
+            ConfigError: naming the first invalid field and its value.
+        """
+        d, e, x, m = self.distill, self.eval, self.experts, self.model
+
+        def bad(field: str, value: Any, why: str) -> None:
+            raise ConfigError(f"{field}={value!r}: {why}")
+
+        if self.data.dataset not in DATASETS:
+            bad("data.dataset", self.data.dataset, f"unknown dataset; known: {', '.join(DATASETS)}")
+        if self.data.dataset == "imagefolder" and not self.data.root:
+            bad("data.root", self.data.root, "data.dataset=imagefolder needs the ImageFolder root directory")
+        if self.data.train_per_class is not None and self.data.train_per_class < 1:
+            bad("data.train_per_class", self.data.train_per_class, "must be >= 1 or null")
+        if self.data.zca_eps <= 0:
+            bad("data.zca_eps", self.data.zca_eps, "must be > 0")
+        if m.name not in MODEL_NAMES:
+            bad("model.name", m.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
+        if m.width < 1:
+            bad("model.width", m.width, "must be >= 1")
+        for name in e.models:
+            if name not in MODEL_NAMES:
+                bad("eval.models", name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
+        if x.num_experts < 1:
+            bad("experts.num_experts", x.num_experts, "must be >= 1")
+        if x.epochs < 1:
+            bad("experts.epochs", x.epochs, "must be >= 1")
+        if x.batch_size < 1:
+            bad("experts.batch_size", x.batch_size, "must be >= 1")
+        if x.lr <= 0:
+            bad("experts.lr", x.lr, "must be > 0")
+        if not 0 < x.curriculum_lambda <= 1:
+            bad("experts.curriculum_lambda", x.curriculum_lambda, "must be in (0, 1]")
+        if x.curriculum_gamma < 1:
+            bad("experts.curriculum_gamma", x.curriculum_gamma, "must be >= 1")
+        if d.ipc < 1:
+            bad("distill.ipc", d.ipc, "must be >= 1")
+        if not 0.0 <= d.beta <= 1.0:
+            bad("distill.beta", d.beta, "β must be in [0, 1]")
+        if d.K < 0:
+            bad("distill.K", d.K, "must be >= 0")
+        if d.K == 0 and d.beta != 1.0:
+            bad("distill.beta", d.beta, "with distill.K=0 there are no concurrent segments, so β must be 1 (plain MTT)")
+        if d.R is not None and d.R < 1:
+            bad("distill.R", d.R, "must be >= 1 or null")
+        if d.min_start_epoch < 0:
+            bad("distill.min_start_epoch", d.min_start_epoch, "T- must be >= 0")
+        if d.min_start_epoch >= d.max_start_epoch:
+            bad("distill.min_start_epoch", d.min_start_epoch,
+                f"T- must be < T+ (distill.max_start_epoch={d.max_start_epoch})")
+        if d.K > 0 and d.concurrent_starts()[-1] > d.max_start_epoch:
+            bad("distill.K", d.K, f"K concurrent segments T- + (K-1)R = {d.concurrent_starts()[-1]} do not fit in "
+                f"[T-, T+] = [{d.min_start_epoch}, {d.max_start_epoch}] with R={d.resolved_R()}")
+        if d.syn_steps < 1:
+            bad("distill.syn_steps", d.syn_steps, "N must be >= 1")
+        if d.expert_epochs < 1:
+            bad("distill.expert_epochs", d.expert_epochs, "M must be >= 1")
+        if d.max_start_epoch + d.expert_epochs > x.epochs and not x.store:
+            bad("distill.max_start_epoch", d.max_start_epoch,
+                f"T+ + M = {d.max_start_epoch + d.expert_epochs} exceeds experts.epochs={x.epochs}")
+        if d.batch_syn is not None and d.batch_syn < 1:
+            bad("distill.batch_syn", d.batch_syn, "must be >= 1 or null")
+        if d.iterations < 0:
+            bad("distill.iterations", d.iterations, "must be >= 0")
+        for f in ("lr_img", "lr_label", "lr_lr", "syn_lr_init"):
+            if not getattr(d, f) > 0:
+                bad(f"distill.{f}", getattr(d, f), "must be > 0")
+        if d.init not in ("real_correct", "real", "noise"):
+            bad("distill.init", d.init, "must be one of real_correct, real, noise")
+        if d.dtype not in ("float32", "float64"):
+            bad("distill.dtype", d.dtype, "must be float32 or float64")
+        if e.runs < 1:
+            bad("eval.runs", e.runs, "must be >= 1")
+        if e.epochs < 1:
+            bad("eval.epochs", e.epochs, "must be >= 1")
+        if e.lr is not None and e.lr <= 0:
+            bad("eval.lr", e.lr, "must be > 0 or null")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad("device", self.device, "must be cpu, cuda or cuda:<index>")
+        return self
+
+    def validate_data(self, num_classes: int, min_class_count: int) -> None:
+        """Checks that need the dataset's size: IPC and synthetic batch size.
+
+        Raises:
+            ConfigError: IPC larger than the smallest class, or batch_syn larger than the synthetic set.
+        """
+        d = self.distill
+        if d.ipc > min_class_count:
+            raise ConfigError(f"distill.ipc={d.ipc}: larger than the smallest class of the training set "
+                              f"({min_class_count} images)")
+        if d.batch_syn is not None and d.batch_syn > d.ipc * num_classes:
+            raise ConfigError(f"distill.batch_syn={d.batch_syn}: larger than the synthetic set "
+                              f"(ipc * classes = {d.ipc * num_classes})")
+
+
+# ---------------------------------------------------------------------- loading
+
+def _coerce(value: Any, tp: Any, field: str) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args or tp is Any:
+            return None
+        raise ConfigError(f"{field}=None: a value is required")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return [_coerce(v, args[0], field) for v in value]
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        return _coerce(value, inner, field)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    for key, value in values.items():
+        field = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ConfigError(f"{field}: unknown field (known in {prefix.rstrip('.') or 'top level'}: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{field}={value!r}: expected a mapping")
+            _apply(current, value, f"{field}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], field))
+
+
+def preset_path(preset: str) -> Path:
+    """Path of a preset given by name (``cifar10_ipc1``) or by file path.
+
+    Raises:
+        ConfigError: no such preset.
+    """
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    q = PRESET_DIR / f"{preset}.yaml"
+    if q.exists():
+        return q
+    known = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"preset={preset!r}: no such preset file or name; known presets: {known}")
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """``["distill.K=3", "eval.runs=2"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict | None = None,
+                validate: bool = True) -> Config:
+    """Build a :class:`Config` from a preset (name or YAML path) and overrides, validated.
+
+    Raises:
+        ConfigError: unknown preset or field, wrong type, or invalid value.
+    """
+    cfg = Config()
+    if preset:
+        with open(preset_path(preset)) as f:
+            _apply(cfg, yaml.safe_load(f) or {})
+    _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return cfg.validate() if validate else cfg
+
+
+def config_from_dict(d: dict, validate: bool = True) -> Config:
+    cfg = Config()
+    _apply(cfg, d)
+    return cfg.validate() if validate else cfg

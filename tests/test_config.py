@@ -1,0 +1,78 @@
+"""Config loading and validation: every bad value is refused before work, naming field and value."""
+
+from pathlib import Path
+
+import pytest
+
+from contra_ray.config import PRESET_DIR, ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_loads_and_segments_fit(preset):
+    over = ["data.root=/some/imagefolder"] if preset.startswith("tiny_ipc") else []
+    cfg = load_config(preset, over)
+    d = cfg.distill
+    assert d.concurrent_starts()[-1] <= d.max_start_epoch if d.K else True
+    assert d.max_start_epoch + d.expert_epochs <= cfg.experts.epochs
+
+
+def test_table5_cifar10_ipc1_row():
+    d = load_config("cifar10_ipc1").distill
+    assert (d.beta, d.R, d.K, d.syn_steps, d.expert_epochs, d.min_start_epoch, d.max_start_epoch, d.batch_syn,
+            d.lr_label, d.lr_img) == (0.0, 2, 3, 80, 2, 0, 4, 10, 5.0, 100.0)
+    assert d.concurrent_starts() == [0, 2, 4]
+
+
+def test_overrides_typed():
+    cfg = load_config("tiny_cpu", ["distill.K=1", "distill.beta=0.5", "eval.models=convnet,resnet18",
+                                   "distill.batch_syn=null"])
+    assert cfg.distill.K == 1 and cfg.distill.beta == 0.5 and cfg.distill.batch_syn is None
+    assert cfg.eval.models == ["convnet", "resnet18"]
+
+
+def test_R_defaults_to_floor_range_over_K():
+    d = load_config("tiny_cpu", ["distill.R=null", "distill.K=3", "distill.min_start_epoch=0",
+                                 "distill.max_start_epoch=10", "experts.epochs=12"]).distill
+    assert d.resolved_R() == 3 and d.concurrent_starts() == [0, 3, 6]
+
+
+@pytest.mark.parametrize("override, field, value", [
+    (["distill.min_start_epoch=4", "distill.max_start_epoch=4"], "distill.min_start_epoch", "4"),
+    (["distill.max_start_epoch=3", "distill.expert_epochs=2", "experts.epochs=4"], "distill.max_start_epoch", "3"),
+    (["distill.K=3", "distill.R=2", "distill.max_start_epoch=3", "experts.epochs=8"], "distill.K", "3"),
+    (["data.dataset=mnist"], "data.dataset", "'mnist'"),
+    (["model.name=vit_h"], "model.name", "'vit_h'"),
+    (["eval.models=convnet,lenet9"], "eval.models", "'lenet9'"),
+    (["distill.beta=1.5"], "distill.beta", "1.5"),
+    (["distill.K=0", "distill.beta=0.5"], "distill.beta", "0.5"),
+    (["distill.syn_steps=0"], "distill.syn_steps", "0"),
+    (["distill.lr_img=-1"], "distill.lr_img", "-1"),
+    (["distill.ipc=0"], "distill.ipc", "0"),
+    (["distill.ipc=abc"], "distill.ipc", "'abc'"),
+    (["distill.nonsense=1"], "distill.nonsense", ""),
+    (["data.dataset=imagefolder"], "data.root", "None"),
+])
+def test_bad_configs_name_field_and_value(override, field, value):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", override)
+    assert field in str(e.value) and value in str(e.value)
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="preset='nope'.*cifar10_ipc1"):
+        load_config("nope")
+
+
+def test_data_dependent_checks():
+    cfg = load_config("tiny_cpu", ["distill.ipc=5", "distill.batch_syn=60"])
+    with pytest.raises(ConfigError, match=r"distill.ipc=5.*smallest class of the training set \(4 images\)"):
+        cfg.validate_data(num_classes=10, min_class_count=4)
+    with pytest.raises(ConfigError, match=r"distill.batch_syn=60.*\(ipc \* classes = 50\)"):
+        cfg.validate_data(num_classes=10, min_class_count=100)
+
+
+def test_yaml_path_preset(tmp_path: Path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\ndistill:\n  K: 1\n  beta: 0.3\n")
+    cfg = load_config(str(p))
+    assert cfg.name == "mine" and cfg.distill.K == 1

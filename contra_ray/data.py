@@ -1,0 +1,628 @@
+"""Real image data: loading, class-balanced subsets, and the preprocessing every stage shares.
+
+* :func:`load_split` returns an :class:`ImageSet` (uint8 images, int64 labels, class names, a dataset id
+  and a content hash) for ``cifar10`` / ``cifar100`` (torchvision format), ``cifar10-jpeg`` (the tarball
+  of real CIFAR-10 JPEGs, verified against ``SHA256SUMS`` once and extracted into the cache) and any
+  ``imagefolder`` tree. Decoded images are cached in ``cfg.cache_dir`` so the JPEGs are decoded once.
+* :class:`Preprocessor` / :func:`fit_preprocessor`: ``/255``, per-channel normalisation and ZCA
+  whitening (kornia ``ZCAWhitening``, as in the MTT / DATM reference ``utils.get_dataset``), plus the
+  inverse used to display synthetic images. It is saved with every artifact (``state_dict``) and
+  identified by :meth:`Preprocessor.fingerprint`.
+* :func:`real_images_per_class` picks ``ipc`` random real images per class (baselines, initialisation).
+
+Every cache write goes to a temporary file or directory first and is moved into place with
+``os.replace``, so an interrupted run never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+
+__all__ = [
+    "ImageSet",
+    "load_split",
+    "Preprocessor",
+    "fit_preprocessor",
+    "real_images_per_class",
+    "content_hash",
+    "decode_images",
+    "shared_dir",
+    "SPLITS",
+]
+
+SPLITS = ("train", "test")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_MARKER = ".contra_ray_extracted.json"
+_CHUNK = 4096  # images per chunk when normalising / whitening
+
+
+def shared_dir() -> Path:
+    """The shared read-only folder (``$CONTRA_RAY_SHARED`` or ``<repo>/../shared``)."""
+    return Path(os.environ.get("CONTRA_RAY_SHARED", REPO_ROOT.parent / "shared"))
+
+
+# ---------------------------------------------------------------------------------------- ImageSet
+
+@dataclasses.dataclass
+class ImageSet:
+    """A labelled image set held in memory.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]``, pixel values 0..255.
+        labels: int64 ``[N]``, class indices in ``0..num_classes-1``.
+        classes: class names; ``classes[k]`` is the name of label ``k``.
+        dataset_id: ``"<dataset>/<split>"``, with the subset appended for a class-balanced train subset,
+            e.g. ``"cifar10-jpeg/train[1000pc,seed0]"``.
+        content_hash: first 16 hex digits of sha256(images bytes + labels bytes) (see :func:`content_hash`).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    dataset_id: str
+    content_hash: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        """Height in pixels (= width for the square images of every supported data set)."""
+        return int(self.images.shape[-2])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def class_counts(self) -> torch.Tensor:
+        """Images per class, int64 ``[num_classes]``."""
+        return torch.bincount(self.labels, minlength=self.num_classes)
+
+
+def content_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """First 16 hex digits of sha256 over the raw bytes of ``images`` then ``labels`` (CPU, contiguous)."""
+    h = hashlib.sha256()
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def load_split(cfg: DataConfig, split: str) -> ImageSet:
+    """Load one split of ``cfg.dataset`` as uint8 tensors (decoded once, then read from the cache).
+
+    For ``split="train"`` with ``cfg.train_per_class`` set, returns a class-balanced subset: for each
+    class, the first ``train_per_class`` images of a permutation drawn from a generator seeded with
+    ``cfg.subset_seed`` (classes in order 0..C-1, one ``randperm`` each), kept in their original order.
+
+    Args:
+        cfg: the data section of the validated config.
+        split: ``"train"`` or ``"test"`` (an ImageFolder's ``val/`` folder serves as ``test``).
+
+    Returns:
+        :class:`ImageSet` with images uint8 ``[N, C, H, W]`` and labels int64 ``[N]``.
+
+    Raises:
+        ValueError: unknown split or dataset; a class with fewer than ``cfg.train_per_class`` images; an
+            image whose size differs from the first one (names the file); a tarball whose sha256 differs
+            from ``SHA256SUMS``.
+        FileNotFoundError: data not found (names the path and the ``data.root`` / ``data.download`` fix).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    if cfg.dataset in ("cifar10", "cifar100"):
+        images, labels, classes, digest = _load_torchvision_cifar(cfg, split)
+    elif cfg.dataset == "cifar10-jpeg":
+        images, labels, classes, digest = _load_cifar10_jpeg(cfg, split)
+    elif cfg.dataset == "imagefolder":
+        if not cfg.root:
+            raise FileNotFoundError("data.root=None: data.dataset=imagefolder needs the ImageFolder root directory")
+        images, labels, classes, digest = _load_imagefolder_cached(Path(cfg.root).expanduser(), split, cfg.cache_dir)
+    else:
+        raise ValueError(f"data.dataset={cfg.dataset!r}: unknown dataset")
+    dataset_id = f"{cfg.dataset}/{split}"
+    if split == "train" and cfg.train_per_class is not None:
+        idx = _balanced_subset(labels, classes, cfg.train_per_class, cfg.subset_seed)
+        images, labels = images[idx].contiguous(), labels[idx].contiguous()
+        dataset_id += f"[{cfg.train_per_class}pc,seed{cfg.subset_seed}]"
+        digest = content_hash(images, labels)
+    return ImageSet(images, labels, list(classes), dataset_id, digest)
+
+
+def _balanced_subset(labels: torch.Tensor, classes: list[str], per_class: int, seed: int) -> torch.Tensor:
+    """Sorted int64 indices: the first ``per_class`` of a seeded permutation of each class."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, name in enumerate(classes):
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < per_class:
+            raise ValueError(f"data.train_per_class={per_class}: class {c} ({name!r}) has only "
+                             f"{len(members)} training images")
+        picked.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(picked).sort().values
+
+
+def _load_torchvision_cifar(cfg: DataConfig, split: str):
+    """torchvision ``CIFAR10`` / ``CIFAR100`` at ``cfg.root`` (default ``<cache_dir>/torchvision``)."""
+    import torchvision
+
+    root = Path(cfg.root).expanduser() if cfg.root else Path(cfg.cache_dir) / "torchvision"
+    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(str(root), train=(split == "train"), download=cfg.download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise FileNotFoundError(
+            f"data.root={cfg.root!r}: no {cfg.dataset} data (torchvision format) in {root}; pass "
+            f"data.download=true to download it there, or data.root=<dir> holding an existing copy") from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    return images, labels, list(ds.classes), content_hash(images, labels)
+
+
+# ---------------------------------------------------------------------------------------- cifar10-jpeg
+
+def _load_cifar10_jpeg(cfg: DataConfig, split: str):
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if root is not None and root.is_dir() and (root / "train").is_dir():  # an already extracted copy
+        return _load_imagefolder_cached(root, split, cfg.cache_dir)
+    tarball = root if root is not None else shared_dir() / "datasets" / "cifar10-jpeg.tar.gz"
+    if tarball.is_dir():
+        tarball = tarball / "cifar10-jpeg.tar.gz"
+    if not tarball.is_file():
+        raise FileNotFoundError(f"data.root={cfg.root!r}: CIFAR-10 JPEG tarball not found at {tarball}; pass "
+                                f"data.root=<path to cifar10-jpeg.tar.gz> (or set CONTRA_RAY_SHARED)")
+    name = tarball.name.split(".")[0]
+
+    def cache_for(sha: str) -> Path:
+        return Path(cfg.cache_dir) / "decoded" / f"{name}-{sha[:16]}-{split}.pt"
+
+    marker = _read_marker(Path(cfg.cache_dir) / name)
+    if marker and _same_stat(marker, tarball):  # verified before: no hashing, no listing
+        cached = _read_decoded(cache_for(marker["sha256"]))
+        if cached is not None:
+            return cached
+    folder, sha = _extract_tarball(tarball, Path(cfg.cache_dir))
+    return _decode_cached(_imagefolder_root(folder), split, cache_for(sha))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _expected_sha256(tarball: Path) -> str | None:
+    """The hash listed for ``tarball`` in ``SHA256SUMS`` beside it, or ``None``."""
+    sums = tarball.parent / "SHA256SUMS"
+    if not sums.is_file():
+        return None
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == tarball.name:
+            return parts[0].lower()
+    return None
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_stat(marker: dict, tarball: Path) -> bool:
+    st = tarball.stat()
+    return marker.get("size") == st.st_size and marker.get("mtime_ns") == st.st_mtime_ns
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
+    """Verify ``tarball`` (once) and extract it into ``cache_dir/<name>/``; returns (folder, sha256).
+
+    The sha256 is checked against ``SHA256SUMS`` beside the tarball when that file lists it. A marker
+    file in the extracted folder records the verified hash and the tarball's size and mtime, so later
+    calls neither hash nor extract again. Extraction goes to a temporary sibling directory that is
+    renamed into place, so a crash never leaves a half extraction.
+
+    Raises:
+        ValueError: the tarball's sha256 does not match ``SHA256SUMS``.
+    """
+    name = tarball.name.split(".")[0]
+    final = cache_dir / name
+    marker = _read_marker(final)
+    if marker and _same_stat(marker, tarball):
+        return final, marker["sha256"]
+    sha = _sha256_file(tarball)
+    expected = _expected_sha256(tarball)
+    if expected is not None and sha != expected:
+        raise ValueError(f"data.root: {tarball} has sha256 {sha}, but {tarball.parent / 'SHA256SUMS'} "
+                         f"lists {expected}; the file is corrupt or not the expected data set")
+    st = tarball.stat()
+    record = {"sha256": sha, "source": str(tarball), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if marker and marker.get("sha256") == sha:  # same content, touched file: just refresh the marker
+        _write_json_atomic(final / _MARKER, record)
+        return final, sha
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=cache_dir))
+    try:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp, filter="data")
+        (tmp / _MARKER).write_text(json.dumps(record))
+        if final.exists():  # stale extraction of other content: move it aside, then drop it
+            trash = Path(tempfile.mkdtemp(prefix=f".{name}.stale-", dir=cache_dir))
+            os.replace(final, trash / name)
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first: use its copy if it holds the same content
+            other = _read_marker(final)
+            if not other or other.get("sha256") != sha:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, sha
+
+
+def _imagefolder_root(folder: Path) -> Path:
+    """``folder`` itself if it holds ``train/``, else its single subdirectory that does."""
+    if (folder / "train").is_dir():
+        return folder
+    subs = [p for p in folder.iterdir() if p.is_dir() and (p / "train").is_dir()]
+    if len(subs) == 1:
+        return subs[0]
+    raise FileNotFoundError(f"{folder}: no train/ folder in the extracted tarball")
+
+
+# ---------------------------------------------------------------------------------------- ImageFolder
+
+def _split_dir(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root={str(root)!r}: no such directory")
+    names = ("train",) if split == "train" else ("test", "val")
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise FileNotFoundError(f"data.root={str(root)!r}: no {' or '.join(n + '/' for n in names)} folder in {root} "
+                            f"(an ImageFolder root needs train/ and test/ or val/ subfolders)")
+
+
+def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
+    """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
+    from torchvision.datasets import ImageFolder
+
+    folder = _split_dir(root, split)
+    listing = ImageFolder(str(folder), loader=lambda p: p)
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for path, label in listing.samples:
+        st = os.stat(path)
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    key = f"imagefolder-{h.hexdigest()[:16]}-{split}.pt"
+    return _decode_cached(folder.parent, split, Path(cache_dir) / "decoded" / key, listing=listing)
+
+
+def _read_decoded(path: Path):
+    if not path.is_file():
+        return None
+    d = torch.load(path, weights_only=True)
+    return d["images"], d["labels"], list(d["classes"]), d["content_hash"]
+
+
+def _decode_cached(root: Path, split: str, cache: Path, listing=None):
+    """Decoded ``(images, labels, classes, content_hash)`` of ``root/<split>``, from ``cache`` if present."""
+    cached = _read_decoded(cache)
+    if cached is not None:
+        return cached
+    if listing is None:
+        from torchvision.datasets import ImageFolder
+
+        listing = ImageFolder(str(_split_dir(root, split)), loader=lambda p: p)
+    files = [p for p, _ in listing.samples]
+    images = decode_images(files, desc=f"decoding {root.name}/{split}")
+    labels = torch.as_tensor(listing.targets, dtype=torch.int64)
+    digest = content_hash(images, labels)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
+    os.close(fd)
+    try:
+        torch.save({"images": images, "labels": labels, "classes": list(listing.classes),
+                    "content_hash": digest}, tmp)
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return images, labels, list(listing.classes), digest
+
+
+def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
+    """Decode image files into one uint8 ``[N, C, H, W]`` tensor (no resizing).
+
+    JPEG and PNG are decoded with ``torchvision.io.decode_image`` on the file bytes (bit-identical to PIL
+    for the CIFAR-10 JPEGs, 2.5x faster); other formats with PIL. The channel count follows the first
+    image: 1 for grayscale (PIL modes ``1``, ``L``, ``I``, ``I;16``, ``F``), else 3 (RGB, alpha dropped).
+
+    Raises:
+        ValueError: no files, or an image whose size differs from the first image's (names both files).
+    """
+    from tqdm import tqdm
+
+    try:  # deprecated in torchvision 0.29 (superseded by TorchCodec); PIL is the fallback
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        decode_image = None
+
+    if not files:
+        raise ValueError("no image files to decode")
+    with Image.open(files[0]) as im:
+        gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        w, h = im.size
+    channels = 1 if gray else 3
+    tv_mode = (ImageReadMode.GRAY if gray else ImageReadMode.RGB) if decode_image is not None else None
+    out = torch.empty(len(files), channels, h, w, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io warns on every call
+        for i, path in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False,
+                                      disable=len(files) < 1000)):
+            out[i] = _decode_one(path, decode_image, tv_mode, gray, files[0], (h, w))
+    return out
+
+
+def _decode_one(path: str, decode_image, tv_mode, gray: bool, first: str, hw: tuple[int, int]) -> torch.Tensor:
+    """One file -> uint8 ``[C, H, W]``; torchvision for JPEG/PNG, PIL otherwise or on failure."""
+    img = None
+    if decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        try:
+            img = decode_image(data, mode=tv_mode)
+        except RuntimeError:
+            img = None
+    if img is None:
+        with Image.open(path) as im:
+            img = torch.from_numpy(np.array(im.convert("L" if gray else "RGB"), dtype=np.uint8))
+            img = img.unsqueeze(0) if gray else img.permute(2, 0, 1)
+    if tuple(img.shape[1:]) != hw:
+        raise ValueError(f"{path}: image is {img.shape[2]}x{img.shape[1]} (WxH) but {first} is {hw[1]}x{hw[0]}; "
+                         f"all images of a data set must share one size (nothing is resized)")
+    return img
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+@dataclasses.dataclass
+class Preprocessor:
+    """uint8 images -> network input, and back for display (paper App. D: ZCA as in MTT / DATM).
+
+    Forward: ``x = images / 255``; ``x = (x - mean) / std`` per channel; if ``zca``,
+    ``x = (flatten(x) - zca_mean) @ zca_matrix`` (kornia ``ZCAWhitening`` convention,
+    ``zca_matrix = U (S + eps)^-1/2 U^T`` of the train covariance).
+
+    Attributes:
+        mean, std: float32 ``[C]`` (in units of ``images / 255``).
+        zca: whether ZCA whitening is applied.
+        zca_eps: the eigenvalue shrinkage ``eps`` of the fit.
+        zca_mean: float32 ``[1, C*H*W]`` (kornia ``mean_vector``) or ``None``.
+        zca_matrix: float32 ``[D, D]``, ``D = C*H*W`` (kornia ``transform_matrix``) or ``None``.
+        zca_inverse: float32 ``[D, D]`` (kornia ``transform_inv``) or ``None``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    zca: bool = False
+    zca_eps: float = 0.1
+    zca_mean: torch.Tensor | None = None
+    zca_matrix: torch.Tensor | None = None
+    zca_inverse: torch.Tensor | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, C, H, W]`` -> float32 ``[N, C, H, W]`` on the same device (processed in chunks).
+
+        Raises:
+            TypeError: ``images`` is not uint8 (float input would be scaled twice).
+            ValueError: shape does not match the fitted channels / ZCA dimension.
+        """
+        if images.dtype != torch.uint8:
+            raise TypeError(f"Preprocessor expects uint8 images, got {images.dtype}")
+        self._check_shape(images)
+        dev = images.device
+        mean, std = self.mean.to(dev).view(1, -1, 1, 1), self.std.to(dev).view(1, -1, 1, 1)
+        zm, zt = (self.zca_mean.to(dev), self.zca_matrix.to(dev)) if self.zca else (None, None)
+        out = torch.empty(images.shape, dtype=torch.float32, device=dev)
+        for s in range(0, len(images), _CHUNK):
+            x = (images[s:s + _CHUNK].float() / 255.0 - mean) / std
+            if self.zca:
+                x = ((x.flatten(1) - zm) @ zt).view_as(x)
+            out[s:s + _CHUNK] = x
+        return out
+
+    def to_display(self, x: torch.Tensor) -> torch.Tensor:
+        """Network-space float ``[N, C, H, W]`` -> float ``[N, C, H, W]`` in [0, 1] (same dtype and device).
+
+        Inverse ZCA (``x @ zca_inverse + zca_mean``), un-normalise, clamp to [0, 1]; for image grids.
+        """
+        self._check_shape(x)
+        x = x.detach()
+        dev, dt = x.device, x.dtype
+        mean, std = self.mean.to(dev, dt).view(1, -1, 1, 1), self.std.to(dev, dt).view(1, -1, 1, 1)
+        out = torch.empty_like(x)
+        for s in range(0, len(x), _CHUNK):
+            y = x[s:s + _CHUNK]
+            if self.zca:
+                y = (y.flatten(1) @ self.zca_inverse.to(dev, dt) + self.zca_mean.to(dev, dt)).view_as(y)
+            out[s:s + _CHUNK] = (y * std + mean).clamp(0.0, 1.0)
+        return out
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != len(self.mean):
+            raise ValueError(f"expected images [N, {len(self.mean)}, H, W], got {tuple(x.shape)}")
+        if self.zca and x[0].numel() != self.zca_matrix.shape[0]:
+            raise ValueError(f"ZCA was fitted on images of {self.zca_matrix.shape[0]} values, got "
+                             f"{tuple(x.shape[1:])}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-compatible): mean, std, zca (uint8 0/1), zca_eps (float64 scalar)
+        and, with ZCA, zca_mean, zca_matrix, zca_inverse."""
+        d = {"mean": self.mean.float().contiguous(), "std": self.std.float().contiguous(),
+             "zca": torch.tensor(int(self.zca), dtype=torch.uint8),
+             "zca_eps": torch.tensor(float(self.zca_eps), dtype=torch.float64)}
+        if self.zca:
+            d.update(zca_mean=self.zca_mean.contiguous(), zca_matrix=self.zca_matrix.contiguous(),
+                     zca_inverse=self.zca_inverse.contiguous())
+        return d
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "Preprocessor":
+        """Inverse of :meth:`state_dict`.
+
+        Raises:
+            KeyError: a required entry is missing (names it).
+        """
+        for key in ("mean", "std", "zca", "zca_eps"):
+            if key not in d:
+                raise KeyError(f"preprocessor state has no {key!r} entry")
+        zca = bool(int(d["zca"]))
+        if zca:
+            for key in ("zca_mean", "zca_matrix", "zca_inverse"):
+                if key not in d:
+                    raise KeyError(f"preprocessor state has zca=1 but no {key!r} entry")
+        return cls(mean=d["mean"].float(), std=d["std"].float(), zca=zca, zca_eps=float(d["zca_eps"]),
+                   zca_mean=d.get("zca_mean") if zca else None, zca_matrix=d.get("zca_matrix") if zca else None,
+                   zca_inverse=d.get("zca_inverse") if zca else None)
+
+    def fingerprint(self) -> str:
+        """First 16 hex digits of sha256 over the state dict (keys sorted, dtype, shape and bytes)."""
+        h = hashlib.sha256()
+        for key, t in sorted(self.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: bool = False) -> Preprocessor:
+    """Fit the preprocessing on the train set (cached in ``cfg.cache_dir/preprocessors``).
+
+    * Without ZCA: per-channel mean and std (population, float64 accumulation) of ``images / 255``.
+    * With ZCA (default, reference behaviour): ``mean = 0, std = 1`` and kornia
+      ``ZCAWhitening(eps=cfg.zca_eps, compute_inv=True)`` fitted on the whole ``images / 255`` train set.
+      This is what the MTT and DATM reference ``utils.get_dataset`` do: with ``--zca`` their transform is
+      ``ToTensor()`` only (no ``Normalize``) and ZCA (eps 0.1) is fitted on the full train set. With
+      ``zca_on_normalized=True`` the mean/std normalisation is fitted and applied first and ZCA is fitted
+      on the normalised images instead (not the reference: eps=0.1 then shrinks ~16x less).
+
+    The result is cached (safetensors, atomic write) under a key of ``train.content_hash``, zca, eps and
+    the normalisation mode; a cache hit is returned without refitting.
+
+    Args:
+        train: the train :class:`ImageSet` (uint8 ``[N, C, H, W]``).
+        cfg: data config (``zca``, ``zca_eps``, ``cache_dir``).
+        zca_on_normalized: see above.
+
+    Raises:
+        ValueError: fewer than 2 training images.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if len(train) < 2:
+        raise ValueError(f"fit_preprocessor needs at least 2 training images, got {len(train)}")
+    mode = "norm" if (zca_on_normalized or not cfg.zca) else "raw"
+    key = f"{train.content_hash}-zca{int(cfg.zca)}-eps{cfg.zca_eps!r}-{mode}.safetensors"
+    path = Path(cfg.cache_dir) / "preprocessors" / key
+    if path.is_file():
+        return Preprocessor.from_state_dict(load_file(str(path)))
+
+    c = train.channels
+    if mode == "norm":
+        s1 = torch.zeros(c, dtype=torch.float64)
+        s2 = torch.zeros(c, dtype=torch.float64)
+        for s in range(0, len(train), _CHUNK):
+            x = train.images[s:s + _CHUNK].to(torch.float64) / 255.0
+            s1 += x.sum(dim=(0, 2, 3))
+            s2 += (x * x).sum(dim=(0, 2, 3))
+        count = len(train) * train.images.shape[2] * train.images.shape[3]
+        mean = s1 / count
+        std = (s2 / count - mean**2).clamp_min(1e-12).sqrt()
+        mean, std = mean.float(), std.float()
+    else:
+        mean, std = torch.zeros(c), torch.ones(c)
+    pre = Preprocessor(mean=mean, std=std, zca=False, zca_eps=cfg.zca_eps)
+    if cfg.zca:
+        import kornia
+
+        zca = kornia.enhance.ZCAWhitening(eps=float(cfg.zca_eps), compute_inv=True)
+        zca.fit(pre(train.images))
+        pre = dataclasses.replace(pre, zca=True, zca_mean=zca.mean_vector.detach().float().contiguous(),
+                                  zca_matrix=zca.transform_matrix.detach().float().contiguous(),
+                                  zca_inverse=zca.transform_inv.detach().float().contiguous())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=key + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(pre.state_dict(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return pre
+
+
+# ---------------------------------------------------------------------------------------- selection
+
+def real_images_per_class(images_float: torch.Tensor, labels: torch.Tensor, ipc: int,
+                          generator: torch.Generator, num_classes: int | None = None) -> torch.Tensor:
+    """Indices of ``ipc`` random real images per class, class order 0..C-1 (``ipc`` each).
+
+    For each class ``c`` in turn, draws ``torch.randperm(count_c, generator=generator)`` and keeps the
+    first ``ipc`` members (MTT / DATM ``get_images(c, n)``).
+
+    Args:
+        images_float: ``[N, C, H, W]`` images (any dtype; only its length is checked).
+        labels: int64 ``[N]``.
+        ipc: images per class (>= 1).
+        generator: CPU generator; the result depends only on its state and on ``labels``.
+        num_classes: C; default ``labels.max() + 1``.
+
+    Returns:
+        int64 ``[ipc * C]`` indices into ``images_float``, on the CPU.
+
+    Raises:
+        ValueError: ``ipc < 1``, length mismatch, or a class with fewer than ``ipc`` images.
+    """
+    if ipc < 1:
+        raise ValueError(f"ipc={ipc}: must be >= 1")
+    if len(images_float) != len(labels):
+        raise ValueError(f"{len(images_float)} images but {len(labels)} labels")
+    labels = labels.detach().cpu()
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    out = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < ipc:
+            raise ValueError(f"ipc={ipc}: class {c} has only {len(members)} images")
+        out.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
+    return torch.cat(out)

@@ -1,0 +1,272 @@
+import hashlib
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import CIFAR_TARBALL
+from contra_ray import data
+from contra_ray.config import DataConfig
+from contra_ray.data import ImageSet, Preprocessor, fit_preprocessor, load_split, real_images_per_class
+
+CLASSES = ("cat", "dog", "frog")
+
+
+def make_tree(root, counts=None, size=8, test_name="test", mode="RGB", seed=0):
+    """ImageFolder tree of random PNGs; returns {split: (uint8 [N, C, H, W], labels)} in ImageFolder order."""
+    counts = counts or {"train": 6, test_name: 2}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, per_class in counts.items():
+        imgs, labels = [], []
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (size, size) if mode == "L" else (size, size, 3)
+                arr = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(arr, mode).save(d / f"{i:03d}.png")
+                imgs.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
+                labels.append(c)
+        out[split] = (torch.from_numpy(np.stack(imgs)), torch.tensor(labels))
+    return out
+
+
+def folder_cfg(root, tmp_path, **kw):
+    return DataConfig(dataset="imagefolder", root=str(root), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_imagefolder_loads_exact_pixels_labels_and_classes(tmp_path):
+    truth = make_tree(tmp_path / "ds")
+    cfg = folder_cfg(tmp_path / "ds", tmp_path)
+    train = load_split(cfg, "train")
+    assert train.images.dtype == torch.uint8 and train.images.shape == (18, 3, 8, 8)
+    assert train.labels.dtype == torch.int64
+    assert torch.equal(train.images, truth["train"][0]) and torch.equal(train.labels, truth["train"][1])
+    assert train.classes == list(CLASSES) and train.num_classes == 3
+    assert train.image_size == 8 and train.channels == 3 and len(train) == 18
+    assert train.class_counts().tolist() == [6, 6, 6]
+    assert train.dataset_id == "imagefolder/train"
+    assert train.content_hash == hashlib.sha256(train.images.numpy().tobytes()
+                                                + train.labels.numpy().tobytes()).hexdigest()[:16]
+    test = load_split(cfg, "test")
+    assert torch.equal(test.images, truth["test"][0]) and test.class_counts().tolist() == [2, 2, 2]
+    # decoded once: the cache holds one file per split and a reload gives the same set
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.pt"))) == 2
+    again = load_split(cfg, "train")
+    assert torch.equal(again.images, train.images) and again.content_hash == train.content_hash
+
+
+def test_val_folder_serves_as_test_split_and_grayscale_and_bmp(tmp_path):
+    truth = make_tree(tmp_path / "ds", test_name="val", mode="L")
+    Image.fromarray(np.full((8, 8), 7, np.uint8), "L").save(tmp_path / "ds" / "val" / "frog" / "zzz.bmp")
+    test = load_split(folder_cfg(tmp_path / "ds", tmp_path), "test")
+    assert test.images.shape == (7, 1, 8, 8) and test.class_counts().tolist() == [2, 2, 3]
+    assert torch.equal(test.images[:6], truth["val"][0])
+    assert (test.images[6] == 7).all()  # the PIL fallback decoded the BMP
+
+
+def test_content_hash_changes_when_one_pixel_changes(tmp_path):
+    make_tree(tmp_path / "ds")
+    cfg = folder_cfg(tmp_path / "ds", tmp_path)
+    before = load_split(cfg, "train")
+    path = tmp_path / "ds" / "train" / "dog" / "003.png"
+    arr = np.array(Image.open(path))
+    arr[2, 5, 1] ^= 0xFF
+    Image.fromarray(arr).save(path)
+    after = load_split(cfg, "train")  # the cache key follows file sizes/mtimes: no stale cache
+    assert after.content_hash != before.content_hash
+    diff = torch.nonzero(after.images != before.images).tolist()
+    assert diff == [[6 + 3, 1, 2, 5]]
+
+
+def test_class_balanced_subset(tmp_path):
+    truth = make_tree(tmp_path / "ds", counts={"train": 6, "test": 1})
+    sub = load_split(folder_cfg(tmp_path / "ds", tmp_path, train_per_class=2), "train")
+    assert sub.images.shape == (6, 3, 8, 8) and sub.class_counts().tolist() == [2, 2, 2]
+    assert sub.dataset_id == "imagefolder/train[2pc,seed0]"
+    full = truth["train"][0]
+    rows = [next(i for i in range(len(full)) if torch.equal(full[i], im)) for im in sub.images]
+    assert rows == sorted(rows) and [r // 6 for r in rows] == [0, 0, 1, 1, 2, 2]
+    same = load_split(folder_cfg(tmp_path / "ds", tmp_path, train_per_class=2), "train")
+    assert torch.equal(same.images, sub.images) and same.content_hash == sub.content_hash
+    other = load_split(folder_cfg(tmp_path / "ds", tmp_path, train_per_class=2, subset_seed=1), "train")
+    assert other.class_counts().tolist() == [2, 2, 2] and other.dataset_id.endswith("[2pc,seed1]")
+    assert not torch.equal(other.images, sub.images) and other.content_hash != sub.content_hash
+    test = load_split(folder_cfg(tmp_path / "ds", tmp_path, train_per_class=2), "test")
+    assert len(test) == 3 and test.dataset_id == "imagefolder/test"  # the subset applies to train only
+
+
+def test_errors_name_field_value_and_path(tmp_path):
+    make_tree(tmp_path / "ds", counts={"train": 3})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_split(folder_cfg(tmp_path / "nowhere", tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="test/ or val/"):
+        load_split(folder_cfg(tmp_path / "ds", tmp_path), "test")
+    with pytest.raises(ValueError, match="split='valid'"):
+        load_split(folder_cfg(tmp_path / "ds", tmp_path), "valid")
+    with pytest.raises(ValueError, match=r"data.train_per_class=4: class 0 \('cat'\) has only 3"):
+        load_split(folder_cfg(tmp_path / "ds", tmp_path, train_per_class=4), "train")
+    Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(tmp_path / "ds" / "train" / "dog" / "wide.png")
+    with pytest.raises(ValueError, match=r"wide\.png"):
+        load_split(folder_cfg(tmp_path / "ds", tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        load_split(DataConfig(dataset="cifar10-jpeg", root=str(tmp_path / "x.tar.gz"), cache_dir=str(tmp_path)),
+                   "test")
+    with pytest.raises(FileNotFoundError, match="data.download=true"):
+        load_split(DataConfig(dataset="cifar10", root=str(tmp_path / "tv"), cache_dir=str(tmp_path)), "test")
+
+
+def _tarball(tmp_path, sums=True):
+    truth = make_tree(tmp_path / "src")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    tb = shared / "cifar10-jpeg.tar.gz"
+    with tarfile.open(tb, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(tmp_path / "src" / split, arcname=split)
+    if sums:
+        digest = hashlib.sha256(tb.read_bytes()).hexdigest()
+        (shared / "SHA256SUMS").write_text(f"{digest}  cifar10-jpeg.tar.gz\n")
+    return tb, truth
+
+
+def test_tarball_verified_once_extracted_into_cache_only(tmp_path, monkeypatch):
+    tb, truth = _tarball(tmp_path)
+    before = sorted(os.listdir(tb.parent))
+    cfg = DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(tmp_path / "cache"))
+    test = load_split(cfg, "test")
+    assert torch.equal(test.images, truth["test"][0]) and test.dataset_id == "cifar10-jpeg/test"
+    assert sorted(os.listdir(tb.parent)) == before  # nothing written next to the tarball
+    marker = tmp_path / "cache" / "cifar10-jpeg" / data._MARKER
+    assert hashlib.sha256(tb.read_bytes()).hexdigest() in marker.read_text()
+    assert not [p for p in os.listdir(tmp_path / "cache") if p.startswith(".")]  # no temp dirs left
+
+    def no_hashing(path):
+        raise AssertionError("hashed the tarball a second time")
+
+    monkeypatch.setattr(data, "_sha256_file", no_hashing)
+    train = load_split(cfg, "train")  # not decoded yet, but already verified and extracted
+    assert torch.equal(train.images, truth["train"][0])
+
+
+def test_tarball_with_wrong_checksum_is_rejected(tmp_path):
+    tb, _ = _tarball(tmp_path)
+    (tb.parent / "SHA256SUMS").write_text("0" * 64 + "  cifar10-jpeg.tar.gz\n")
+    with pytest.raises(ValueError, match="SHA256SUMS"):
+        load_split(DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(tmp_path / "c")), "test")
+    assert not (tmp_path / "c" / "cifar10-jpeg").exists()
+
+
+# ------------------------------------------------------------------------------------ preprocessing
+
+def image_set(images, labels=None, name="synthetic"):
+    labels = torch.zeros(len(images), dtype=torch.int64) if labels is None else labels
+    return ImageSet(images, labels, ["a"], name, data.content_hash(images, labels))
+
+
+def smooth_images(n=400, c=3, size=4, seed=0):
+    """uint8 images with correlated pixels (a low-res field plus noise), so ZCA has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, c, 2, 2, generator=g)
+    x = torch.nn.functional.interpolate(low, size=size, mode="bilinear") * 200 + torch.rand(n, c, size, size,
+                                                                                          generator=g) * 50
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def test_normalisation_gives_zero_mean_unit_std(tmp_path):
+    imgs = torch.randint(0, 256, (300, 3, 6, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    imgs[:, 1] //= 2  # different per-channel statistics
+    pre = fit_preprocessor(image_set(imgs), DataConfig(zca=False, cache_dir=str(tmp_path)))
+    x = pre(imgs)
+    assert x.dtype == torch.float32 and x.shape == imgs.shape
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-5, rtol=0)
+    assert pre.mean[1] < 0.3 < pre.mean[0]
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_zca_whitens_to_shrunk_identity_and_inverts(tmp_path, normalized):
+    imgs = smooth_images()
+    cfg = DataConfig(zca=True, zca_eps=0.01, cache_dir=str(tmp_path))
+    pre = fit_preprocessor(image_set(imgs), cfg, zca_on_normalized=normalized)
+    if not normalized:  # MTT / DATM: ZCA directly on images / 255
+        assert torch.equal(pre.mean, torch.zeros(3)) and torch.equal(pre.std, torch.ones(3))
+    z = pre(imgs).double().flatten(1)
+    cov_white = torch.cov(z.T)
+    fitted = ((imgs.double() / 255 - pre.mean.double().view(1, -1, 1, 1)) / pre.std.double().view(1, -1, 1, 1))
+    s = torch.linalg.eigvalsh(torch.cov(fitted.flatten(1).T))
+    ev = torch.linalg.eigvalsh(cov_white)
+    assert ev.max() <= 1.0 + 1e-4
+    torch.testing.assert_close(ev, s / (s + 0.01), atol=2e-4, rtol=0)  # U S/(S+eps) U^T
+    assert ev.max() > 0.9  # the dominant directions are whitened to ~1
+    rnd = torch.randint(0, 256, (50, 3, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    torch.testing.assert_close(pre.to_display(pre(rnd)), rnd.float() / 255, atol=1e-3, rtol=0)
+
+
+def test_to_display_clamps_to_unit_range(tmp_path):
+    imgs = smooth_images()
+    pre = fit_preprocessor(image_set(imgs), DataConfig(zca=True, cache_dir=str(tmp_path)))
+    out = pre.to_display(torch.randn(5, 3, 4, 4) * 10)
+    assert out.min() >= 0 and out.max() <= 1 and out.shape == (5, 3, 4, 4)
+
+
+def test_state_dict_round_trip_and_fingerprint(tmp_path):
+    imgs = smooth_images()
+    pre = fit_preprocessor(image_set(imgs), DataConfig(zca=True, zca_eps=0.1, cache_dir=str(tmp_path)))
+    save_file(pre.state_dict(), str(tmp_path / "pre.safetensors"))
+    back = Preprocessor.from_state_dict(load_file(str(tmp_path / "pre.safetensors")))
+    assert back.zca and back.zca_eps == 0.1
+    assert torch.equal(back(imgs), pre(imgs))
+    assert torch.equal(back.to_display(pre(imgs)), pre.to_display(pre(imgs)))
+    assert back.fingerprint() == pre.fingerprint() and len(pre.fingerprint()) == 16
+    other = fit_preprocessor(image_set(imgs), DataConfig(zca=True, zca_eps=0.2, cache_dir=str(tmp_path)))
+    assert other.fingerprint() != pre.fingerprint()
+    plain = fit_preprocessor(image_set(imgs), DataConfig(zca=False, cache_dir=str(tmp_path)))
+    back = Preprocessor.from_state_dict(plain.state_dict())
+    assert not back.zca and back.zca_matrix is None and torch.equal(back(imgs), plain(imgs))
+    with pytest.raises(TypeError, match="uint8"):
+        pre(imgs.float())
+
+
+def test_fit_preprocessor_is_cached_by_content_hash(tmp_path, monkeypatch):
+    imgs = smooth_images()
+    cfg = DataConfig(zca=True, cache_dir=str(tmp_path))
+    first = fit_preprocessor(image_set(imgs), cfg)
+    files = list((tmp_path / "preprocessors").glob("*.safetensors"))
+    assert len(files) == 1 and files[0].name.startswith(image_set(imgs).content_hash)
+    import kornia
+
+    monkeypatch.setattr(kornia.enhance, "ZCAWhitening", None)  # a refit would fail
+    assert fit_preprocessor(image_set(imgs), cfg).fingerprint() == first.fingerprint()
+
+
+def test_real_images_per_class():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    images = torch.zeros(10, 3, 2, 2)
+    idx = real_images_per_class(images, labels, 2, torch.Generator().manual_seed(0))
+    assert idx.dtype == torch.int64 and labels[idx].tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(set(idx.tolist())) == 6
+    again = real_images_per_class(images, labels, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)
+    with pytest.raises(ValueError, match="ipc=4: class 1 has only 3"):
+        real_images_per_class(images, labels, 4, torch.Generator())
+
+
+# ------------------------------------------------------------------------------------ real data
+
+@pytest.mark.skipif(not CIFAR_TARBALL.is_file(), reason=f"CIFAR-10 JPEG tarball not found at {CIFAR_TARBALL}")
+def test_real_cifar10_jpeg_test_split(cache_dir):
+    cfg = DataConfig(dataset="cifar10-jpeg", root=str(CIFAR_TARBALL), cache_dir=cache_dir)
+    test = load_split(cfg, "test")
+    assert test.images.shape == (10000, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert test.class_counts().tolist() == [1000] * 10
+    assert test.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                            "truck"]
+    assert test.dataset_id == "cifar10-jpeg/test"
+    mean = (test.images.float() / 255).mean((0, 2, 3))
+    torch.testing.assert_close(mean, torch.tensor([0.4894, 0.4815, 0.4471]), atol=0.01, rtol=0)  # README

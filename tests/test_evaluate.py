@@ -1,0 +1,257 @@
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contra_ray import evaluate as ev
+from contra_ray.artifact import ArtifactMismatchError, DistilledSet
+from contra_ray.config import Config, EvalConfig
+from contra_ray.models import ModelSpec
+
+SPEC = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
+ECFG = EvalConfig(epochs=6, batch_size=8, dsa=False, test_batch_size=32)
+
+
+def toy(n_per_class, seed, signal=True):
+    """Two classes: left half +1 / right half -1 (class 0) or the opposite (class 1), plus noise (a
+    spatial pattern: ConvNet's instance norm removes a constant offset); without signal pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(2).repeat_interleave(n_per_class)
+    x = 0.3 * torch.randn(2 * n_per_class, 1, 8, 8, generator=g)
+    if signal:
+        half = torch.ones(8, 8)
+        half[:, 4:] = -1
+        x += (1 - 2 * y.float()).view(-1, 1, 1, 1) * half
+    else:
+        y = y[torch.randperm(y.numel(), generator=g)]
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = toy(8, 0)
+    tx, ty = toy(50, 1)
+    return x, F.one_hot(y, 2).float(), tx, ty
+
+
+def test_separable_toy_reaches_100_percent_and_is_seeded(data):
+    x, t, tx, ty = data
+    acc = ev.train_and_test(x, t, 0.01, SPEC, ECFG, tx, ty, seed=0)
+    assert acc == 1.0
+    a1 = ev.train_and_test(x, t, 0.05, SPEC, ECFG, tx, ty, seed=3)
+    a2 = ev.train_and_test(x, t, 0.05, SPEC, ECFG, tx, ty, seed=3)
+    assert a1 == a2
+
+
+def test_no_signal_stays_near_chance():
+    x, y = toy(8, 2, signal=False)
+    tx, ty = toy(100, 3, signal=False)
+    acc = ev.train_and_test(x, F.one_hot(y, 2).float(), 0.01, SPEC, ECFG, tx, ty, seed=0)
+    assert 0.35 <= acc <= 0.65
+
+
+def test_lr_decays_once_at_half(data):
+    assert ev.lr_schedule(1.0, 6) == [1.0, 1.0, 1.0, 0.1, 0.1, 0.1]
+    assert ev.lr_schedule(1.0, 5) == [1.0, 1.0, 0.1, 0.1, 0.1]
+    assert ev.lr_schedule(1.0, 1) == [1.0]
+    x, t, tx, ty = data
+    seen = []
+    ev.train_and_test(x, t, 0.02, SPEC, ECFG, tx[:4], ty[:4], seed=0,
+                      on_epoch=lambda ep, lr, loss: seen.append((ep, lr, loss)))
+    assert [e for e, _, _ in seen] == list(range(6))
+    assert [lr for _, lr, _ in seen] == pytest.approx([0.02] * 3 + [0.002] * 3)
+    assert seen[-1][2] < seen[0][2]  # training loss went down
+
+
+def test_dsa_hook_is_called_on_every_batch(data):
+    x, t, tx, ty = data
+    calls = []
+
+    def aug(xb, generator):
+        calls.append((xb.shape[0], type(generator)))
+        return xb
+
+    ecfg = EvalConfig(epochs=2, batch_size=8, dsa=True)
+    ev.train_and_test(x, t, 0.01, SPEC, ecfg, tx, ty, seed=0, augment=aug)
+    assert calls == [(8, torch.Generator)] * 4  # 16 images / batch 8 x 2 epochs
+    calls.clear()
+    ev.train_and_test(x, t, 0.01, SPEC, EvalConfig(epochs=2, batch_size=8, dsa=False), tx, ty, seed=0, augment=aug)
+    assert calls == []
+
+
+def test_evaluate_runs_ray_equals_inline(data):
+    import ray
+
+    x, t, tx, ty = data
+    ecfg = EvalConfig(epochs=3, batch_size=8, dsa=False, cpus_per_run=1.0)
+    seeds = [0, 1]
+    inline = ev.evaluate_runs(x, t, 0.01, SPEC, ecfg, tx, ty, seeds, threads=1, use_ray=False)
+    assert inline == [ev.train_and_test(x, t, 0.01, SPEC, ecfg, tx, ty, s, threads=1) for s in seeds]
+    started = not ray.is_initialized()
+    try:
+        remote = ev.evaluate_runs(x, t, 0.01, SPEC, ecfg, tx, ty, seeds)
+    finally:
+        if started:
+            ray.shutdown()
+    assert len(remote) == 2 and remote == inline
+
+
+def test_evaluate_runs_rejects_cuda_without_gpus(data):
+    x, t, tx, ty = data
+    with pytest.raises(ValueError, match="gpus_per_run"):
+        ev.evaluate_runs(x, t, 0.01, SPEC, EvalConfig(gpus_per_run=0.0), tx, ty, [0], device="cuda")
+
+
+def test_random_real_set():
+    x = torch.arange(30.).view(30, 1, 1, 1)
+    y = torch.arange(3).repeat(10)
+    imgs, tg = ev.random_real_set(x, y, 4, 3, seed=5)
+    assert imgs.shape == (12, 1, 1, 1) and tg.shape == (12, 3) and tg.dtype == torch.float32
+    labels = y[imgs.flatten().long()]  # value == index into the train set
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert torch.equal(tg, F.one_hot(labels, 3).float())
+    assert imgs.flatten().unique().numel() == 12  # without replacement
+    again, _ = ev.random_real_set(x, y, 4, 3, seed=5)
+    other, _ = ev.random_real_set(x, y, 4, 3, seed=6)
+    assert torch.equal(imgs, again) and not torch.equal(imgs, other)
+    with pytest.raises(ValueError, match="class 0 has only 10"):
+        ev.random_real_set(x, y, 11, 3, seed=0)
+
+
+def artifact_for(classes=("pos", "neg"), zca=True, cfg=None, n_per_class=2):
+    x, y = toy(n_per_class, 4)
+    meta = {"model": SPEC.to_dict(), "zca": zca, "preprocessor_fingerprint": "fp1", "image_size": 8,
+            "channels": 1, "num_classes": 2, "classes": list(classes), "ipc": n_per_class, "method": "contra"}
+    if cfg is not None:
+        meta["config"] = cfg.to_dict()
+        meta["eval"] = cfg.to_dict()["eval"]
+    return DistilledSet(x, 5 * F.one_hot(y, 2).float(), y, 0.01, True, {"mean": torch.zeros(1)}, meta)
+
+
+def test_check_artifact_matches():
+    a = artifact_for()
+    good = {"zca": True, "preprocessor_fingerprint": "fp1", "image_size": 8, "channels": 1, "num_classes": 2,
+            "classes": ["pos", "neg"]}
+    ev.check_artifact_matches(a, good)
+    with pytest.raises(ArtifactMismatchError, match=r"zca: artifact has True but the test data has False"):
+        ev.check_artifact_matches(a, {**good, "zca": False})
+    with pytest.raises(ArtifactMismatchError, match=r"image_size: artifact has 8 but the test data has 32"):
+        ev.check_artifact_matches(a, {**good, "image_size": 32})
+    with pytest.raises(ArtifactMismatchError, match="preprocessor_fingerprint.*fp1.*fp2"):
+        ev.check_artifact_matches(a, {**good, "preprocessor_fingerprint": "fp2"})
+    with pytest.raises(ArtifactMismatchError, match="classes"):
+        ev.check_artifact_matches(a, {**good, "classes": ["neg", "pos"]})
+    with pytest.raises(ValueError, match="channels"):
+        ev.check_artifact_matches(a, {**good, "channels": 3})
+
+
+def test_summarize_and_table():
+    assert ev.summarize([0.5, 0.7]) == (60.0, 10.0)
+    assert ev.summarize([0.25]) == (25.0, 0.0)
+    table = ev.format_table([{"method": "contra", "model": "convnet", "ipc": 1, "runs": 5, "mean": 46.123,
+                              "std": 0.5},
+                             {"method": "random_real", "model": "resnet18", "ipc": 1, "runs": 5, "mean": 14.4,
+                              "std": 1.25}])
+    lines = table.splitlines()
+    assert lines[0].split() == ["method", "model", "IPC", "runs", "acc", "(%)"]
+    assert lines[2].split() == ["contra", "convnet", "1", "5", "46.12", "±", "0.50"]
+    assert lines[3].split() == ["random_real", "resnet18", "1", "5", "14.40", "±", "1.25"]
+
+
+# ---------------------------------------------------------------------- CLI, with fake data/augment modules
+
+@pytest.fixture
+def fake_modules(monkeypatch):
+    state = {"zca": True}
+
+    class Pre:
+        def __init__(self, d):
+            self.d, self.zca = d, state["zca"]
+
+        @classmethod
+        def from_state_dict(cls, d):
+            return cls(d)
+
+        def fingerprint(self):
+            return "fp1"
+
+        def __call__(self, images):
+            return images.float() / 127.5 - 1.0
+
+    def to_uint8(x):
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def load_split(dcfg, split):
+        assert dcfg.root == "/somewhere/else"
+        x, y = toy(50 if split == "test" else 10, 7 if split == "test" else 8)
+        return types.SimpleNamespace(images=to_uint8(x), labels=y, classes=["pos", "neg"], dataset_id="toy",
+                                     content_hash="h")
+
+    from contra_ray.data import real_images_per_class
+
+    data = types.ModuleType("contra_ray.data")
+    data.Preprocessor, data.load_split, data.real_images_per_class = Pre, load_split, real_images_per_class
+    aug = types.ModuleType("contra_ray.augment")
+    aug.DSA = lambda: (lambda x, generator: x)
+    import contra_ray
+
+    for name, mod in (("data", data), ("augment", aug)):
+        monkeypatch.setitem(sys.modules, f"contra_ray.{name}", mod)
+        monkeypatch.setattr(contra_ray, name, mod, raising=False)
+    return state
+
+
+def _cfg():
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root = "imagefolder", "/orig/root"
+    cfg.eval.epochs, cfg.eval.runs, cfg.eval.batch_size = 6, 2, 8
+    cfg.model.width = 8
+    return cfg
+
+
+def test_cli_end_to_end_with_tracking(tmp_path, fake_modules, capsys):
+    from mlflow.tracking import MlflowClient
+
+    p = tmp_path / "set.safetensors"
+    artifact_for(cfg=_cfg(), n_per_class=8).save(p)
+    uri = f"sqlite:///{tmp_path}/ml/mlflow.db"
+    res = ev.main(["--artifact", str(p), "--inline", "--baseline", "random-real", "--data-root", "/somewhere/else",
+                   "--tracking-uri", uri, "--seed", "3"])
+    assert set(res) == {("contra", "convnet"), ("random_real", "convnet")}
+    assert all(len(v) == 2 for v in res.values())
+    assert res[("contra", "convnet")] == [1.0, 1.0]
+    out = capsys.readouterr().out
+    assert "contra" in out and "random_real" in out and "100.00 ± 0.00" in out
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("contra_ray")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.metrics["contra.convnet.acc_mean"] == 100.0
+    assert run.data.params["eval.epochs"] == "6" and run.data.params["eval_cli.seed"] == "3"
+    hist = client.get_metric_history(run.info.run_id, "contra.convnet.acc")
+    assert [(m.step, m.value) for m in hist] == [(0, 1.0), (1, 1.0)]
+
+
+def test_cli_mismatch_exits_1(tmp_path, fake_modules, capsys):
+    p = tmp_path / "set.safetensors"
+    artifact_for(cfg=_cfg()).save(p)
+    fake_modules["zca"] = False
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--artifact", str(p), "--inline", "--no-tracking", "--data-root", "/somewhere/else"])
+    assert e.value.code == 1
+    assert "zca: artifact has True but the test data has False" in capsys.readouterr().err
+
+
+def test_cli_missing_artifact_and_bad_flags(tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--artifact", str(missing)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: no such file" in err and "Traceback" not in err
+    for bad in (["--runs", "0"], ["--models", "convnet,lenet"], ["--epochs", "x"], ["--baseline", "dm"]):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["--artifact", str(missing), *bad])
+        assert e.value.code == 2
+    assert "lenet" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
     from .augment import DSA
     from .distill import ensure_experts, log_set_visuals, prepare_data, run_distillation
     from .evaluate import evaluate_runs, format_table, random_real_set, summarize
-    from .tracking import RunLogger, flatten_params, init_tracking
+    from .tracking import RunLogger, init_tracking
 
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -66,7 +66,6 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
     if cfg.tracking.enabled:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
     with RunLogger(cfg, f"{cfg.name}-pipeline", enabled=cfg.tracking.enabled) as logger:
-        logger.log_params(flatten_params(cfg.to_dict()))
         t0 = time.time()
         store = ensure_experts(cfg, data)
         stage("experts", t0)

@@ -85,15 +85,51 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
     if train_missing:
         from .augment import DSA
 
+        order_factory = None
+        if cfg.experts.curriculum:
+            from .experts import CurriculumOrder
+
+            rank = curriculum_rank(cfg, data)
+            order_factory = lambda i: CurriculumOrder(rank, cfg.experts.curriculum_lambda,  # noqa: E731
+                                                      cfg.experts.curriculum_gamma)
         store = train_experts(cfg, data.train_x, data.train.labels, data.test_x, data.test.labels, data.spec,
                               store_meta(cfg, data), data.preprocessor.state_dict(),
-                              augment_factory=(lambda: DSA()) if cfg.experts.dsa else None)
+                              augment_factory=(lambda: DSA()) if cfg.experts.dsa else None,
+                              order_factory=order_factory)
     else:
         store = ExpertStore.open(path)
     d = cfg.distill
     store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
                            data.preprocessor.fingerprint())
     return store
+
+
+def curriculum_rank(cfg: Config, data: PreparedData) -> torch.Tensor:
+    """Difficulty rank of every training sample for curriculum experts (paper App. B), int64 ``[N]``.
+
+    One plain (shuffled-order) ranking expert with seed ``experts.seed - 1`` is trained on the real data;
+    a sample's difficulty is the first epoch after which that expert classifies it correctly (earlier =
+    easier, ties by index). Cached in ``<expert store>/difficulty_rank.pt`` (atomic write).
+    """
+    from .experts import difficulty_from_first_correct, first_correct_epoch, train_expert
+    from .augment import DSA
+
+    path = cfg.expert_store() / "difficulty_rank.pt"
+    if path.exists():
+        rank = torch.load(path)
+        if len(rank) == len(data.train_x):
+            return rank
+    print("curriculum: training a ranking expert for sample difficulty (App. B)", flush=True)
+    traj, _ = train_expert(-1, cfg.experts.seed - 1, data.train_x, data.train.labels, data.test_x,
+                           data.test.labels, data.spec, cfg.experts, augment=DSA() if cfg.experts.dsa else None,
+                           device=cfg.device)
+    first = first_correct_epoch(data.spec, list(traj[1:]), data.train_x, data.train.labels, device=cfg.device)
+    rank = difficulty_from_first_correct(first)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(rank, tmp)
+    os.replace(tmp, path)
+    return rank
 
 
 class Distiller:
@@ -108,10 +144,12 @@ class Distiller:
         augment: DSA object (``augment(x, seed=...)``) or None.
         expert_ids: experts to sample from (default: all in the store); the correlation analysis
             holds one out.
+        fixed_start: match this start epoch instead of a sampled one (see :func:`make_plan`).
     """
 
     def __init__(self, cfg: Config, store, spec: ModelSpec, train_x: torch.Tensor, train_y: torch.Tensor,
-                 augment=None, expert_ids: list[int] | None = None, device: str = "cpu"):
+                 augment=None, expert_ids: list[int] | None = None, device: str = "cpu",
+                 fixed_start: int | None = None):
         self.cfg, self.d, self.store, self.spec = cfg, cfg.distill, store, spec
         self.device = torch.device(device)
         self.dtype = torch.float64 if self.d.dtype == "float64" else torch.float32
@@ -123,6 +161,7 @@ class Distiller:
         self.n_syn = self.d.ipc * self.num_classes
         self.batch_syn = self.d.batch_syn or self.n_syn
         self.augment = augment
+        self.fixed_start = fixed_start
         self.iteration = 0
         self._segment_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._init(train_x, train_y)
@@ -189,7 +228,7 @@ class Distiller:
     def plan(self, iteration: int) -> SegmentPlan:
         d = self.d
         return make_plan(d.seed, iteration, self.expert_ids, self.n_syn, self.batch_syn, d.syn_steps, d.beta,
-                         d.K, d.resolved_R(), d.min_start_epoch, d.max_start_epoch)
+                         d.K, d.resolved_R(), d.min_start_epoch, d.max_start_epoch, self.fixed_start)
 
     def _augment_fn(self) -> Callable | None:
         if self.augment is None or not self.d.dsa:
@@ -296,8 +335,16 @@ def run_distillation(cfg: Config, data: PreparedData, store, logger=None, resume
     d = cfg.distill
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    monitor, expert_ids = None, None
+    if d.monitor_every:  # hold τ_o out of distillation; only the monitor reads it
+        from .analysis import ForgettingMonitor, reference_expert_id
+
+        ref = reference_expert_id(store, d.reference_expert)
+        expert_ids = [i for i in store.expert_ids if i != ref]
+        epochs = d.monitor_epochs or list(range(d.min_start_epoch, d.max_start_epoch + 1))
+        monitor = ForgettingMonitor(store, ref, epochs, d.expert_epochs, seed=d.seed + 1)
     distiller = Distiller(cfg, store, data.spec, data.train_x, data.train.labels,
-                          augment=DSA() if d.dsa else None, device=cfg.device)
+                          augment=DSA() if d.dsa else None, expert_ids=expert_ids, device=cfg.device)
     ckpt = cfg.run_dir() / "distill_checkpoint.pt"
     history: dict[str, list[float]] = {}
     if resume and d.checkpoint_every and ckpt.exists():
@@ -318,6 +365,12 @@ def run_distillation(cfg: Config, data: PreparedData, store, logger=None, resume
         bar.set_postfix(loss=f"{m['loss']:.4f}", syn_lr=f"{m['syn_lr']:.5f}")
         bar.update(1)
         done = distiller.iteration
+        if monitor is not None and done % d.monitor_every == 0:
+            mon = monitor(distiller)
+            for k, v in mon.items():
+                history.setdefault(k, []).append(v)
+            if logger is not None:
+                logger.log_metrics(mon, step=done)
         if d.eval_every and done % d.eval_every == 0 and done < d.iterations:
             accs = [train_and_test(distiller.images.detach().float(), distiller.targets().float(),
                                    float(distiller.syn_lr.detach()), data.spec, cfg.eval, data.test_x,
@@ -351,6 +404,9 @@ DISTILL_HELP = {
     "eval_every": "evaluate every n iterations (0: only at the end)",
     "eval_runs_periodic": "runs per periodic evaluation", "checkpoint_every": "checkpoint every n iterations",
     "dtype": "float32 | float64",
+    "monitor_every": "log the Eq. 2 loss on the held-out reference expert every n iterations (0: off)",
+    "monitor_epochs": "comma-separated epochs of the reference expert to monitor (default T-..T+)",
+    "reference_expert": "expert id held out of distillation when monitoring (default: the highest id)",
 }
 
 

@@ -1,0 +1,78 @@
+"""End to end on real CIFAR-10 (a few hundred images, narrow nets): the README main job in miniature."""
+
+import json
+
+import pytest
+import torch
+
+from contra_ray.artifact import DistilledSet
+from contra_ray.config import load_config
+from contra_ray.distill import main as distill_main
+from contra_ray.experts import ExpertStore
+from contra_ray.pipeline import run_pipeline
+from conftest import CIFAR_TARBALL
+
+pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config("tiny_cpu", [f"output_dir={out}", f"data.cache_dir={cache_dir}", "experts.curriculum=true",
+                                   "experts.curriculum_gamma=2", "distill.checkpoint_every=2"])
+    assert run_pipeline(cfg) == 0
+    return cfg
+
+
+def test_pipeline_outputs(pipeline_run):
+    cfg = pipeline_run
+    res = json.loads((cfg.run_dir() / "results.json").read_text())
+    methods = {r["method"] for r in res["rows"]}
+    assert methods == {"random real", "ConTra"}
+    for r in res["rows"]:
+        assert r["runs"] == cfg.eval.runs and 0 <= r["mean"] <= 100
+    art = DistilledSet.load(cfg.run_dir() / "distilled.safetensors")
+    assert art.images.shape == (10, 3, 32, 32) and art.label_logits.shape == (10, 10)
+    assert art.meta["config"]["distill"]["K"] == cfg.distill.K and art.meta["iteration"] == cfg.distill.iterations
+    assert art.syn_lr > 0
+    assert (cfg.run_dir() / "distilled_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curriculum_experts(pipeline_run):
+    cfg = pipeline_run
+    store = ExpertStore.open(cfg.expert_store())
+    assert store.expert_ids == [0, 1] and store.epochs == cfg.experts.epochs
+    rank = torch.load(cfg.expert_store() / "difficulty_rank.pt")
+    assert sorted(rank.tolist()) == list(range(200))  # a permutation of the 20 x 10 training images
+
+
+def test_mlflow_run_logged(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg = pipeline_run
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    hist = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert len(hist) == cfg.distill.iterations
+    assert "acc_ConTra_convnet_mean" in runs[0].data.metrics
+    assert runs[0].data.params["distill.K"] == str(cfg.distill.K)
+
+
+def test_distill_cli_resumes_and_continues(pipeline_run, capsys):
+    """Re-running distill with more iterations continues from the checkpoint, not from scratch."""
+    cfg = pipeline_run
+    rc = distill_main(["--preset", "tiny_cpu", "--set", f"output_dir={cfg.output_dir}", "--set",
+                       f"data.cache_dir={cfg.data.cache_dir}", "--set", "experts.curriculum=true",
+                       "--set", "experts.curriculum_gamma=2", "--set", "distill.checkpoint_every=2",
+                       "--iterations", "6", "--no-tracking", "--no-train-experts"])
+    assert rc == 0
+    assert f"resumed from {cfg.run_dir() / 'distill_checkpoint.pt'} at iteration 4" in capsys.readouterr().out
+    assert DistilledSet.load(cfg.run_dir() / "distilled.safetensors").meta["iteration"] == 6
+
+
+def test_distill_cli_bad_input_exits_2(tmp_path, capsys):
+    assert distill_main(["--preset", "tiny_cpu", "--K", "5", "--set", f"output_dir={tmp_path}"]) == 2
+    assert "distill.K=5" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -92,6 +92,9 @@ class DistillConfig:
     eval_runs_periodic: int = 1
     checkpoint_every: int = 0
     dtype: str = "float32"
+    monitor_every: int = 0  # forgetting monitor: Eq. 2 loss on the held-out τ_o every n iterations (0 = off)
+    monitor_epochs: list[int] = dataclasses.field(default_factory=list)  # epochs of τ_o ([] = T-..T+)
+    reference_expert: int | None = None  # τ_o, excluded from distillation when monitoring (None = highest id)
 
     def resolved_R(self) -> int:
         if self.R is not None:
@@ -231,6 +234,12 @@ class Config:
             bad("distill.init", d.init, "must be one of real_correct, real, noise")
         if d.dtype not in ("float32", "float64"):
             bad("distill.dtype", d.dtype, "must be float32 or float64")
+        if d.monitor_every < 0:
+            bad("distill.monitor_every", d.monitor_every, "must be >= 0 (0 = no forgetting monitor)")
+        if any(j < 0 for j in d.monitor_epochs):
+            bad("distill.monitor_epochs", d.monitor_epochs, "epochs must be >= 0")
+        if d.reference_expert is not None and d.reference_expert < 0:
+            bad("distill.reference_expert", d.reference_expert, "must be an expert id >= 0 or null")
         if e.runs < 1:
             bad("eval.runs", e.runs, "must be >= 1")
         if e.epochs < 1:

@@ -92,17 +92,22 @@ def minibatch_sequence(n: int, b: int, steps: int, generator: torch.Generator) -
 
 
 def make_plan(seed: int, iteration: int, expert_ids: Sequence[int], n_syn: int, batch_syn: int,
-              syn_steps: int, beta: float, K: int, R: int, min_start: int, max_start: int) -> SegmentPlan:
+              syn_steps: int, beta: float, K: int, R: int, min_start: int, max_start: int,
+              fixed_start: int | None = None) -> SegmentPlan:
     """The plan of iteration ``iteration`` of a run seeded ``seed``: a pure function of its arguments.
 
     The sampled start lies in [T-, T+) (``min_start``, ``max_start``; MTT samples
     ``randint(0, max_start_epoch)``); concurrent starts are T- + iR, i = 0..K-1 (Eq. 8). Weights: β for
     the sampled segment, (1 - β)/K for each concurrent one; with K = 0 the sampled weight is 1 (MTT).
+    ``fixed_start`` replaces the sampled start (the §4.2 correlation analysis matches one fixed epoch);
+    everything else, batches and augmentation seeds included, is drawn exactly as without it.
     """
     ss = np.random.SeedSequence([int(seed), int(iteration)])
     rng = np.random.default_rng(ss)
     expert_id = int(expert_ids[int(rng.integers(len(expert_ids)))])
     sampled = int(rng.integers(min_start, max_start))
+    if fixed_start is not None:
+        sampled = int(fixed_start)
     students = [Student(sampled, 1.0 if K == 0 else float(beta), "sampled")]
     students += [Student(min_start + i * R, (1.0 - beta) / K, "concurrent") for i in range(K)]
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))

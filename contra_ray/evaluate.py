@@ -187,7 +187,9 @@ def evaluate_runs(images: torch.Tensor, targets: torch.Tensor, lr: float, spec: 
     if ecfg.gpus_per_run > 0 and ray.cluster_resources().get("GPU", 0) < ecfg.gpus_per_run:
         raise ValueError(f"eval.gpus_per_run={ecfg.gpus_per_run} but the Ray cluster has "
                          f"{ray.cluster_resources().get('GPU', 0)} GPUs")
-    task = ray.remote(_remote_train_and_test).options(num_cpus=ecfg.cpus_per_run, num_gpus=ecfg.gpus_per_run)
+    task = ray.remote(_remote_train_and_test).options(
+        num_cpus=ecfg.cpus_per_run, num_gpus=ecfg.gpus_per_run,
+        scheduling_strategy="DEFAULT")  # outside a Tune trial's placement group, which has no room for them
     train_ref = ray.put((images.detach().cpu(), targets.detach().cpu()))
     test_ref = ray.put((test_x.cpu(), test_y.cpu()))
     run_device = "cuda" if ecfg.gpus_per_run > 0 else "cpu"

@@ -1,0 +1,315 @@
+"""Distributed distillation on Ray Train (CPU, gloo): W-independence, kill-and-resume, torn checkpoints,
+``ray job submit`` against a loopback cluster, and the cluster configs."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from contra_ray.config import load_config
+from contra_ray.data import ImageSet, Preprocessor, content_hash
+from contra_ray.distill import PreparedData
+from contra_ray.distributed import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint,
+                                    worker_share, write_checkpoint)
+from contra_ray.experts import ExpertStore
+from contra_ray.matching import make_plan
+from contra_ray.models import ModelSpec, build_model, flat_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
+EPOCHS = 3
+
+
+def toy_setup(root: Path) -> PreparedSetup:
+    """12 random 8x8 images of 3 classes and a store of 2 random-walk expert trajectories."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.arange(12) % 3
+    train = ImageSet(images, labels, ["a", "b", "c"], "toy/train", content_hash(images, labels))
+    pre = Preprocessor(mean=torch.full((3,), 0.5), std=torch.full((3,), 0.25))
+    data = PreparedData(train, train, pre, pre(images), pre(images), SPEC)
+    meta = {"model_spec": SPEC.to_dict(), "epochs": EPOCHS, "dataset_id": train.dataset_id,
+            "content_hash": train.content_hash, "zca": False, "zca_eps": 0.1,
+            "preprocessor_fingerprint": pre.fingerprint(), "classes": train.classes}
+    store = ExpertStore.create(root / "experts", meta, pre.state_dict())
+    for i in range(2):
+        torch.manual_seed(i)
+        theta = flat_params(build_model(SPEC))
+        steps = 0.05 * torch.randn(EPOCHS, theta.numel(), generator=g)
+        store.add(i, i, torch.cat([theta[None], theta[None] + steps.cumsum(0)]), [float("nan")] * EPOCHS)
+    return PreparedSetup(data, str(root / "experts"))
+
+
+def toy_config(out: Path, name: str, **distill):
+    d = {"ipc": 2, "beta": 0.2, "K": 2, "R": 1, "syn_steps": 3, "expert_epochs": 1, "min_start_epoch": 0,
+         "max_start_epoch": 2, "batch_syn": 4, "iterations": 5, "lr_img": 10.0, "dtype": "float64",
+         "checkpoint_every": 2, **distill}
+    return load_config("tiny_cpu", {"name": name, "output_dir": str(out), "threads": 1,
+                                    "model": {"width": 4}, "experts": {"epochs": EPOCHS, "store": str(out / "experts")},
+                                    "tracking": {"enabled": False}, "distill": d})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:  # a private local instance, never someone else's `ray start` cluster on this host
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    """W=1, W=2, and W=2 with rank 1 killed at iteration 3 (restart from the checkpoint at 2)."""
+    out = tmp_path_factory.mktemp("dist")
+    setup = toy_setup(out)
+    timings, res = {}, {}
+    for key, W, fault in (("w1", 1, None), ("w2", 2, None),
+                          ("w2_killed", 2, FaultInjection(iteration=3, rank=1, marker=str(out / "killed")))):
+        t0 = time.perf_counter()
+        res[key] = fit_distributed(toy_config(out, key), W, setup=setup, max_failures=1, fault=fault)
+        timings[key] = time.perf_counter() - t0
+    print("fit seconds:", {k: round(v, 1) for k, v in timings.items()})
+    res.update(marker=out / "killed", out=out, setup=setup)
+    return res
+
+
+def test_worker_share_round_robin_over_active_students():
+    plan = make_plan(0, 0, [0], n_syn=4, batch_syn=4, syn_steps=1, beta=0.0, K=3, R=1, min_start=0, max_start=3)
+    assert [worker_share(plan, w, 2) for w in range(2)] == [[1, 3], [2]]  # β = 0: student 0 is skipped
+    assert [worker_share(plan, w, 4) for w in range(4)] == [[1], [2], [3], []]
+    plan = make_plan(0, 0, [0], n_syn=4, batch_syn=4, syn_steps=1, beta=0.2, K=3, R=1, min_start=0, max_start=3)
+    shares = [worker_share(plan, w, 3) for w in range(3)]
+    assert shares == [[0, 3], [1], [2]] and sorted(sum(shares, [])) == [0, 1, 2, 3]
+
+
+def test_w1_and_w2_give_the_same_synthetic_set_float64(runs):
+    a, b = runs["w1"], runs["w2"]
+    assert a.state["iteration"] == b.state["iteration"] == 5 and a.error is None and b.error is None
+    for key in ("images", "label_logits", "syn_lr"):
+        x, y = a.state[key], b.state[key]
+        assert x.dtype == torch.float64
+        rel = float((x - y).norm() / x.norm())
+        assert rel <= 1e-10, (key, rel)
+    assert float(a.state["syn_lr"]) != 0.01  # the state did move (syn_lr_init = 0.01)
+    assert a.history["loss"] == pytest.approx(b.history["loss"], rel=1e-10)
+    assert len(a.history["loss"]) == 5 and set(a.history) >= {"loss/sampled", "loss/start_0", "loss/start_1"}
+
+
+def test_killed_worker_group_resumes_bit_identically(runs):
+    ref, run = runs["w2"], runs["w2_killed"]
+    assert runs["marker"].exists()  # the fault fired once
+    assert run.summary["start_iteration"] == 2  # the restarted group loaded the checkpoint of iteration 2
+    for key in ("images", "label_logits", "syn_lr"):
+        assert torch.equal(ref.state[key], run.state[key]), key
+    assert ref.history == run.history
+    from contra_ray.artifact import DistilledSet
+
+    art = DistilledSet.load(run.artifact)
+    assert torch.equal(art.images, run.state["images"].float())
+
+
+def test_rerun_with_same_name_resumes_and_no_resume_starts_over(runs):
+    out, setup = runs["out"], runs["setup"]
+    more = fit_distributed(toy_config(out, "w2", iterations=6), 1, setup=setup, max_failures=0)
+    assert more.summary["start_iteration"] == 5 and more.state["iteration"] == 6
+    fresh = fit_distributed(toy_config(out, "w2", iterations=2, eval_every=1), 1, setup=setup, resume=False,
+                            max_failures=0)
+    assert fresh.summary["start_iteration"] == 0 and fresh.state["iteration"] == 2
+    assert len(fresh.history["eval_acc"]) == 1 and 0 <= fresh.history["eval_acc"][0] <= 100  # rank 0 evaluates
+    assert fresh.history["loss"] == pytest.approx(runs["w1"].history["loss"][:2], rel=1e-10)
+
+
+def test_torn_checkpoint_is_rejected(tmp_path):
+    state = {"distiller": {"iteration": 4, "images": torch.randn(3, 3, 8, 8)}, "history": {"loss": [1.0]},
+             "config": {}}
+    good = tmp_path / "good"
+    write_checkpoint(good, state, run_token="abc")
+    assert sorted(p.name for p in good.iterdir()) == ["manifest.json", "state.pt"]  # no temporary files left
+    assert torch.equal(read_checkpoint(good)["distiller"]["images"], state["distiller"]["images"])
+    assert json.loads((good / "manifest.json").read_text())["run_token"] == "abc"
+
+    def variant(name, damage):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        damage(d)
+        return d
+
+    truncated = variant("truncated", lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]))
+    with pytest.raises(CheckpointError, match=r"truncated: state.pt has 100 bytes"):
+        read_checkpoint(truncated)
+
+    def flip(d):
+        b = bytearray((d / "state.pt").read_bytes())
+        b[-10] ^= 0xFF
+        (d / "state.pt").write_bytes(bytes(b))
+
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(variant("flipped", flip))
+    with pytest.raises(CheckpointError, match="no manifest.json"):  # copied before the manifest was written
+        read_checkpoint(variant("no_manifest", lambda d: (d / "manifest.json").unlink()))
+    with pytest.raises(CheckpointError, match="state.pt is missing"):
+        read_checkpoint(variant("no_state", lambda d: (d / "state.pt").unlink()))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_checkpoint(variant("bad_manifest", lambda d: (d / "manifest.json").write_text("{not json")))
+
+
+# ---------------------------------------------------------------------------------------------- ray job submit
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _processes_of(marker: str) -> list[int]:
+    """PIDs whose command line names ``marker`` (our private Ray temp dir), plus all their descendants
+    (workers rename themselves ``ray::...``, so they are found through their parents)."""
+    parent, found = {}, set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if marker in cmd and int(p.name) != os.getpid():
+            found.add(int(p.name))
+    grew = True
+    while grew:
+        kids = {pid for pid, pp in parent.items() if pp in found} - found
+        found |= kids
+        grew = bool(kids)
+    return sorted(found)
+
+
+def _stop_own_cluster(temp_dir: str) -> None:
+    """Stop the Ray processes of the head node started with ``--temp-dir temp_dir``, by PID (no `ray stop`)."""
+    pids = _processes_of(temp_dir)
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        if not pids:
+            return
+
+
+@pytest.mark.slow
+def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
+    """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
+    from test_data import make_tree
+
+    from contra_ray.artifact import DistilledSet
+
+    make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the job client in this process
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="crjob", dir="/tmp")  # short: Ray's unix socket paths must fit
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(9)
+    start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard=true",
+             "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
+             "--temp-dir", temp_dir, "--ray-client-server-port", str(client), "--node-manager-port", str(nm),
+             "--object-manager-port", str(om), "--dashboard-agent-listen-port", str(agent),
+             "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+             "--runtime-env-agent-port", str(rt_env), "--disable-usage-stats"]
+    out = tmp_path / "out"
+    job = [sys.executable, "-m", "contra_ray.distill", "--preset", "tiny_cpu", "--name", "job",
+           "--output-dir", str(out), "--num-workers", "2",
+           "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path / 'ds'}",
+           "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.train_per_class=null",
+           "--set", "model.width=4", "--set", "experts.epochs=3", "--set", "experts.dsa=false",
+           "--set", "distill.batch_syn=null", "--set", "distill.iterations=3", "--set", "distill.checkpoint_every=2",
+           "--set", "distill.lr_lr=1e-8", "--set", "distill.lr_img=1", "--set", "threads=1"]  # random data
+    address = f"http://127.0.0.1:{dash}"
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
+        sub = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", "contra-job",
+                              "--", *job], env=env, capture_output=True, text=True, timeout=600)
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        status = JobSubmissionClient(address).get_job_status("contra-job")
+        assert status == JobStatus.SUCCEEDED, (status, sub.stdout[-6000:] + sub.stderr[-3000:])
+    finally:
+        _stop_own_cluster(temp_dir)
+        left = _processes_of(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        print(f"job round trip: {time.perf_counter() - t0:.1f} s")
+    assert not left
+    artifact = DistilledSet.load(out / "job" / "distilled.safetensors")
+    assert artifact.images.shape == (3, 3, 8, 8) and artifact.meta["iteration"] == 3
+    assert (out / "job" / "distilled_grid.png").is_file()
+    assert "distilled set:" in sub.stdout
+    from mlflow.tracking import MlflowClient  # rank 0 logged per-iteration metrics into the driver's run
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["distill.iterations"] == "3"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- cluster configs
+
+def test_cluster_launcher_config_matches_ray_schema():
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((ROOT / "clusters" / "aws-gpu.yaml").read_text())
+    jsonschema.validate(cfg, schema)
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types and cfg["provider"]["type"] == "aws"
+    gpu_types = [t["node_config"]["InstanceType"] for n, t in types.items() if n != cfg["head_node_type"]]
+    assert gpu_types and all(t.split(".")[0] in ("g5", "g6", "p4d", "p5") for t in gpu_types)
+    assert any("pip install" in c and "contra_ray" in c for c in cfg["setup_commands"])
+    assert all("RAY_AUTH_MODE=token" in " ".join(cfg[k]) for k in ("head_start_ray_commands",
+                                                                    "worker_start_ray_commands"))
+
+
+def test_kuberay_manifest_has_the_raycluster_required_fields():
+    docs = [d for d in yaml.safe_load_all((ROOT / "clusters" / "kuberay-raycluster.yaml").read_text()) if d]
+    (rc,) = [d for d in docs if d.get("kind") == "RayCluster"]
+    assert rc["apiVersion"] == "ray.io/v1" and rc["metadata"]["name"]
+    head = rc["spec"]["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # the CRD wants strings
+    assert head["template"]["spec"]["containers"][0]["image"]
+    groups = rc["spec"]["workerGroupSpecs"]
+    assert groups
+    for g in groups:
+        assert g["groupName"] and isinstance(g["replicas"], int) and isinstance(g["rayStartParams"], dict)
+        assert g.get("minReplicas", 0) <= g["replicas"] <= g.get("maxReplicas", g["replicas"])
+        containers = g["template"]["spec"]["containers"]
+        assert containers and all(c["name"] and c["image"] for c in containers)
+        assert any(int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for c in containers)
+    envs = [e["name"] for c in head["template"]["spec"]["containers"] for e in c.get("env", [])]
+    assert "RAY_AUTH_MODE" in envs and "RAY_AUTH_TOKEN" in envs

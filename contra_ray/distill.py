@@ -467,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_workers > 0:
         from .distributed import run_distributed
 
+        if cfg.distill.monitor_every:
+            print(f"error: distill.monitor_every={cfg.distill.monitor_every}: the forgetting monitor runs "
+                  "in-process only; use --num-workers 0", file=sys.stderr)
+            return 2
+
         return run_distributed(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
                                resume=not args.no_resume)
     from .tracking import RunLogger, init_tracking

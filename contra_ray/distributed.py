@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import torch
 
+from .raycluster import ensure_ray
 from .config import Config, ConfigError, config_from_dict
 from .distill import Distiller, DistillationDiverged, PreparedData, prepare_data
 from .matching import SegmentPlan
@@ -469,15 +470,6 @@ def _with_absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from .experts import _ensure_ray as start  # same policy as expert training (RAY_ADDRESS respected)
-
-        start()
-
-
 def fit_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True,
                     setup: Setup | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
                     fault: FaultInjection | None = None, tracking_run_id: str | None = None) -> DistributedRun:
@@ -503,7 +495,7 @@ def fit_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
     if num_workers < 1:
         raise ConfigError(f"--num-workers={num_workers}: must be >= 1")
     cfg = _with_absolute_paths(cfg)
-    _ensure_ray()
+    ensure_ray()
     threads = max(1, cfg.threads)
     loop_config = {"cfg": cfg.to_dict(), "use_gpu": use_gpu, "threads": threads, "resume": resume,
                    "run_token": uuid.uuid4().hex, "setup": setup, "fault": fault,

@@ -141,21 +141,7 @@ def _remote_train_and_test(train: tuple, lr: float, spec: ModelSpec, ecfg: EvalC
     return train_and_test(train[0], train[1], lr, spec, ecfg, test[0], test[1], seed, augment, device, threads)
 
 
-def ensure_ray() -> None:
-    """Start Ray in this process if it is not initialized.
-
-    Connects to ``$RAY_ADDRESS`` when that is set; otherwise starts a private local instance
-    (``address="local"``, ``num_cpus=os.cpu_count()``, no dashboard), never joining a cluster some other
-    user started with ``ray start``. Call ``ray.init`` yourself first to use any other cluster.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False)
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+from .raycluster import ensure_ray  # noqa: E402  (re-exported)
 
 
 def evaluate_runs(images: torch.Tensor, targets: torch.Tensor, lr: float, spec: ModelSpec, ecfg: EvalConfig,

@@ -732,19 +732,6 @@ def _expert_task(expert_id: int, seed: int, data: tuple, spec: ModelSpec, cfg: E
     return expert_id, traj, acc
 
 
-def _ensure_ray() -> bool:
-    """``ray.init`` unless already initialized (``RAY_ADDRESS`` respected); True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
-    return True
-
-
 def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                   test_y: torch.Tensor, spec: ModelSpec, store_meta: dict, preprocessor_state: dict[str, torch.Tensor],
                   augment_factory: Callable[[], Augment] | None = None,
@@ -816,7 +803,9 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     if not todo:
         return store
 
-    started = _ensure_ray()
+    from .raycluster import ensure_ray
+
+    started = ensure_ray()
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if x.cpus_per_expert > cpus:
         msg = f"experts.cpus_per_expert={x.cpus_per_expert}: the Ray cluster has only {cpus} CPUs"

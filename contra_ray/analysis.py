@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
-from .matching import matching_loss, minibatch_sequence, soft_cross_entropy
+from .matching import matching_loss, minibatch_sequence, unroll
 from .models import functional_forward
 
 __all__ = ["MODES", "reference_expert_id", "segment_loss_eval", "ForgettingMonitor", "mode_config",
@@ -69,16 +69,8 @@ def segment_loss_eval(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tens
         images: synthetic images ``[n,C,H,W]``; targets: ``[n,C]`` distributions; syn_lr: α.
         batches, augment, aug_seeds: the fixed evaluation plan (index tensors and per-step DSA seeds).
     """
-    images, targets = images.detach(), targets.detach()
-    theta = theta0.detach().clone().requires_grad_(True)
-    for n, idx in enumerate(batches):
-        x = images[idx]
-        if augment is not None:
-            x = augment(x, aug_seeds[n])
-        ce = soft_cross_entropy(forward(theta, x), targets[idx])
-        (grad,) = torch.autograd.grad(ce, theta)
-        theta = (theta.detach() - syn_lr * grad).requires_grad_(True)
-    return float(matching_loss(theta.detach(), theta0, target))
+    theta_n = unroll(forward, theta0, images, targets, syn_lr, batches, augment, aug_seeds, differentiable=False)
+    return float(matching_loss(theta_n, theta0, target))
 
 
 class ForgettingMonitor:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fileio import sha256_file
 from .config import DataConfig
 
 __all__ = [
@@ -204,14 +205,6 @@ def _load_cifar10_jpeg(cfg: DataConfig, split: str):
     return _decode_cached(_imagefolder_root(folder), split, cache_for(sha))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _expected_sha256(tarball: Path) -> str | None:
     """The hash listed for ``tarball`` in ``SHA256SUMS`` beside it, or ``None``."""
     sums = tarball.parent / "SHA256SUMS"
@@ -258,7 +251,7 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     marker = _read_marker(final)
     if marker and _same_stat(marker, tarball):
         return final, marker["sha256"]
-    sha = _sha256_file(tarball)
+    sha = sha256_file(tarball)
     expected = _expected_sha256(tarball)
     if expected is not None and sha != expected:
         raise ValueError(f"data.root: {tarball} has sha256 {sha}, but {tarball.parent / 'SHA256SUMS'} "

@@ -31,7 +31,6 @@ tracking store must be on storage every node sees (NFS, EFS, a ReadWriteMany vol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -44,6 +43,7 @@ from typing import Any, Callable
 
 import torch
 
+from .fileio import sha256_file
 from .raycluster import ensure_ray
 from .config import Config, ConfigError, config_from_dict
 from .distill import Distiller, DistillationDiverged, PreparedData, prepare_data
@@ -131,14 +131,6 @@ def _assert_replicas_agree(distiller: Distiller, world_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -159,7 +151,7 @@ def write_checkpoint(directory: str | os.PathLike, state: dict, run_token: str) 
     _write_atomic(d / STATE_FILE, lambda p: torch.save(state, p))
     manifest = {"format": CHECKPOINT_FORMAT, "run_token": run_token,
                 "iteration": int(state["distiller"]["iteration"]),
-                "files": {STATE_FILE: {"size": (d / STATE_FILE).stat().st_size, "sha256": _sha256(d / STATE_FILE)}}}
+                "files": {STATE_FILE: {"size": (d / STATE_FILE).stat().st_size, "sha256": sha256_file(d / STATE_FILE)}}}
     _write_atomic(d / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=True)))
 
 
@@ -201,7 +193,7 @@ def read_checkpoint(directory: str | os.PathLike) -> dict:
         size = f.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"checkpoint {d}: {name} has {size} bytes, the manifest says {want['size']}")
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             raise CheckpointError(f"checkpoint {d}: {name} fails its sha256 check")
     if STATE_FILE not in manifest.get("files", {}):
         raise CheckpointError(f"checkpoint {d}: the manifest lists no {STATE_FILE}")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
+from .fileio import sha256_file
 from .config import Config, ExpertConfig
 from .models import ModelSpec, build_model, flat_params, load_flat_params
 
@@ -395,14 +396,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def make_store_meta(data: Any, preprocessor: Any) -> dict:
     """Store-level meta describing the data side of an expert store.
 
@@ -633,7 +626,7 @@ class ExpertStore:
         path = self.path / row["file"]
         if not path.exists():
             raise ExpertStoreError(f"expert store {self.path}: file {row['file']} of expert_id={expert_id} is missing")
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         if digest != row["sha256"]:
             raise ExpertStoreError(f"expert store {self.path}: checksum mismatch for {row['file']} "
                                    f"(index sha256={row['sha256']}, file sha256={digest}); the file is corrupt")

@@ -123,7 +123,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def unroll(forward: Forward, theta0: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
            syn_lr: torch.Tensor, batches: Sequence[torch.Tensor], augment: Augment | None = None,
-           aug_seeds: Sequence[int] | None = None) -> torch.Tensor:
+           aug_seeds: Sequence[int] | None = None, differentiable: bool = True) -> torch.Tensor:
     """Student trajectory of Eq. 1: N SGD steps from ``theta0`` on mini-batches of the synthetic set.
 
     θ̂_{n+1} = θ̂_n - α ∇_θ ℓ(A(b_n); θ̂_n), θ̂_0 = θ*_{t,0}, with ℓ the soft-label cross-entropy.
@@ -136,18 +136,26 @@ def unroll(forward: Forward, theta0: torch.Tensor, images: torch.Tensor, targets
         syn_lr: scalar tensor α (requires grad to learn it).
         batches: N index tensors into ``images``.
         augment, aug_seeds: DSA applied to each batch with that step's seed (replayable).
+        differentiable: False gives the same steps without the outer graph (each inner gradient
+            with ``create_graph=False`` on detached data): memory of one step, for monitoring.
     Returns:
-        θ̂_N, ``[P]``, differentiable w.r.t. images, targets and syn_lr (graph of all N steps).
+        θ̂_N, ``[P]``, differentiable w.r.t. images, targets and syn_lr (graph of all N steps) unless
+        ``differentiable`` is False (then detached).
     """
+    if not differentiable:
+        images, targets = images.detach(), targets.detach()
+        syn_lr = syn_lr.detach() if isinstance(syn_lr, torch.Tensor) else syn_lr
     theta = theta0.detach().clone().requires_grad_(True)
     for n, idx in enumerate(batches):
         x = images[idx]
         if augment is not None:
             x = augment(x, aug_seeds[n])
         ce = soft_cross_entropy(forward(theta, x), targets[idx])
-        (grad,) = torch.autograd.grad(ce, theta, create_graph=True)
+        (grad,) = torch.autograd.grad(ce, theta, create_graph=differentiable)
         theta = theta - syn_lr * grad
-    return theta
+        if not differentiable:
+            theta = theta.detach().requires_grad_(True)
+    return theta if differentiable else theta.detach()
 
 
 def matching_loss(theta_n: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ syn_lr) and DATM (momentum 0.9 for labels).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -202,9 +203,9 @@ class Distiller:
         """Everything needed to continue bit-identically: tensors, optimizer states, iteration."""
         return {"iteration": self.iteration, "images": self.images.detach().clone(),
                 "label_logits": self.label_logits.detach().clone(), "syn_lr": self.syn_lr.detach().clone(),
-                "hard_labels": self.hard_labels.clone(), "opt_img": self.opt_img.state_dict(),
-                "opt_lr": self.opt_lr.state_dict(),
-                "opt_label": self.opt_label.state_dict() if self.opt_label else None}
+                "hard_labels": self.hard_labels.clone(), "opt_img": copy.deepcopy(self.opt_img.state_dict()),
+                "opt_lr": copy.deepcopy(self.opt_lr.state_dict()),  # a snapshot, not live momentum buffers
+                "opt_label": copy.deepcopy(self.opt_label.state_dict()) if self.opt_label else None}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():

@@ -77,10 +77,12 @@ def runs(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     setup = toy_setup(out)
     timings, res = {}, {}
-    for key, W, fault in (("w1", 1, None), ("w2", 2, None),
-                          ("w2_killed", 2, FaultInjection(iteration=3, rank=1, marker=str(out / "killed")))):
+    for key, W, fault, dtype in (("w1", 1, None, "float64"), ("w2", 2, None, "float64"),
+                                 ("w2_killed", 2, FaultInjection(iteration=3, rank=1, marker=str(out / "killed")),
+                                  "float64"),
+                                 ("w1_f32", 1, None, "float32"), ("w2_f32", 2, None, "float32")):
         t0 = time.perf_counter()
-        res[key] = fit_distributed(toy_config(out, key), W, setup=setup, max_failures=1, fault=fault)
+        res[key] = fit_distributed(toy_config(out, key, dtype=dtype), W, setup=setup, max_failures=1, fault=fault)
         timings[key] = time.perf_counter() - t0
     print("fit seconds:", {k: round(v, 1) for k, v in timings.items()})
     res.update(marker=out / "killed", out=out, setup=setup)
@@ -107,6 +109,16 @@ def test_w1_and_w2_give_the_same_synthetic_set_float64(runs):
     assert float(a.state["syn_lr"]) != 0.01  # the state did move (syn_lr_init = 0.01)
     assert a.history["loss"] == pytest.approx(b.history["loss"], rel=1e-10)
     assert len(a.history["loss"]) == 5 and set(a.history) >= {"loss/sampled", "loss/start_0", "loss/start_1"}
+
+
+def test_w1_and_w2_give_the_same_synthetic_set_float32(runs):
+    a, b = runs["w1_f32"], runs["w2_f32"]
+    assert a.state["iteration"] == b.state["iteration"] == 5
+    for key in ("images", "label_logits", "syn_lr"):
+        x, y = a.state[key], b.state[key]
+        assert x.dtype == torch.float32
+        rel = float((x - y).norm() / x.norm())
+        assert rel <= 1e-5, (key, rel)
 
 
 def test_killed_worker_group_resumes_bit_identically(runs):

@@ -149,7 +149,7 @@ def test_tarball_verified_once_extracted_into_cache_only(tmp_path, monkeypatch):
     def no_hashing(path):
         raise AssertionError("hashed the tarball a second time")
 
-    monkeypatch.setattr(data, "_sha256_file", no_hashing)
+    monkeypatch.setattr(data, "sha256_file", no_hashing)
     train = load_split(cfg, "train")  # not decoded yet, but already verified and extracted
     assert torch.equal(train.images, truth["train"][0])
 

@@ -466,9 +466,16 @@ class Preprocessor:
         for s in range(0, len(x), _CHUNK):
             y = x[s:s + _CHUNK]
             if self.zca:
-                y = (y.flatten(1) @ self.zca_inverse.to(dev, dt) + self.zca_mean.to(dev, dt)).view_as(y)
+                y = (y.flatten(1) @ self._inverse().to(dev, dt) + self.zca_mean.to(dev, dt)).view_as(y)
             out[s:s + _CHUNK] = (y * std + mean).clamp(0.0, 1.0)
         return out
+
+    def _inverse(self) -> torch.Tensor:
+        """The inverse ZCA matrix: kept from the fit, else computed once (in float64) from zca_matrix;
+        it is not stored in state_dict, which halves every artifact that carries the statistics."""
+        if self.zca_inverse is None:
+            self.zca_inverse = torch.linalg.inv(self.zca_matrix.double()).float()
+        return self.zca_inverse
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != len(self.mean):
@@ -479,13 +486,12 @@ class Preprocessor:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-compatible): mean, std, zca (uint8 0/1), zca_eps (float64 scalar)
-        and, with ZCA, zca_mean, zca_matrix, zca_inverse."""
+        and, with ZCA, zca_mean, zca_matrix (the inverse is recomputed on load when needed)."""
         d = {"mean": self.mean.float().contiguous(), "std": self.std.float().contiguous(),
              "zca": torch.tensor(int(self.zca), dtype=torch.uint8),
              "zca_eps": torch.tensor(float(self.zca_eps), dtype=torch.float64)}
         if self.zca:
-            d.update(zca_mean=self.zca_mean.contiguous(), zca_matrix=self.zca_matrix.contiguous(),
-                     zca_inverse=self.zca_inverse.contiguous())
+            d.update(zca_mean=self.zca_mean.contiguous(), zca_matrix=self.zca_matrix.contiguous())
         return d
 
     @classmethod
@@ -500,7 +506,7 @@ class Preprocessor:
                 raise KeyError(f"preprocessor state has no {key!r} entry")
         zca = bool(int(d["zca"]))
         if zca:
-            for key in ("zca_mean", "zca_matrix", "zca_inverse"):
+            for key in ("zca_mean", "zca_matrix"):
                 if key not in d:
                     raise KeyError(f"preprocessor state has zca=1 but no {key!r} entry")
         return cls(mean=d["mean"].float(), std=d["std"].float(), zca=zca, zca_eps=float(d["zca_eps"]),

@@ -222,7 +222,8 @@ def test_state_dict_round_trip_and_fingerprint(tmp_path):
     back = Preprocessor.from_state_dict(load_file(str(tmp_path / "pre.safetensors")))
     assert back.zca and back.zca_eps == 0.1
     assert torch.equal(back(imgs), pre(imgs))
-    assert torch.equal(back.to_display(pre(imgs)), pre.to_display(pre(imgs)))
+    # the inverse is not stored (it would double every artifact): recomputed in float64, equal to display precision
+    assert torch.allclose(back.to_display(pre(imgs)), pre.to_display(pre(imgs)), atol=1e-5)
     assert back.fingerprint() == pre.fingerprint() and len(pre.fingerprint()) == 16
     other = fit_preprocessor(image_set(imgs), DataConfig(zca=True, zca_eps=0.2, cache_dir=str(tmp_path)))
     assert other.fingerprint() != pre.fingerprint()

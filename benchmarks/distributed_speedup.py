@@ -23,9 +23,9 @@ def build_setup(root: Path, width: int, classes: int, image_size: int, epochs: i
     import torch
 
     from contra_ray.data import ImageSet, Preprocessor, content_hash
-    from contra_ray.distill import PreparedData
+    from contra_ray.stages import PreparedData
     from contra_ray.distributed import PreparedSetup
-    from contra_ray.experts import ExpertStore
+    from contra_ray.expert_store import ExpertStore
     from contra_ray.models import ModelSpec, build_model, flat_params
 
     g = torch.Generator().manual_seed(seed)

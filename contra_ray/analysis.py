@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError
+from .fileio import atomic_write
 from .matching import matching_loss, minibatch_sequence, unroll
 from .models import functional_forward
 
@@ -236,18 +237,6 @@ def triangle_summary(r: np.ndarray, row_epochs: Sequence[int], col_epochs: Seque
     return out
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    from .tracking import _atomic_target
-
-    path, tmp = _atomic_target(path)
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_correlation_csv(r: np.ndarray, row_epochs: Sequence[int], col_epochs: Sequence[int],
                          path: str | os.PathLike) -> None:
     """CSV with header ``matched_epoch,<j0>,<j1>,...``; one row per matched epoch i; NaN written as ``nan``."""
@@ -259,7 +248,7 @@ def save_correlation_csv(r: np.ndarray, row_epochs: Sequence[int], col_epochs: S
         with open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    _atomic(path, write)
+    atomic_write(path, lambda tmp: write(str(tmp)))
 
 
 def save_correlation_heatmap(r: np.ndarray, row_epochs: Sequence[int], col_epochs: Sequence[int],
@@ -290,4 +279,4 @@ def save_correlation_heatmap(r: np.ndarray, row_epochs: Sequence[int], col_epoch
                     ax.text(b, a, f"{r[a, b]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if abs(r[a, b]) > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="Pearson r (Eq. 7)")
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=HEATMAP_DPI))
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), format="png", dpi=HEATMAP_DPI))

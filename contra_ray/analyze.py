@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError
+from .fileio import atomic_write
+from .seeds import derive_seed
 
 
 def parse_epoch_range(text: str) -> tuple[int, int]:
@@ -63,11 +65,11 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
     from .analysis import (ForgettingMonitor, correlation_losses, mode_config, pearson_matrix,
                            save_correlation_csv, save_correlation_heatmap, triangle_summary)
     from .augment import DSA
-    from .distill import Distiller
+    from .distiller import Distiller
 
     configs = {mode: mode_config(cfg, mode) for mode in modes}  # validate every mode before any work
     M = cfg.distill.expert_epochs
-    monitor = ForgettingMonitor(store, reference_id, epochs, M, seed=cfg.distill.seed + 1)
+    monitor = ForgettingMonitor(store, reference_id, epochs, M, seed=derive_seed(cfg.distill.seed, "monitor"))
     others = [i for i in store.expert_ids if i != reference_id]
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -117,9 +119,7 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
                                  + (f", warm-up {warmup}" if warmup else ""))
         payload = {**summary, "r": [[None if v != v else v for v in row] for row in r.tolist()],
                    "losses": losses.tolist(), "losses_shape": "[matched epoch i, iteration z, epoch j of τ_o]"}
-        tmp = stem.with_name(f".{stem.name}.json.tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, f"{stem}.json")
+        atomic_write(f"{stem}.json", json.dumps(payload, indent=1))
         results[mode] = summary
         if logger is not None:
             for ext in ("csv", "png", "json"):
@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .analysis import reference_expert_id
-    from .distill import config_from_args, ensure_experts, prepare_data
+    from .distill import config_from_args
+    from .stages import ensure_experts, prepare_data
     from .tracking import RunLogger, init_tracking
 
     try:

@@ -8,8 +8,14 @@ and the evaluation recipe (paper App. D; MTT/DATM protocol).
 
 On disk it is ONE safetensors file: the tensors (``images``, ``label_logits``, ``hard_labels`` and the
 preprocessor state under ``preprocessor/<key>``) plus a JSON document in the safetensors header
-(key ``contra_ray``) holding ``syn_lr``, ``soft`` and ``meta``. Writes are atomic (temporary file in the
-same directory, then ``os.replace``), so a reader never sees a half-written artifact.
+(key ``contra_ray``) holding ``format``, ``syn_lr``, ``soft`` and ``meta``. Writes are atomic
+(:func:`contra_ray.fileio.atomic_write`), so a reader never sees a half-written artifact.
+
+This module is the only writer and reader of the format. Format 2 (current) requires the meta keys
+:data:`REQUIRED_META`, which :func:`build_meta` fills and :meth:`DistilledSet.save` checks before
+writing. Format 1 files (contra_ray 0.1: the distiller wrote ``model_spec``/``eval_recipe``) are read
+with those keys renamed and the derivable ones (geometry, IPC) filled from the tensors and config; a
+file that still lacks a required key is refused with the list of what is missing.
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["ArtifactError", "ArtifactMismatchError", "DistilledSet", "FORMAT", "build_meta"]
+from .fileio import atomic_write
 
-FORMAT = "contra_ray.distilled/1"
+__all__ = ["ArtifactError", "ArtifactMismatchError", "DistilledSet", "FORMAT", "FORMAT_VERSION", "REQUIRED_META",
+           "build_meta"]
+
+FORMAT_VERSION = 2
+FORMAT = f"contra_ray.distilled/{FORMAT_VERSION}"
+_READABLE = {"contra_ray.distilled/1": 1, FORMAT: FORMAT_VERSION}
+REQUIRED_META = ("model", "eval", "config", "classes", "num_classes", "image_size", "channels", "ipc", "zca",
+                 "preprocessor_fingerprint", "dataset_id", "method", "iteration")
 _HEADER_KEY = "contra_ray"
 _PRE = "preprocessor/"
 _CORE = ("images", "label_logits", "hard_labels")
@@ -128,9 +141,13 @@ class DistilledSet:
         one intact) and no temporary file behind.
 
         Raises:
-            ValueError: invalid tensors (see :meth:`validate`) or ``meta`` not JSON-serializable.
+            ValueError: invalid tensors (see :meth:`validate`), ``meta`` lacking a key of
+                :data:`REQUIRED_META` (named), or ``meta`` not JSON-serializable.
         """
         self.validate()
+        missing = [k for k in REQUIRED_META if k not in self.meta]
+        if missing:
+            raise ValueError(f"distilled set meta lacks {missing} (build it with contra_ray.artifact.build_meta)")
         path = Path(path)
         tensors = {k: _plain(getattr(self, k)) for k in _CORE}
         tensors.update({_PRE + k: _plain(v) for k, v in self.preprocessor.items()})
@@ -139,24 +156,16 @@ class DistilledSet:
                                  "meta": self.meta})
         except (TypeError, ValueError) as e:
             raise ValueError(f"meta is not JSON-serializable: {e}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={_HEADER_KEY: header})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_HEADER_KEY: header}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DistilledSet":
-        """Read a set written by :meth:`save` (tensors on CPU).
+        """Read a set written by :meth:`save` (tensors on CPU); format 1 files are upgraded (module docstring).
 
         Raises:
             ArtifactError: the file is missing, unreadable, not a safetensors file, lacks the contra_ray
-                header or tensors, or holds invalid tensors; the message names ``path``.
+                header or tensors, holds invalid tensors, or lacks required meta (named, with the file's
+                format version); the message names ``path``.
         """
         path = Path(path)
         if not path.is_file():
@@ -168,8 +177,8 @@ class DistilledSet:
                     raise ValueError(f"no '{_HEADER_KEY}' entry in the safetensors header")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             doc = json.loads(header)
-            if doc.get("format") != FORMAT:
-                raise ValueError(f"format {doc.get('format')!r}, expected {FORMAT!r}")
+            if doc.get("format") not in _READABLE:
+                raise ValueError(f"format {doc.get('format')!r}, expected one of {sorted(_READABLE)}")
             missing = [k for k in _CORE if k not in tensors]
             if missing:
                 raise ValueError(f"missing tensors {missing}")
@@ -177,12 +186,38 @@ class DistilledSet:
                       hard_labels=tensors["hard_labels"], syn_lr=float(doc["syn_lr"]), soft=bool(doc["soft"]),
                       preprocessor={k[len(_PRE):]: v for k, v in tensors.items() if k.startswith(_PRE)},
                       meta=doc.get("meta") or {})
-            return out.validate()
+            out.validate()
         except ArtifactError:
             raise
         except Exception as e:  # safetensors raises its own error types, json/Key/ValueError, OSError
             raise ArtifactError(f"distilled set {path}: corrupt or not a contra_ray artifact "
                                 f"({type(e).__name__}: {e})") from None
+        version = _READABLE[doc["format"]]
+        if version < FORMAT_VERSION:
+            out.meta = _upgrade_meta(out, version)
+        missing = [k for k in REQUIRED_META if k not in out.meta]
+        if missing:
+            older = ", written by an older contra_ray" if version < FORMAT_VERSION else ""
+            raise ArtifactError(f"distilled set {path} (format {version}{older}) lacks meta {missing}; "
+                                "re-export it from its run (python -m contra_ray.distill with the same --name "
+                                "resumes from its checkpoint and rewrites it)")
+        return out
+
+
+def _upgrade_meta(art: "DistilledSet", version: int) -> dict:
+    """Format 1 meta -> format 2 keys: renamed ones, and what the tensors and the config determine."""
+    meta = dict(art.meta)
+    if version == 1:
+        for old, new in (("model_spec", "model"), ("eval_recipe", "eval")):
+            if new not in meta and old in meta:
+                meta[new] = meta.pop(old)
+        meta.setdefault("num_classes", art.num_classes)
+        meta.setdefault("image_size", int(art.images.shape[-1]))
+        meta.setdefault("channels", int(art.images.shape[1]))
+        ipc = meta.get("config", {}).get("distill", {}).get("ipc")
+        if ipc is not None:
+            meta.setdefault("ipc", int(ipc))
+    return meta
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,7 @@ class EvalConfig:
     cpus_per_run: float = 1.0
     gpus_per_run: float = 0.0
     test_batch_size: int = 1000
+    seed: int = 0  # evaluation network r is seeded derive_seed(seed, "eval", r) (contra_ray.seeds)
 
 
 @dataclasses.dataclass
@@ -244,6 +245,10 @@ class Config:
             bad("eval.runs", e.runs, "must be >= 1")
         if e.epochs < 1:
             bad("eval.epochs", e.epochs, "must be >= 1")
+        for field, value in (("distill.seed", d.seed), ("experts.seed", x.seed), ("eval.seed", e.seed),
+                             ("data.subset_seed", self.data.subset_seed)):
+            if value < 0:
+                bad(field, value, "seeds must be >= 0")
         if e.lr is not None and e.lr <= 0:
             bad("eval.lr", e.lr, "must be > 0 or null")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

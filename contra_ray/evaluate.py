@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from .artifact import ArtifactError, ArtifactMismatchError, DistilledSet
 from .config import ConfigError, EvalConfig
 from .models import MODEL_NAMES, ModelSpec, build_model
+from .seeds import derive_seed
 
 __all__ = [
     "ArtifactMismatchError",
     "lr_schedule",
+    "evaluation_seeds",
     "train_and_test",
     "evaluate_runs",
     "ensure_ray",
@@ -54,6 +56,15 @@ def lr_schedule(lr: float, epochs: int) -> list[float]:
     """
     half = epochs // 2
     return [lr * 0.1 if 0 < half <= e else lr for e in range(epochs)]
+
+
+def evaluation_seeds(seed: int, runs: int) -> list[int]:
+    """The seeds of ``runs`` evaluation networks: ``derive_seed(seed, "eval", r)`` for r = 0..runs-1.
+
+    Their own role (:mod:`contra_ray.seeds`), so an evaluation network never starts from the
+    initialization of an expert (role ``expert``) the synthetic set was matched against.
+    """
+    return [derive_seed(seed, "eval", r) for r in range(runs)]
 
 
 def train_and_test(images: torch.Tensor, targets: torch.Tensor, lr: float, spec: ModelSpec, ecfg: EvalConfig,
@@ -353,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (default: log)")
     p.add_argument("--inline", action="store_true",
                    help="run sequentially in this process instead of as Ray tasks (default: Ray)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first run; run i uses seed+i (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="evaluation seed: run r is seeded derive_seed(seed, 'eval', r), the baseline's images "
+                        "derive_seed(seed, 'baseline') (default: the recipe's eval.seed)")
     return p
 
 
@@ -387,9 +400,10 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     if "config" not in art.meta:
         raise ConfigError(f"{args.artifact}: artifact meta has no 'config' (cannot rebuild the data config)")
     cfgd = dict(art.meta["config"])
-    if "eval" in art.meta:
-        cfgd["eval"] = art.meta["eval"]
+    cfgd["eval"] = art.meta["eval"]
     cfg = config_from_dict(cfgd, validate=False)
+    if args.seed is not None:
+        cfg.eval.seed = args.seed
     if args.data_root is not None:
         cfg.data.root = args.data_root
     if args.cache_dir is not None:
@@ -424,19 +438,20 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
         from .augment import DSA
         augment = DSA()
     base = art.model_spec()
-    seeds = [args.seed + i for i in range(ecfg.runs)]
+    seeds = evaluation_seeds(ecfg.seed, ecfg.runs)
     sets = [("contra" if art.meta.get("method", "contra") == "contra" else art.meta["method"],
              art.images, art.targets(), ecfg.lr or art.syn_lr)]
     if args.baseline == "random-real":
         train = data.load_split(cfg.data, "train")
-        bx, by = random_real_set(pre(train.images), train.labels, art.ipc, art.num_classes, args.seed)
+        bx, by = random_real_set(pre(train.images), train.labels, art.ipc, art.num_classes,
+                                 derive_seed(ecfg.seed, "baseline"))
         sets.append(("random_real", bx, by, ecfg.lr or cfg.experts.lr))
 
     results: dict = {}
     rows = []
     name = f"eval-{Path(args.artifact).stem}"
     with RunLogger(cfg, name, enabled=cfg.tracking.enabled) as log:
-        log.log_params({"eval_cli.artifact": str(Path(args.artifact).resolve()), "eval_cli.seed": args.seed,
+        log.log_params({"eval_cli.artifact": str(Path(args.artifact).resolve()), "eval_cli.seed": ecfg.seed,
                         "eval_cli.baseline": args.baseline, "eval_cli.syn_lr": art.syn_lr})
         for method, x, t, lr in sets:
             for model in ecfg.models:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .seeds import derive_seed
+
 __all__ = [
     "Student",
     "SegmentPlan",
@@ -102,8 +104,7 @@ def make_plan(seed: int, iteration: int, expert_ids: Sequence[int], n_syn: int, 
     ``fixed_start`` replaces the sampled start (the §4.2 correlation analysis matches one fixed epoch);
     everything else, batches and augmentation seeds included, is drawn exactly as without it.
     """
-    ss = np.random.SeedSequence([int(seed), int(iteration)])
-    rng = np.random.default_rng(ss)
+    rng = np.random.default_rng(derive_seed(seed, "plan", iteration))  # the "plan" stream (contra_ray.seeds)
     expert_id = int(expert_ids[int(rng.integers(len(expert_ids)))])
     sampled = int(rng.integers(min_start, max_start))
     if fixed_start is not None:

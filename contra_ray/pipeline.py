@@ -41,8 +41,10 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
     import torch
 
     from .augment import DSA
-    from .distill import ensure_experts, log_set_visuals, prepare_data, run_distillation
-    from .evaluate import evaluate_runs, format_table, random_real_set, summarize
+    from .loop import run_distillation
+    from .stages import ensure_experts, log_set_visuals, prepare_data
+    from .evaluate import evaluate_runs, evaluation_seeds, format_table, random_real_set, summarize
+    from .seeds import derive_seed
     from .tracking import RunLogger, init_tracking
 
     t_start = time.time()
@@ -79,7 +81,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
 
         t0 = time.time()
         e = cfg.eval
-        seeds = [1000 + r for r in range(e.runs)]
+        seeds = evaluation_seeds(e.seed, e.runs)
         dsa = DSA() if e.dsa else None
         rows, results = [], {}
         for model_name in e.models:
@@ -88,7 +90,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
             sets = [("ConTra" if cfg.distill.K else "MTT", artifact.images, artifact.targets(), artifact.syn_lr)]
             if baseline:
                 imgs, tg = random_real_set(data.train_x, data.train.labels, cfg.distill.ipc, data.spec.num_classes,
-                                           seed=cfg.distill.seed)
+                                           seed=derive_seed(e.seed, "baseline"))
                 sets.insert(0, ("random real", imgs, tg, cfg.experts.lr))
             for method, imgs, tg, lr in sets:
                 accs = evaluate_runs(imgs, tg, e.lr or lr, spec, e, data.test_x, data.test.labels, seeds,

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .fileio import atomic_write
+
 __all__ = ["init_tracking", "flatten_params", "RunLogger", "save_image_grid", "save_curves",
            "MAX_PARAM_VALUE_LENGTH"]
 
@@ -182,12 +184,6 @@ class RunLogger:
         self._client.log_figure(self.run_id, fig, name)
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def save_image_grid(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> None:
     """Write images as one grid picture (``torchvision.utils.save_image``, padding 2) atomically.
 
@@ -200,14 +196,9 @@ def save_image_grid(images: torch.Tensor, nrow: int, path: str | os.PathLike) ->
     """
     from torchvision.utils import save_image
 
-    path, tmp = _atomic_target(path)
-    try:
-        save_image(images.detach().float().cpu().clamp(0, 1), str(tmp), nrow=nrow,
-                   format=(path.suffix.lstrip(".") or "png"))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: save_image(images.detach().float().cpu().clamp(0, 1), str(tmp), nrow=nrow,
+                                              format=fmt))
 
 
 def save_curves(series: Mapping[str, list[float]], path: str | os.PathLike, title: str) -> None:
@@ -227,10 +218,5 @@ def save_curves(series: Mapping[str, list[float]], path: str | os.PathLike, titl
     ax.set_xlabel("step")
     if series:
         ax.legend()
-    path, tmp = _atomic_target(path)
-    try:
-        fig.savefig(str(tmp), format=(path.suffix.lstrip(".") or "png"))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), format=fmt))

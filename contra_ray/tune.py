@@ -391,7 +391,7 @@ def _proxy_callback(iterations: int, eval_every: int):
                 return
             acc = m.get("eval_acc")
             if acc is None and checkpoint is not None and it % eval_every == 0:
-                from .distributed import read_checkpoint
+                from .checkpoint import read_checkpoint
 
                 with checkpoint.as_directory() as path:
                     accs = read_checkpoint(path)["history"].get("eval_acc", [])
@@ -405,70 +405,40 @@ def _proxy_callback(iterations: int, eval_every: int):
     return ProxyReportCallback()
 
 
-def _fallback_trainer(cfg: Config, num_workers: int, use_gpu: bool, callbacks: list, tracking_run_id: str | None):
-    """The TorchTrainer of :func:`contra_ray.distributed.fit_distributed`, with Tune's callback added.
-
-    Used until :mod:`contra_ray.distributed` offers ``make_trainer(cfg, num_workers, use_gpu, resume,
-    callbacks=..., tracking_run_id=...)``; keep the two in step.
-    """
-    import uuid
-
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .distributed import train_loop_per_worker
-
-    threads = max(1, cfg.threads)
-    loop_config = {"cfg": cfg.to_dict(), "use_gpu": use_gpu, "threads": threads, "resume": False,
-                   "run_token": uuid.uuid4().hex, "setup": None, "fault": None,
-                   "tracking_uri": cfg.tracking_uri(), "tracking_run_id": tracking_run_id}
-    return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": threads}),
-        run_config=ray.train.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "ray_train"),
-                                       callbacks=callbacks, checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
-
-
 def _distill_with_ray_train(cfg: Config, ctx: SweepContext, run_id: str | None):
     """Fit a TorchTrainer over ``ctx.workers_per_trial`` workers; returns (artifact, history).
 
     Raises:
         DistillationDiverged: the workers reported a diverged run.
     """
-    from . import distributed
     from .artifact import DistilledSet
-    from .distill import DistillationDiverged
+    from .distiller import DistillationDiverged
+    from .distributed import make_trainer, read_checkpoint
 
     callback = _proxy_callback(cfg.distill.iterations, cfg.distill.eval_every)
-    make_trainer = getattr(distributed, "make_trainer", None)
-    if make_trainer is not None:
-        trainer = make_trainer(cfg, ctx.workers_per_trial, ctx.use_gpu, resume=False, callbacks=[callback],
-                               tracking_run_id=run_id)
-    else:
-        trainer = _fallback_trainer(cfg, ctx.workers_per_trial, ctx.use_gpu, [callback], run_id)
+    trainer = make_trainer(cfg, ctx.workers_per_trial, ctx.use_gpu, resume=False, callbacks=[callback],
+                           tracking_run_id=run_id, num_to_keep=1)
     result = trainer.fit()
     if (result.metrics or {}).get("error"):
         raise DistillationDiverged(result.metrics["error"])
     history: dict = {}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as path:
-            history = distributed.read_checkpoint(path)["history"]
+            history = read_checkpoint(path)["history"]
     return DistilledSet.load(cfg.run_dir() / "distilled.safetensors"), history
 
 
 def _final_accuracies(artifact, data, ecfg, device: str, threads: int, as_tasks: bool) -> list[float]:
-    """Test accuracies of ``ecfg.runs`` networks trained on the distilled set (seeds 1000, 1001, ...).
+    """Test accuracies of ``ecfg.runs`` networks trained on the distilled set (``evaluation_seeds``).
 
     ``as_tasks`` (W >= 1): one Ray task per run with ``ecfg.cpus_per_run`` / ``ecfg.gpus_per_run``, scheduled
     outside the trial's placement group (which holds only the Train driver's 0.01 CPU; Tune would
     otherwise capture the tasks into it). Else sequentially in the trial process, on its own CPUs / GPU.
     """
     from .augment import DSA
-    from .evaluate import evaluate_runs, train_and_test
+    from .evaluate import evaluate_runs, evaluation_seeds, train_and_test
 
-    seeds = [1000 + r for r in range(ecfg.runs)]
+    seeds = evaluation_seeds(ecfg.seed, ecfg.runs)
     augment = DSA() if ecfg.dsa else None
     lr = ecfg.lr or artifact.syn_lr
     if not as_tasks:
@@ -491,7 +461,8 @@ def _trial(config: dict, ctx: SweepContext) -> None:
     from ray import tune
 
     from .config import config_from_dict
-    from .distill import ensure_experts, log_set_visuals, prepare_data, run_distillation
+    from .loop import run_distillation
+    from .stages import ensure_experts, log_set_visuals, prepare_data
     from .evaluate import summarize
     from .tracking import RunLogger
 
@@ -522,7 +493,7 @@ def _trial(config: dict, ctx: SweepContext) -> None:
                                                  progress=False)
         else:
             artifact, history = _distill_with_ray_train(run_cfg, ctx, logger.run_id)
-        artifact.meta["eval_recipe"], artifact.meta["config"] = dataclasses.asdict(final_eval), cfg.to_dict()
+        artifact.meta["eval"], artifact.meta["config"] = dataclasses.asdict(final_eval), cfg.to_dict()
         out = cfg.run_dir() / "distilled.safetensors"
         artifact.save(out)
         accs = _final_accuracies(artifact, data, final_eval, str(cfg.device), ctx.threads,
@@ -689,7 +660,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         SweepError, ConfigError: malformed space or no valid configuration (before any trial starts).
     """
     from .config import config_from_dict
-    from .distill import ensure_experts, prepare_data
+    from .stages import ensure_experts, prepare_data
     from .evaluate import ensure_ray
     from .tracking import RunLogger, init_tracking
 

@@ -13,8 +13,10 @@ from contra_ray.analysis import (HEATMAP_SIZE_PX, ForgettingMonitor, correlation
                                  pearson_matrix, reference_expert_id, save_correlation_csv,
                                  save_correlation_heatmap, segment_loss_eval, triangle_summary)
 from contra_ray.config import ConfigError, load_config
-from contra_ray.distill import Distiller, prepare_data, run_distillation, store_meta
-from contra_ray.experts import ExpertStore
+from contra_ray.distiller import Distiller
+from contra_ray.loop import run_distillation
+from contra_ray.stages import prepare_data, store_meta
+from contra_ray.expert_store import ExpertStore
 from contra_ray.matching import make_plan, matching_loss, unroll
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 

@@ -22,8 +22,51 @@ def make_set(soft=True, seed=0, n_per_class=2, classes=3):
                       "zca_matrix": torch.randn(192, 192, generator=g).double(), "zca": torch.tensor(True)},
         meta={"model": ModelSpec("convnet", classes, 8, 3, 8).to_dict(), "classes": ["a", "b", "c"],
               "zca": True, "image_size": 8, "channels": 3, "iteration": 7, "nested": {"x": [1, 2.5, None]},
-              "nan_free_float": 0.1 + 0.2},
+              "nan_free_float": 0.1 + 0.2, "eval": {"epochs": 5}, "config": Config().to_dict(),
+              "num_classes": classes, "ipc": n_per_class, "preprocessor_fingerprint": "fp",
+              "dataset_id": "toy", "method": "contra"},
     )
+
+
+def write_format1(path, meta):
+    """A file as contra_ray 0.1 wrote it: format 1, the distiller's meta keys (model_spec, eval_recipe)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    s = make_set()
+    save_file({"images": s.images, "label_logits": s.label_logits, "hard_labels": s.hard_labels,
+               "preprocessor/mean": s.preprocessor["mean"]}, str(path),
+              metadata={"contra_ray": json.dumps({"format": "contra_ray.distilled/1", "syn_lr": 0.01, "soft": True,
+                                                  "meta": meta})})
+
+
+def test_format1_file_of_the_old_distiller_is_upgraded(tmp_path):
+    cfg = Config().to_dict()
+    cfg["distill"]["ipc"] = 2
+    old = {"method": "contra", "iteration": 4, "model_spec": ModelSpec("convnet", 3, 8, 3, 8).to_dict(),
+           "dataset_id": "toy", "content_hash": "h", "classes": ["a", "b", "c"], "image_size": 8, "channels": 3,
+           "zca": False, "zca_eps": 0.1, "preprocessor_fingerprint": "fp", "eval_recipe": {"epochs": 3},
+           "config": cfg}
+    write_format1(tmp_path / "old.safetensors", old)
+    art = DistilledSet.load(tmp_path / "old.safetensors")
+    assert art.model_spec() == ModelSpec("convnet", 3, 8, 3, 8, 3)  # was: "meta has no 'model' entry"
+    assert art.meta["eval"] == {"epochs": 3} and art.meta["ipc"] == 2 and art.meta["num_classes"] == 3
+
+
+def test_format1_file_missing_meta_names_what_is_missing(tmp_path):
+    write_format1(tmp_path / "bare.safetensors", {"classes": ["a", "b", "c"]})
+    with pytest.raises(ArtifactError, match=r"format 1, written by an older contra_ray\) lacks meta "
+                                            r"\['model', 'eval', 'config'"):
+        DistilledSet.load(tmp_path / "bare.safetensors")
+
+
+def test_save_refuses_incomplete_meta_before_writing(tmp_path):
+    s = make_set()
+    del s.meta["eval"], s.meta["method"]
+    with pytest.raises(ValueError, match=r"meta lacks \['eval', 'method'\]"):
+        s.save(tmp_path / "x.safetensors")
+    assert not any(tmp_path.iterdir())
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -103,7 +146,7 @@ def test_validate_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match="hard_labels"):
         s.save(tmp_path / "x.safetensors")
     s = make_set()
-    s.meta = {"path": tmp_path}  # not JSON
+    s.meta["path"] = tmp_path  # not JSON
     with pytest.raises(ValueError, match="JSON"):
         s.save(tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()

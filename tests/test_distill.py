@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from contra_ray.config import load_config
-from contra_ray.distill import DistillationDiverged, Distiller
+from contra_ray.distiller import DistillationDiverged, Distiller
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -42,12 +42,42 @@ def test_init_from_correctly_classified_real_images_with_expert_logits():
     logits = functional_forward(model, store.params(0, dist.d.max_start_epoch), x).detach()
     correct = logits.argmax(1) == y
     assert dist.hard_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    fell_back = {}
     for img, lab, c in zip(dist.images.detach(), dist.label_logits.detach(), dist.hard_labels):
         match = [i for i in range(len(x)) if torch.equal(x[i], img)]
         assert len(match) == 1 and y[match[0]] == c
-        if bool(correct[y == c].sum() >= 2):  # enough correct images: only those are used
-            assert correct[match[0]]
-        assert torch.allclose(lab, logits[match[0]], atol=1e-6)  # soft labels = the expert's logits
+        i = match[0]
+        n_correct = int(correct[y == c].sum())
+        if n_correct >= 2:  # enough correct images: only those are used
+            assert correct[i]
+        if correct[i]:
+            assert torch.allclose(lab, logits[i], atol=1e-6)  # soft labels = the expert's logits
+        else:  # a fall-back image: its true-class logit and the largest one are swapped
+            fell_back[int(c)] = fell_back.get(int(c), 0) + 1
+            expect = logits[i].clone()
+            top = int(expect.argmax())
+            expect[top], expect[int(c)] = logits[i][int(c)], logits[i][top]
+            assert torch.allclose(lab, expect, atol=1e-6)
+        assert int(lab.argmax()) == int(c)  # never a soft label pointing at another class
+    assert fell_back, "this fixture has classes with fewer than IPC correctly classified images"
+    assert dist.init_report.misclassified_per_class == fell_back
+    assert dist.init_report.relabeled == sum(fell_back.values())
+    line = dist.init_report.line(["a", "b", "c"], 2)
+    assert "fewer than IPC=2 correct" in line and "relabeled" in line
+
+
+def test_fallback_fills_up_with_misclassified_only_after_every_correct_one():
+    """A class with 1 correct image at IPC 2 takes that one plus one misclassified one (the issue: the old
+    code then drew from ALL images of the class and could skip the correct one)."""
+    dist, x, y = make(n_per_class=6)
+    model = build_model(SPEC)
+    logits = functional_forward(model, dist.store.params(0, dist.d.max_start_epoch), x).detach()
+    correct = logits.argmax(1) == y
+    for c in range(3):
+        chosen = [i for img in dist.images.detach()[dist.hard_labels == c]
+                  for i in range(len(x)) if torch.equal(x[i], img)]
+        n_correct = int(correct[y == c].sum())
+        assert int(correct[chosen].sum()) == min(2, n_correct)
 
 
 def test_step_is_exactly_reproducible_from_a_state_dict():

@@ -18,10 +18,10 @@ import yaml
 
 from contra_ray.config import load_config
 from contra_ray.data import ImageSet, Preprocessor, content_hash
-from contra_ray.distill import PreparedData
+from contra_ray.stages import PreparedData
 from contra_ray.distributed import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint,
                                     worker_share, write_checkpoint)
-from contra_ray.experts import ExpertStore
+from contra_ray.expert_store import ExpertStore
 from contra_ray.matching import make_plan
 from contra_ray.models import ModelSpec, build_model, flat_params
 

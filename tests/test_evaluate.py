@@ -123,7 +123,8 @@ def test_random_real_set():
 def artifact_for(classes=("pos", "neg"), zca=True, cfg=None, n_per_class=2):
     x, y = toy(n_per_class, 4)
     meta = {"model": SPEC.to_dict(), "zca": zca, "preprocessor_fingerprint": "fp1", "image_size": 8,
-            "channels": 1, "num_classes": 2, "classes": list(classes), "ipc": n_per_class, "method": "contra"}
+            "channels": 1, "num_classes": 2, "classes": list(classes), "ipc": n_per_class, "method": "contra",
+            "dataset_id": "toy", "iteration": 3}
     if cfg is not None:
         meta["config"] = cfg.to_dict()
         meta["eval"] = cfg.to_dict()["eval"]

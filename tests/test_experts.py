@@ -9,10 +9,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from contra_ray import expert_store
 from contra_ray import experts as ex
 from contra_ray.config import Config, ExpertConfig
-from contra_ray.experts import (CurriculumOrder, ExpertStore, ExpertStoreError, ShuffledOrder, TensorBatchLoader,
-                                difficulty_from_first_correct, first_correct_epoch, train_expert, train_experts)
+from contra_ray.expert_store import ExpertStore, ExpertStoreError
+from contra_ray.experts import (CurriculumOrder, ShuffledOrder, TensorBatchLoader, difficulty_from_first_correct,
+                                first_correct_epoch, train_expert)
+from contra_ray.experts_ray import train_experts
+from contra_ray.seeds import derive_seed
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -185,7 +189,7 @@ def test_store_round_trip_lazy_params_and_index(tmp_path, trajectories, monkeypa
     store = ExpertStore.create(tmp_path / "st", META, pre)
     for i, (traj, acc) in enumerate(trajectories):
         store.add(i, 100 + i, traj, acc)
-    monkeypatch.setattr(ex, "load_file", lambda *a, **k: pytest.fail("params must not load the whole file"))
+    monkeypatch.setattr(expert_store, "load_file", lambda *a, **k: pytest.fail("params must not load the whole file"))
     opened = ExpertStore.open(tmp_path / "st")
     assert opened.expert_ids == [0, 1] and opened.epochs == 3
     for i, (traj, acc) in enumerate(trajectories):
@@ -293,10 +297,11 @@ def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
     meta = {k: v for k, v in META.items() if k not in ("model_spec", "epochs")}
     store = train_experts(cfg, *data, SPEC, meta, {"mean": torch.zeros(3)}, order_factory=order_factory)
     assert sorted(calls) == [0, 1] and store.expert_ids == [0, 1]
-    assert store.index["seed"].tolist() == [40, 41]
+    seeds = [derive_seed(40, "expert", 0), derive_seed(40, "expert", 1)]  # seed roles (contra_ray.seeds)
+    assert store.index["seed"].tolist() == seeds
     t0, t1 = store.trajectory(0), store.trajectory(1)
     assert t0.shape == (3, t1.shape[1]) and not torch.equal(t0, t1)
-    local, acc = train_expert(0, 40, *data, SPEC, cfg.experts)  # a Ray task computes what a local call does
+    local, acc = train_expert(0, seeds[0], *data, SPEC, cfg.experts)  # a Ray task computes what a local call does
     assert torch.equal(local, t0) and list(store.index.loc[0, "test_acc"]) == pytest.approx(acc)
     assert store.meta["recipe"]["lr"] == 0.05 and store.meta["epochs"] == 2
 

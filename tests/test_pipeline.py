@@ -8,7 +8,7 @@ import torch
 from contra_ray.artifact import DistilledSet
 from contra_ray.config import load_config
 from contra_ray.distill import main as distill_main
-from contra_ray.experts import ExpertStore
+from contra_ray.expert_store import ExpertStore
 from contra_ray.pipeline import run_pipeline
 from conftest import CIFAR_TARBALL
 
@@ -68,7 +68,7 @@ def test_distill_cli_resumes_and_continues(pipeline_run, capsys):
                        "--set", "experts.curriculum_gamma=2", "--set", "distill.checkpoint_every=2",
                        "--iterations", "6", "--no-tracking", "--no-train-experts"])
     assert rc == 0
-    assert f"resumed from {cfg.run_dir() / 'distill_checkpoint.pt'} at iteration 4" in capsys.readouterr().out
+    assert f"resumed from {cfg.run_dir() / 'checkpoints' / 'iter_00000004'} at iteration 4" in capsys.readouterr().out
     assert DistilledSet.load(cfg.run_dir() / "distilled.safetensors").meta["iteration"] == 6
 
 
@@ -76,3 +76,28 @@ def test_distill_cli_bad_input_exits_2(tmp_path, capsys):
     assert distill_main(["--preset", "tiny_cpu", "--K", "5", "--set", f"output_dir={tmp_path}"]) == 2
     assert "distill.K=5" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_readme_step2_evaluate_runs_on_the_distill_output(pipeline_run, capsys):
+    """README step 2 on step 1's real output (the issue: it stopped with "meta has no 'model' entry")."""
+    from contra_ray.evaluate import main as evaluate_main
+
+    cfg = pipeline_run
+    res = evaluate_main(["--artifact", str(cfg.run_dir() / "distilled.safetensors"), "--models", "convnet",
+                         "--runs", "1", "--epochs", "2", "--inline", "--no-tracking", "--baseline", "random-real"])
+    assert set(res) == {("contra", "convnet"), ("random_real", "convnet")}
+    assert all(len(a) == 1 and 0.0 <= a[0] <= 1.0 for a in res.values())
+    assert "random_real" in capsys.readouterr().out
+
+
+def test_distill_rerun_with_another_beta_and_K_is_refused_before_work(pipeline_run, capsys):
+    """The issue: the same --name with β=1, K=0 printed "resumed" and continued the β=0.2, K=2 state."""
+    cfg = pipeline_run
+    rc = distill_main(["--preset", "tiny_cpu", "--set", f"output_dir={cfg.output_dir}", "--set",
+                       f"data.cache_dir={cfg.data.cache_dir}", "--set", "experts.curriculum=true",
+                       "--set", "experts.curriculum_gamma=2", "--set", "distill.checkpoint_every=2",
+                       "--set", "distill.beta=1.0", "--set", "distill.K=0", "--no-tracking", "--no-train-experts"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "distill.beta=0.2 in the checkpoint, 1.0 now" in captured.err and "distill.K=2" in captured.err
+    assert "--no-resume" in captured.err and "resumed" not in captured.out

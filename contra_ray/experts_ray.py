@@ -1,0 +1,167 @@
+"""Experts in parallel: one Ray task per expert, each saved to the store as soon as it finishes.
+
+The Ray edge of expert training; the training itself is :func:`contra_ray.experts.train_expert`
+(plain PyTorch) and the files are :class:`contra_ray.expert_store.ExpertStore`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Callable
+
+import torch
+
+from .config import Config, ExpertConfig
+from .expert_store import ExpertStore
+from .experts import Augment, SampleOrder, train_expert
+from .models import ModelSpec
+from .seeds import derive_seed
+
+__all__ = ["train_experts"]
+
+_RECIPE_FIELDS = ("lr", "momentum", "weight_decay", "batch_size", "dsa", "curriculum", "curriculum_lambda",
+                  "curriculum_gamma")
+
+
+def _recipe(cfg: ExpertConfig) -> dict:
+    return {f: getattr(cfg, f) for f in _RECIPE_FIELDS}
+
+
+def _refuse_incompatible(store: ExpertStore, wanted: dict) -> None:
+    """Raise if an existing store's meta differs from what this run would write (resume safety)."""
+    have = store.meta
+    names = {"model_spec": "model", "epochs": "experts.epochs", "dataset_id": "dataset_id",
+             "content_hash": "content_hash", "zca": "data.zca", "zca_eps": "data.zca_eps",
+             "preprocessor_fingerprint": "preprocessor fingerprint", "classes": "classes"}
+    for key, field in names.items():
+        if key in have and key in wanted and have[key] != wanted[key]:
+            built = "for" if key in ("model_spec", "dataset_id", "classes") else "with"
+            raise store._mismatch(field, have[key], wanted[key], built=built)
+    for key, value in wanted.get("recipe", {}).items():
+        if key in have.get("recipe", {}) and have["recipe"][key] != value:
+            raise store._mismatch(f"experts.{key}", have["recipe"][key], value, built="with")
+
+
+def _expert_task(expert_id: int, seed: int, data: tuple, spec: ModelSpec, cfg: ExpertConfig,
+                 order: SampleOrder | None, augment_factory: Callable[[], Augment] | None, device: str,
+                 threads: int) -> tuple[int, torch.Tensor, list[float]]:
+    """Body of one Ray task: train one expert, print one line per epoch (forwarded to the driver)."""
+    train_x, train_y, test_x, test_y = data
+    augment = augment_factory() if (augment_factory is not None and cfg.dsa) else None
+    traj, acc = train_expert(expert_id, seed, train_x, train_y, test_x, test_y, spec, cfg, order=order,
+                             augment=augment, device=device, threads=threads,
+                             progress=lambda s: print(s.line(), flush=True))
+    return expert_id, traj, acc
+
+
+def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                  test_y: torch.Tensor, spec: ModelSpec, store_meta: dict, preprocessor_state: dict[str, torch.Tensor],
+                  augment_factory: Callable[[], Augment] | None = None,
+                  order_factory: Callable[[int], SampleOrder] | None = None) -> ExpertStore:
+    """Train ``cfg.experts.num_experts`` experts in parallel as Ray tasks into ``cfg.expert_store()``.
+
+    Each expert ``i`` (ids ``0..num_experts-1``) is :func:`train_expert` with seed
+    ``derive_seed(cfg.experts.seed, "expert", i)`` (:mod:`contra_ray.seeds`)
+    in a task with ``num_cpus=cfg.experts.cpus_per_expert``, ``num_gpus=cfg.experts.gpus_per_expert`` and
+    ``max(1, int(num_cpus))`` torch threads, on ``cfg.device``. The data go through the object store once
+    (one ``ray.put``). The driver saves each expert as soon as its task finishes (``ray.wait``), so a crash
+    loses only the running experts; a rerun skips experts already saved whose checksum verifies (corrupt
+    ones are retrained). Progress: a tqdm bar over experts in the driver, one line per epoch per task.
+
+    Ray is started only if not initialized (``RAY_ADDRESS`` respected; locally
+    :func:`contra_ray.raycluster.ensure_ray`) and is left running.
+
+    Args:
+        cfg: validated config; uses ``experts.*``, ``device`` and ``expert_store()``.
+        train_x: float32 ``[N, C, H, W]`` preprocessed; train_y: int64 ``[N]``; test_x/test_y likewise.
+        spec: the expert network (``cfg.model_spec(...)``).
+        store_meta: data-side meta, see :func:`make_store_meta`; ``model_spec``, ``epochs`` and ``recipe``
+            (the ``experts`` training fields) are filled in here.
+        preprocessor_state: ``Preprocessor.state_dict()``, saved with a new store.
+        augment_factory: zero-argument callable returning the augmentation, called inside each task; if
+            ``None`` and ``cfg.experts.dsa``, ``contra_ray.augment.DSA`` is used.
+        order_factory: ``expert_id -> SampleOrder`` called in the driver (``None`` = :class:`ShuffledOrder`).
+            Required when ``cfg.experts.curriculum`` (e.g. ``lambda i: CurriculumOrder(rank, λ, γ)``).
+
+    Returns:
+        The opened :class:`ExpertStore` with all experts.
+
+    Raises:
+        ExpertStoreError: the store exists with different model/data/epochs/recipe (names field and values).
+        ValueError: ``experts.curriculum`` without ``order_factory``; a CUDA device with
+            ``experts.gpus_per_expert=0``; more CPUs per expert than the local Ray cluster has.
+        RuntimeError: some expert tasks failed (the others are saved first); chained to the first error.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    x = cfg.experts
+    if x.curriculum and order_factory is None:
+        raise ValueError("experts.curriculum=True needs order_factory (expert_id -> CurriculumOrder built from "
+                         "difficulty ranks, see difficulty_from_first_correct)")
+    if str(cfg.device).startswith("cuda") and x.gpus_per_expert <= 0:
+        raise ValueError(f"experts.gpus_per_expert={x.gpus_per_expert}: device={cfg.device!r} needs a GPU per "
+                         "task (Ray hides GPUs from tasks that request none)")
+    if x.dsa and augment_factory is None:
+        from .augment import DSA  # noqa: PLC0415 - optional dependency of this path only
+
+        augment_factory = DSA
+
+    meta = dict(store_meta)
+    meta.update(model_spec=spec.to_dict(), epochs=int(x.epochs), recipe=_recipe(x))
+    path = cfg.expert_store()
+    if (path / "store.json").exists():
+        store = ExpertStore.open(path)
+        _refuse_incompatible(store, json.loads(json.dumps(meta)))
+    else:
+        store = ExpertStore.create(path, meta, preprocessor_state)
+
+    todo = []
+    for i in range(x.num_experts):
+        if i in store.expert_ids:
+            if store.is_valid(i):
+                continue
+            warnings.warn(f"expert store {path}: expert {i} fails its checksum; retraining it")
+        todo.append(i)
+    if not todo:
+        return store
+
+    from .raycluster import ensure_ray
+
+    started = ensure_ray()
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if x.cpus_per_expert > cpus:
+        msg = f"experts.cpus_per_expert={x.cpus_per_expert}: the Ray cluster has only {cpus} CPUs"
+        if started:
+            raise ValueError(msg)
+        warnings.warn(msg + "; tasks wait for the autoscaler")
+    threads = max(1, int(x.cpus_per_expert))
+    task = ray.remote(_expert_task).options(num_cpus=x.cpus_per_expert, num_gpus=x.gpus_per_expert,
+                                            max_retries=0)
+    data_ref = ray.put((train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long()))
+    pending = {task.remote(i, derive_seed(x.seed, "expert", i), data_ref, spec, x, order_factory(i) if order_factory else None,
+                           augment_factory, cfg.device, threads): i for i in todo}
+    failures: list[tuple[int, BaseException]] = []
+    bar = tqdm(total=x.num_experts, initial=x.num_experts - len(todo), desc="experts", unit="expert")
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            expert_id = pending.pop(ready[0])
+            try:
+                _, traj, acc = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - keep saving the others, report at the end
+                failures.append((expert_id, e))
+                bar.write(f"expert {expert_id:04d} failed: {type(e).__name__}: {e}")
+                continue
+            store.add(expert_id, derive_seed(x.seed, "expert", expert_id), traj, acc)
+            bar.update(1)
+            bar.set_postfix(last=expert_id, test_acc=f"{acc[-1]:.4f}")
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        bar.close()
+    if failures:
+        raise RuntimeError(f"{len(failures)} expert task(s) failed (ids {[i for i, _ in failures]}); the others "
+                           f"are saved in {path}; rerun to retry") from failures[0][1]
+    return store

@@ -1,0 +1,130 @@
+"""The stages every entry point shares: data in, experts ready, visuals out.
+
+:func:`prepare_data` (train/test splits, preprocessor), :func:`ensure_experts` (open or train the expert
+store and check it fits the config), :func:`curriculum_rank` (App. B sample difficulty) and
+:func:`log_set_visuals` (image grid and curves next to the artifact and in MLflow). Used by the distill,
+pipeline, tune, analyze CLIs and by every Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .config import Config
+from .fileio import atomic_write
+from .models import ModelSpec
+from .seeds import derive_seed
+
+__all__ = ["PreparedData", "prepare_data", "store_meta", "ensure_experts", "curriculum_rank", "log_set_visuals"]
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """Data every stage needs, preprocessed once: float32 images in the model's input space."""
+
+    train: object  # data.ImageSet
+    test: object  # data.ImageSet
+    preprocessor: object  # data.Preprocessor
+    train_x: torch.Tensor  # float32 [N, C, H, W]
+    test_x: torch.Tensor  # float32 [N_test, C, H, W]
+    spec: ModelSpec
+
+
+def prepare_data(cfg: Config, with_test: bool = True) -> PreparedData:
+    """Load the train (subset) and test splits, fit or load the cached preprocessor, apply it.
+
+    Raises:
+        ConfigError: IPC or batch_syn too large for the data (:meth:`Config.validate_data`).
+        FileNotFoundError: dataset missing (see :func:`contra_ray.data.load_split`).
+    """
+    from .data import fit_preprocessor, load_split
+
+    train = load_split(cfg.data, "train")
+    cfg.validate_data(train.num_classes, int(train.class_counts().min()))
+    test = load_split(cfg.data, "test") if with_test else None
+    pre = fit_preprocessor(train, cfg.data)
+    spec = cfg.model_spec(train.num_classes, train.image_size, train.channels)
+    return PreparedData(train, test, pre, pre(train.images), pre(test.images) if with_test else None, spec)
+
+
+def store_meta(cfg: Config, data: PreparedData) -> dict:
+    return {"model_spec": data.spec.to_dict(), "dataset_id": data.train.dataset_id,
+            "content_hash": data.train.content_hash, "zca": cfg.data.zca, "zca_eps": cfg.data.zca_eps,
+            "preprocessor_fingerprint": data.preprocessor.fingerprint(), "classes": list(data.train.classes),
+            "epochs": cfg.experts.epochs}
+
+
+def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
+    """Open the expert store named by the config, training the missing experts (Ray, in parallel) if
+    ``train_missing``; then check it fits the distillation config.
+
+    Raises:
+        ExpertStoreError: store missing (and ``train_missing`` false) or built for another model,
+            dataset, ZCA setting, or with too few epochs for T+ + M.
+    """
+    from .expert_store import ExpertStore
+    from .experts_ray import train_experts
+
+    path = cfg.expert_store()
+    if train_missing:
+        from .augment import DSA
+
+        order_factory = None
+        if cfg.experts.curriculum:
+            from .experts import CurriculumOrder
+
+            rank = curriculum_rank(cfg, data)
+            order_factory = lambda i: CurriculumOrder(rank, cfg.experts.curriculum_lambda,  # noqa: E731
+                                                      cfg.experts.curriculum_gamma)
+        store = train_experts(cfg, data.train_x, data.train.labels, data.test_x, data.test.labels, data.spec,
+                              store_meta(cfg, data), data.preprocessor.state_dict(),
+                              augment_factory=(lambda: DSA()) if cfg.experts.dsa else None,
+                              order_factory=order_factory)
+    else:
+        store = ExpertStore.open(path)
+    d = cfg.distill
+    store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
+                           data.preprocessor.fingerprint())
+    return store
+
+
+def curriculum_rank(cfg: Config, data: PreparedData) -> torch.Tensor:
+    """Difficulty rank of every training sample for curriculum experts (paper App. B), int64 ``[N]``.
+
+    One plain (shuffled-order) ranking expert with seed ``derive_seed(experts.seed, "ranking_expert")`` is
+    trained on the real data;
+    a sample's difficulty is the first epoch after which that expert classifies it correctly (earlier =
+    easier, ties by index). Cached in ``<expert store>/difficulty_rank.pt`` (atomic write).
+    """
+    from .experts import difficulty_from_first_correct, first_correct_epoch, train_expert
+    from .augment import DSA
+
+    path = cfg.expert_store() / "difficulty_rank.pt"
+    if path.exists():
+        rank = torch.load(path)
+        if len(rank) == len(data.train_x):
+            return rank
+    print("curriculum: training a ranking expert for sample difficulty (App. B)", flush=True)
+    traj, _ = train_expert(-1, derive_seed(cfg.experts.seed, "ranking_expert"), data.train_x, data.train.labels, data.test_x,
+                           data.test.labels, data.spec, cfg.experts, augment=DSA() if cfg.experts.dsa else None,
+                           device=cfg.device)
+    first = first_correct_epoch(data.spec, list(traj[1:]), data.train_x, data.train.labels, device=cfg.device)
+    rank = difficulty_from_first_correct(first)
+    atomic_write(path, lambda tmp: torch.save(rank, tmp))
+    return rank
+
+
+def log_set_visuals(cfg: Config, artifact, history: dict, preprocessor, logger) -> None:
+    """Image grid PNG and loss / syn_lr curves next to the artifact, and in MLflow."""
+    from .tracking import save_curves, save_image_grid
+
+    grid = cfg.run_dir() / "distilled_grid.png"
+    save_image_grid(preprocessor.to_display(artifact.images), nrow=max(1, cfg.distill.ipc) if cfg.distill.ipc > 1
+                    else len(artifact.images), path=str(grid))
+    curves = cfg.run_dir() / "distill_curves.png"
+    save_curves({k: v for k, v in history.items() if k.startswith("loss") or k == "syn_lr"}, str(curves),
+                title=f"{cfg.name}: matching loss and syn_lr")
+    logger.log_artifact(str(grid))
+    logger.log_artifact(str(curves))

@@ -1,0 +1,156 @@
+"""The one loop: local checkpoints with fallback and config check, seed roles, module structure."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from contra_ray.checkpoint import LocalCheckpoints, checkpoint_dirs, read_checkpoint
+from contra_ray.config import ConfigError, load_config
+from contra_ray.distiller import Distiller
+from contra_ray.evaluate import evaluation_seeds
+from contra_ray.loop import LocalSync, run_loop
+from contra_ray.models import ModelSpec, build_model, flat_params
+from contra_ray.seeds import ROLES, derive_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
+
+
+class FakeStore:
+    def __init__(self, epochs=6):
+        torch.manual_seed(0)
+        theta = flat_params(build_model(SPEC))
+        noise = torch.randn_like(theta)
+        self.traj = {i: [theta + 0.01 * (e + i) * noise for e in range(epochs + 1)] for i in (0, 1)}
+        self.expert_ids = [0, 1]
+
+    def params(self, expert_id, epoch):
+        return self.traj[expert_id][epoch]
+
+
+def make(tmp_path, overrides=()):
+    cfg = load_config("tiny_cpu", ["model.width=4", "model.depth=2", "distill.ipc=2", "distill.batch_syn=3",
+                                   "distill.syn_steps=2", "distill.K=2", "distill.R=1", "distill.beta=0.5",
+                                   "distill.max_start_epoch=2", "distill.expert_epochs=1", "experts.epochs=6",
+                                   "distill.iterations=6", "distill.checkpoint_every=2", f"output_dir={tmp_path}",
+                                   *overrides])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(18, 3, 8, 8, generator=g)
+    y = torch.arange(3).repeat_interleave(6)
+    return cfg, Distiller(cfg, FakeStore(), SPEC, x, y)
+
+
+def test_local_checkpoints_resume_exactly_and_keep_two(tmp_path):
+    cfg, full = make(tmp_path / "a")
+    run_loop(full, cfg, sync=LocalSync(), progress=None)
+    cfg, part = make(tmp_path / "b", ["distill.iterations=4"])
+    ck = LocalCheckpoints(tmp_path / "b" / "ck")
+    run_loop(part, cfg, checkpoints=ck, progress=None)
+    assert [d.name for d in checkpoint_dirs(ck.root)] == ["iter_00000004", "iter_00000002"]  # newest 2 kept
+    cfg6, resumed = make(tmp_path / "b", ["distill.iterations=6"])  # more iterations: a resumable change
+    res = run_loop(resumed, cfg6, checkpoints=ck, progress=None)
+    assert res.start_iteration == 4 and res.resumed_from.endswith("iter_00000004")
+    for k in ("images", "label_logits", "syn_lr"):
+        assert torch.equal(getattr(resumed, k), getattr(full, k)), k
+    assert len(res.history["loss"]) == 6  # the history continues
+
+
+def test_torn_newest_checkpoint_is_reported_and_the_older_one_used(tmp_path, capsys):
+    cfg, d = make(tmp_path, ["distill.iterations=4"])
+    ck = LocalCheckpoints(tmp_path / "ck")
+    run_loop(d, cfg, checkpoints=ck, progress=None)
+    newest = ck.root / "iter_00000004" / "state.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    state = ck.load()
+    assert state["distiller"]["iteration"] == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "skipping" in line]
+    assert len(lines) == 1 and "iter_00000004" in lines[0] and "sha256" in lines[0]
+
+
+@pytest.mark.parametrize("change, field", [(["distill.beta=1.0", "distill.K=0"], "distill.beta=0.5 in the checkpoint"),
+                                           (["distill.lr_img=7"], "distill.lr_img"),
+                                           (["experts.num_experts=3"], "experts.num_experts")])
+def test_resume_with_a_changed_result_field_is_refused_by_name(tmp_path, change, field):
+    cfg, d = make(tmp_path, ["distill.iterations=2"])
+    ck = LocalCheckpoints(tmp_path / "ck")
+    run_loop(d, cfg, checkpoints=ck, progress=None)
+    cfg2, d2 = make(tmp_path, ["distill.iterations=4", *change])
+    with pytest.raises(ConfigError, match=field) as e:
+        run_loop(d2, cfg2, checkpoints=ck, progress=None)
+    assert "--no-resume" in str(e.value)
+    assert d2.iteration == 0  # nothing loaded
+
+
+def test_checkpoint_state_carries_config_and_history(tmp_path):
+    cfg, d = make(tmp_path, ["distill.iterations=2"])
+    ck = LocalCheckpoints(tmp_path / "ck")
+    run_loop(d, cfg, checkpoints=ck, progress=None)
+    state = read_checkpoint(ck.root / "iter_00000002")
+    assert state["config"] == cfg.to_dict() and len(state["history"]["loss"]) == 2
+    manifest = json.loads((ck.root / "iter_00000002" / "manifest.json").read_text())
+    assert manifest["config"]["distill"]["beta"] == 0.5 and manifest["iteration"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- seed roles
+
+def test_seed_roles_never_share_a_seed():
+    seeds = [derive_seed(s, role, i) for s in range(3) for role in ROLES for i in range(200)]
+    assert len(set(seeds)) == len(seeds)
+    assert derive_seed(0, "eval", 0) == derive_seed(0, "eval", 0)  # a pure function
+    with pytest.raises(ValueError, match="unknown"):
+        derive_seed(0, "evaluation")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        derive_seed(-1, "eval")
+
+
+def test_evaluation_never_starts_from_an_experts_initialization():
+    """The issue: with the CLI's default seed, evaluation network i was torch.manual_seed(i) like expert i."""
+    torch.manual_seed(derive_seed(0, "expert", 0))  # what experts_ray passes to train_expert for expert 0
+    expert0 = flat_params(build_model(SPEC))
+    for s in evaluation_seeds(0, 3):
+        torch.manual_seed(s)  # what train_and_test does
+        assert not torch.allclose(flat_params(build_model(SPEC)), expert0)
+    assert set(evaluation_seeds(0, 5)).isdisjoint(derive_seed(0, "expert", i) for i in range(5))
+
+
+# ---------------------------------------------------------------------------------------------- structure
+
+def _relative_imports(path: Path, modules: set[str]) -> set[str]:
+    deps = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.ImportFrom) and n.level == 1:
+            deps |= {n.module.split(".")[0]} if n.module else {a.name for a in n.names}
+    return deps & modules - {path.stem}
+
+
+def test_no_import_cycle_among_modules_lazy_imports_included():
+    pkg = ROOT / "contra_ray"
+    modules = {p.stem for p in pkg.glob("*.py")}
+    graph = {m: _relative_imports(pkg / f"{m}.py", modules) for m in modules}
+
+    def reachable(a):
+        seen, todo = set(), [a]
+        while todo:
+            for b in graph[todo.pop()]:
+                if b not in seen:
+                    seen.add(b)
+                    todo.append(b)
+        return seen
+
+    cycles = sorted(m for m in modules if m in reachable(m))
+    assert cycles == [], f"modules on an import cycle: {cycles}"
+
+
+def test_the_core_imports_neither_ray_nor_mlflow():
+    code = ("import sys, contra_ray.loop, contra_ray.distiller, contra_ray.matching, contra_ray.checkpoint, "
+            "contra_ray.stages, contra_ray.experts, contra_ray.expert_store, contra_ray.artifact; "
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

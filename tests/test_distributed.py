@@ -145,6 +145,21 @@ def test_rerun_with_same_name_resumes_and_no_resume_starts_over(runs):
     assert fresh.history["loss"] == pytest.approx(runs["w1"].history["loss"][:2], rel=1e-10)
 
 
+def test_rerun_falls_back_from_a_torn_newest_checkpoint(runs, capfd):
+    """The newest checkpoint in Ray's storage fails its manifest: one line says so, the older one is used."""
+    out, setup = runs["out"], runs["setup"]
+    dirs = sorted(d for d in (out / "ray_train" / "w1_f32").glob("checkpoint_*") if d.is_dir())
+    assert len(dirs) == 2  # num_to_keep=2: iterations 4 and 5
+    newest = max(dirs, key=lambda d: json.loads((d / "manifest.json").read_text())["iteration"])
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])  # torn
+    again = fit_distributed(toy_config(out, "w1_f32", dtype="float32", iterations=6), 1, setup=setup,
+                            max_failures=0)
+    assert again.summary["start_iteration"] == 4 and again.state["iteration"] == 6
+    skipped = [line for line in capfd.readouterr().out.splitlines() if "[checkpoint] skipping" in line]
+    assert len(skipped) == 1 and newest.name in skipped[0]
+
+
 def test_torn_checkpoint_is_rejected(tmp_path):
     state = {"distiller": {"iteration": 4, "images": torch.randn(3, 3, 8, 8)}, "history": {"loss": [1.0]},
              "config": {}}

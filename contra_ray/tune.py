@@ -80,6 +80,7 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, load_config, parse_overrides
+from .fileio import YAMLFileError, load_yaml
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepResult", "SweepError", "load_space", "expand_space", "run_sweep",
            "format_trials_table", "main"]
@@ -179,12 +180,19 @@ def space_path(space: str | os.PathLike) -> Path:
 def load_space(space: str | os.PathLike) -> SweepSpec:
     """Parse a search-space YAML.
 
+    Read with the strict :func:`contra_ray.fileio.load_yaml` (a key given twice is an error).
+
     Raises:
-        SweepError: unknown top-level key, axis kind, or malformed values (naming the key).
+        SweepError: malformed YAML or a key given twice (names the file and line); unknown top-level key,
+            axis kind, or malformed values (naming the key).
     """
     path = space_path(space)
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        raw = load_yaml(path) or {}
+    except YAMLFileError as e:
+        raise SweepError(f"--space {str(space)!r}: {e}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping (preset, space, ...), got {type(raw).__name__}")
     known = {"preset", "overrides", "space", "num_samples", "metric", "mode", "proxy", "scheduler", "seed"}
     for key in raw:
         if key not in known:

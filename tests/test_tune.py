@@ -95,6 +95,13 @@ def test_structural_errors_fail_at_once(tmp_path):
                                             "  distill.R: {grid: [1]}\n")))
 
 
+def test_space_with_a_key_given_twice_is_refused(tmp_path):
+    space = write_space(tmp_path, "preset: tiny_cpu\nspace:\n  distill.beta: {grid: [0.1]}\n"
+                                  "  distill.beta: {grid: [0.5]}\n")
+    with pytest.raises(SweepError, match=r"space.yaml:4: duplicate key 'distill.beta' \(first given at line 3\)"):
+        load_space(space)
+
+
 @pytest.mark.parametrize("name", ["cifar10_ipc1", "cifar10_ipc10", "cifar100_ipc10"])
 def test_gpu_spaces_expand_to_valid_configs(name):
     spec = load_space(ROOT / "tune_spaces" / f"{name}.yaml")

@@ -1,15 +1,16 @@
-"""Small file helpers shared by the stores, caches and configs: hashing and strict YAML."""
+"""Small file helpers shared by the stores, caches and configs: hashing, strict YAML, writable directories."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["sha256_file", "load_yaml", "YAMLFileError"]
+__all__ = ["sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir"]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -94,3 +95,26 @@ def load_yaml(path: str | os.PathLike | None = None, *, text: str | None = None,
         raise YAMLFileError(f"{name}: invalid YAML: {' '.join(str(e).split())}") from None
     finally:
         loader.dispose()
+
+
+# ---------------------------------------------------------------------------------------- directories
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create directory ``path`` (with parents) if needed and prove it is writable; returns it.
+
+    Writability is tested by creating and removing a temporary file (``os.access`` is wrong for root and
+    for read-only mounts).
+
+    Raises:
+        OSError: the directory cannot be created or written; the message names the directory and the
+            OS error (callers prefix the config field that named it).
+    """
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".contra_ray-write-test-", dir=p)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"directory {p} cannot be created or written ({e.strerror or e})") from None
+    return p

@@ -583,7 +583,7 @@ def _trial(config: dict, ctx: SweepContext) -> None:
     from .config import config_from_dict
     from .distill import ensure_experts, log_set_visuals, prepare_data, run_distillation
     from .evaluate import summarize
-    from .tracking import RunLogger
+    from .tracking import RunLogger, tracking_client
 
     point = next(p for p in ctx.points if p.name == config["trial"])
     cfg = config_from_dict(point.config)  # logged as is; its eval recipe is the final evaluation's
@@ -603,9 +603,7 @@ def _trial(config: dict, ctx: SweepContext) -> None:
                            "tune.workers_per_trial": ctx.workers_per_trial,
                            **{f"tune.proxy.{k}": v for k, v in ctx.proxy.items()}})
         if logger.run_id is not None:
-            import mlflow
-
-            mlflow.MlflowClient(cfg.tracking_uri()).set_tag(logger.run_id, "contra_ray.role", "trial")
+            tracking_client(cfg.tracking_uri()).set_tag(logger.run_id, "contra_ray.role", "trial")
         if ctx.workers_per_trial == 0:
             store = ensure_experts(cfg, data, train_missing=False)
             artifact, history = run_distillation(run_cfg, data, store, _TrialLogger(logger), resume=True,
@@ -775,13 +773,14 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         verbose: Tune verbosity (0 silent, 1 live table, 2 more).
 
     Raises:
-        SweepError, ConfigError: malformed space, no valid configuration, or ASHA settings that do not
-            fit a trial's iterations (before any trial starts).
+        SweepError, ConfigError: malformed space, no valid configuration, ASHA settings that do not fit a
+            trial's iterations, an output directory that cannot be written or a tracking store that does
+            not answer (all before data, experts or trials).
     """
     from .config import config_from_dict
     from .distill import ensure_experts, prepare_data
     from .evaluate import ensure_ray
-    from .tracking import RunLogger, init_tracking
+    from .tracking import RunLogger, check_destinations, init_tracking, tracking_client
 
     spec = load_space(space_path)
     if workers_per_trial < 0:
@@ -805,6 +804,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
                        ("tracking.uri", base_cfg.tracking.uri), ("threads", threads)):
         _set_path(base, key, value)
     base_cfg.threads = threads
+    check_destinations(base_cfg.output_dir, base_cfg.tracking.uri if tracking else None)  # before any work
 
     print(f"[tune] data and experts for {spec.preset} (store {base_cfg.experts.store})", flush=True)
     if str(base_cfg.device).startswith("cuda") and not use_gpu:
@@ -847,9 +847,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         (run_dir / "trials.json").write_text(json.dumps(
             {"space": spec.path, "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}, indent=2))
         if parent.run_id is not None:
-            from mlflow import MlflowClient
-
-            MlflowClient(base_cfg.tracking.uri).set_tag(parent.run_id, "contra_ray.role", "sweep")
+            tracking_client(base_cfg.tracking.uri).set_tag(parent.run_id, "contra_ray.role", "sweep")
             parent.log_artifact(spec.path)
             parent.log_artifact(str(run_dir / "trials.json"))
 
@@ -884,9 +882,9 @@ def _close_child_runs(uri: str, experiment_id: str, parent_run_id: str, rows: li
     ends a stopped function trainable with ``SystemExit`` at its next report, so :class:`RunLogger` ended
     it ``FAILED``, or it was left ``RUNNING``); end any other run still ``RUNNING`` as ``FAILED``. Fills in
     each row's MLflow ``run_id``."""
-    from mlflow import MlflowClient
+    from .tracking import tracking_client
 
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
     by_index = {int(r.data.params.get("tune.trial_index", -1)): r for r in runs}
     for row in rows:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contra_ray.fileio import YAMLFileError, load_yaml
+from contra_ray.fileio import YAMLFileError, ensure_writable_dir, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_YAML = sorted(p.relative_to(ROOT).as_posix() for d in ("contra_ray/presets", "tune_spaces", "clusters")
@@ -42,3 +42,11 @@ def test_strict_loader_keeps_safe_load_semantics():
 def test_every_project_yaml_loads_strictly_and_as_before(path):
     docs = load_yaml(ROOT / path, all_documents=True)
     assert docs == list(yaml.safe_load_all((ROOT / path).read_text()))
+
+
+def test_ensure_writable_dir(tmp_path):
+    assert ensure_writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OSError, match=rf"directory {tmp_path / 'f' / 'x'} cannot be created"):
+        ensure_writable_dir(tmp_path / "f" / "x")

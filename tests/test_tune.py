@@ -158,6 +158,20 @@ def test_asha_settings_are_checked_against_every_trial(tmp_path):
         load_space(write_space(tmp_path, head + "metric: proxy_accuracy\nspace:\n  distill.beta: {grid: [0.0]}\n"))
 
 
+def test_tune_cli_checks_output_dir_and_tracking_store_before_any_work(tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    (tmp_path / "file").write_text("")
+    assert main(["--space", str(SMOKE), "--output-dir", str(tmp_path / "file" / "out"), "--no-tracking"]) == 2
+    assert f"output_dir='{tmp_path / 'file' / 'out'}'" in capsys.readouterr().err
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    assert main(["--space", str(SMOKE), "--output-dir", str(tmp_path / "out"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"tracking.uri='{uri}': tracking store not reachable" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("name", ["cifar10_ipc1", "cifar10_ipc10", "cifar100_ipc10"])
 def test_gpu_spaces_expand_to_valid_configs(name):
     spec = load_space(ROOT / "tune_spaces" / f"{name}.yaml")

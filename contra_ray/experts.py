@@ -739,7 +739,7 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     ones are retrained). Progress: a tqdm bar over experts in the driver, one line per epoch per task.
 
     Ray is started only if not initialized (``RAY_ADDRESS`` respected; locally
-    ``ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)``) and is left running.
+    ``ray.init(num_cpus=available_cpus(), ...)``, see :mod:`contra_ray.raycluster`) and is left running.
 
     Args:
         cfg: validated config; uses ``experts.*``, ``device`` and ``expert_store()``.

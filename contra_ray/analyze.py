@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup < 0:
             raise ConfigError(f"--warmup={args.warmup}: must be >= 0")
         cfg = config_from_args(args, {"experts.store": args.experts})
+        from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
         span = parse_epoch_range(args.epochs) if args.epochs else None
         modes = ["sequential", "concurrent"] if args.mode == "both" else [args.mode]
         if "concurrent" in modes:

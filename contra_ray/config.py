@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .fileio import YAMLFileError, load_yaml
 from .models import MODEL_NAMES, ModelSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -361,13 +362,23 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
                 validate: bool = True) -> Config:
     """Build a :class:`Config` from a preset (name or YAML path) and overrides, validated.
 
+    The preset is read with the strict :func:`contra_ray.fileio.load_yaml` (a key given twice is an
+    error, not "last one wins"); ``--set`` values are single YAML scalars (``yaml.safe_load``).
+
     Raises:
-        ConfigError: unknown preset or field, wrong type, or invalid value.
+        ConfigError: unknown preset or field, wrong type, invalid value, malformed preset YAML or a key
+            given twice in it (names the file and line).
     """
     cfg = Config()
     if preset:
-        with open(preset_path(preset)) as f:
-            _apply(cfg, yaml.safe_load(f) or {})
+        path = preset_path(preset)
+        try:
+            raw = load_yaml(path)
+        except YAMLFileError as e:
+            raise ConfigError(f"preset={preset!r}: {e}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"preset={preset!r}: {path} holds {type(raw).__name__}, expected a mapping of sections")
+        _apply(cfg, raw or {})
     _apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     return cfg.validate() if validate else cfg
 

@@ -10,6 +10,11 @@
   identified by :meth:`Preprocessor.fingerprint`.
 * :func:`real_images_per_class` picks ``ipc`` random real images per class (baselines, initialisation).
 
+Inputs are never silently wrong: the splits of a data set must list the same classes (else a test image of
+class ``c`` would be scored as another class's index), every image is decoded to 8-bit RGB as
+torchvision's ``ImageFolder`` default loader does (PIL ``.convert("RGB")``, so the channel count never
+depends on which file comes first), and images whose samples are not 8-bit are refused, naming the file.
+
 Every cache write goes to a temporary file or directory first and is moved into place with
 ``os.replace``, so an interrupted run never leaves a half-written cache entry.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -30,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .fileio import sha256_file
+from .fileio import atomic_write, sha256_file
+from .seeds import derive_seed
 from .config import DataConfig
 
 __all__ = [
@@ -41,6 +48,7 @@ __all__ = [
     "real_images_per_class",
     "content_hash",
     "decode_images",
+    "check_split_classes",
     "shared_dir",
     "SPLITS",
 ]
@@ -49,6 +57,10 @@ SPLITS = ("train", "test")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _MARKER = ".contra_ray_extracted.json"
 _CHUNK = 4096  # images per chunk when normalising / whitening
+_DECODER = "rgb8v2"  # in every decoded-cache name: bump when decoding changes (v2: always RGB, modes checked)
+# PIL modes whose samples are not 8-bit (16/32-bit integer, float): PIL's convert("RGB") clips them to
+# 0..255 instead of scaling, so they are refused rather than silently flattened
+_NOT_8BIT = ("I", "F")
 
 
 def shared_dir() -> Path:
@@ -124,8 +136,9 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
 
     Raises:
         ValueError: unknown split or dataset; a class with fewer than ``cfg.train_per_class`` images; an
-            image whose size differs from the first one (names the file); a tarball whose sha256 differs
-            from ``SHA256SUMS``.
+            image whose size differs from the first one, or whose mode is not 8-bit (names the file and
+            the mode); train and test splits with different class lists (names both lists, the missing and
+            extra classes and both folders); a tarball whose sha256 differs from ``SHA256SUMS``.
         FileNotFoundError: data not found (names the path and the ``data.root`` / ``data.download`` fix).
     """
     if split not in SPLITS:
@@ -140,6 +153,9 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
         images, labels, classes, digest = _load_imagefolder_cached(Path(cfg.root).expanduser(), split, cfg.cache_dir)
     else:
         raise ValueError(f"data.dataset={cfg.dataset!r}: unknown dataset")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+        raise ValueError(f"data.dataset={cfg.dataset!r} {split}: labels span {int(labels.min())}..{int(labels.max())} "
+                         f"but there are {len(classes)} classes")
     dataset_id = f"{cfg.dataset}/{split}"
     if split == "train" and cfg.train_per_class is not None:
         idx = _balanced_subset(labels, classes, cfg.train_per_class, cfg.subset_seed)
@@ -150,8 +166,8 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
 
 
 def _balanced_subset(labels: torch.Tensor, classes: list[str], per_class: int, seed: int) -> torch.Tensor:
-    """Sorted int64 indices: the first ``per_class`` of a seeded permutation of each class."""
-    gen = torch.Generator().manual_seed(seed)
+    """Sorted int64 indices: the first ``per_class`` of a permutation of each class (seed role ``subset``)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "subset"))
     picked = []
     for c, name in enumerate(classes):
         members = torch.nonzero(labels == c).flatten()
@@ -174,6 +190,12 @@ def _load_torchvision_cifar(cfg: DataConfig, split: str):
         raise FileNotFoundError(
             f"data.root={cfg.root!r}: no {cfg.dataset} data (torchvision format) in {root}; pass "
             f"data.download=true to download it there, or data.root=<dir> holding an existing copy") from e
+    # one meta file (batches.meta / meta) names the classes of both splits, so they always agree
+    if not (isinstance(ds.data, np.ndarray) and ds.data.dtype == np.uint8 and ds.data.ndim == 4
+            and ds.data.shape[-1] == 3):
+        raise ValueError(f"data.root={cfg.root!r}: {cfg.dataset} {split} split in {root} holds "
+                         f"{getattr(ds.data, 'dtype', type(ds.data))} {getattr(ds.data, 'shape', '')} data, "
+                         "expected uint8 [N, H, W, 3]")
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return images, labels, list(ds.classes), content_hash(images, labels)
@@ -194,7 +216,7 @@ def _load_cifar10_jpeg(cfg: DataConfig, split: str):
     name = tarball.name.split(".")[0]
 
     def cache_for(sha: str) -> Path:
-        return Path(cfg.cache_dir) / "decoded" / f"{name}-{sha[:16]}-{split}.pt"
+        return Path(cfg.cache_dir) / "decoded" / f"{name}-{sha[:16]}-{_DECODER}-{split}.pt"
 
     marker = _read_marker(Path(cfg.cache_dir) / name)
     if marker and _same_stat(marker, tarball):  # verified before: no hashing, no listing
@@ -229,12 +251,6 @@ def _same_stat(marker: dict, tarball: Path) -> bool:
     return marker.get("size") == st.st_size and marker.get("mtime_ns") == st.st_mtime_ns
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     """Verify ``tarball`` (once) and extract it into ``cache_dir/<name>/``; returns (folder, sha256).
 
@@ -259,7 +275,7 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     st = tarball.stat()
     record = {"sha256": sha, "source": str(tarball), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if marker and marker.get("sha256") == sha:  # same content, touched file: just refresh the marker
-        _write_json_atomic(final / _MARKER, record)
+        atomic_write(final / _MARKER, json.dumps(record))
         return final, sha
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=cache_dir))
@@ -305,13 +321,46 @@ def _split_dir(root: Path, split: str) -> Path:
                             f"(an ImageFolder root needs train/ and test/ or val/ subfolders)")
 
 
+def _names(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def check_split_classes(root: str | os.PathLike) -> None:
+    """Check that ``root/train`` and ``root/test`` (or ``root/val``) hold the same class folders.
+
+    ``ImageFolder`` numbers classes by their sorted folder names within each split, so a test split
+    without class ``b`` (train ``a, b, c``; test ``a, c``) would label its ``c`` images 1, which the
+    model reads as ``b``. Nothing is checked when either split folder is missing.
+
+    Raises:
+        ValueError: the class lists differ; names both folders, both lists, and the classes the test split
+            lacks / has in excess.
+    """
+    from torchvision.datasets.folder import find_classes
+
+    root = Path(root)
+    train = root / "train"
+    test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if not train.is_dir() or test is None:
+        return
+    a, b = find_classes(str(train))[0], find_classes(str(test))[0]
+    if a != b:
+        missing, extra = [c for c in a if c not in b], [c for c in b if c not in a]
+        raise ValueError(f"data.root={str(root)!r}: the splits list different classes: {train} has {len(a)} "
+                         f"{_names(a)}, {test} has {len(b)} {_names(b)}; {test.name}/ lacks {_names(missing)} and has "
+                         f"extra {_names(extra)}. Labels are indices into each split's sorted class folders, so "
+                         "test images would be scored as other classes; give every split the same class folders")
+
+
 def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
     """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
     from torchvision.datasets import ImageFolder
 
     folder = _split_dir(root, split)
+    check_split_classes(root)
     listing = ImageFolder(str(folder), loader=lambda p: p)
-    h = hashlib.sha256(str(folder.resolve()).encode())
+    h = hashlib.sha256(f"{_DECODER}\0{folder.resolve()}".encode())
     for path, label in listing.samples:
         st = os.stat(path)
         h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -334,71 +383,86 @@ def _decode_cached(root: Path, split: str, cache: Path, listing=None):
     if listing is None:
         from torchvision.datasets import ImageFolder
 
+        check_split_classes(root)
         listing = ImageFolder(str(_split_dir(root, split)), loader=lambda p: p)
     files = [p for p, _ in listing.samples]
     images = decode_images(files, desc=f"decoding {root.name}/{split}")
     labels = torch.as_tensor(listing.targets, dtype=torch.int64)
     digest = content_hash(images, labels)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
-    os.close(fd)
-    try:
-        torch.save({"images": images, "labels": labels, "classes": list(listing.classes),
-                    "content_hash": digest}, tmp)
-        os.replace(tmp, cache)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(cache, lambda tmp: torch.save({"images": images, "labels": labels,
+                                                "classes": list(listing.classes), "content_hash": digest}, tmp))
     return images, labels, list(listing.classes), digest
 
 
 def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
-    """Decode image files into one uint8 ``[N, C, H, W]`` tensor (no resizing).
+    """Decode image files into one uint8 RGB ``[N, 3, H, W]`` tensor (no resizing), 8 bits per channel.
 
-    JPEG and PNG are decoded with ``torchvision.io.decode_image`` on the file bytes (bit-identical to PIL
-    for the CIFAR-10 JPEGs, 2.5x faster); other formats with PIL. The channel count follows the first
-    image: 1 for grayscale (PIL modes ``1``, ``L``, ``I``, ``I;16``, ``F``), else 3 (RGB, alpha dropped).
+    Every file's mode is read (PIL header) and the image converted as torchvision's ``ImageFolder``
+    default loader does, ``PIL.Image.convert("RGB")``: grayscale (``1``, ``L``) is replicated to three
+    channels, alpha (``LA``, ``RGBA``, ``PA``) is dropped (not composited), palettes (``P``) are expanded,
+    ``CMYK`` / ``YCbCr`` / ``LAB`` are converted by PIL. So the channel count never depends on which file
+    comes first. Files whose samples are not 8-bit (modes ``I``, ``I;16*``, ``F``: PIL would clip them to
+    255, not scale them) are refused. 16-bit-per-channel RGB(A) PNGs, which PIL itself opens as 8-bit
+    ``RGB``/``RGBA`` keeping the high byte, are decoded exactly as PIL does.
+
+    8-bit ``L`` / ``RGB`` JPEGs and PNGs (no transparency chunk) are decoded with
+    ``torchvision.io.decode_image`` (``ImageReadMode.RGB``) on the file bytes, bit-identical to PIL and
+    2.5x faster; everything else with PIL.
 
     Raises:
-        ValueError: no files, or an image whose size differs from the first image's (names both files).
+        ValueError: no files; an image whose size differs from the first image's (names both files); an
+            image whose mode is not 8-bit or cannot be converted to RGB (names the file and its mode).
     """
     from tqdm import tqdm
 
     try:  # deprecated in torchvision 0.29 (superseded by TorchCodec); PIL is the fallback
         from torchvision.io import ImageReadMode, decode_image
     except ImportError:
-        decode_image = None
+        decode_image = ImageReadMode = None
 
     if not files:
         raise ValueError("no image files to decode")
     with Image.open(files[0]) as im:
-        gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
         w, h = im.size
-    channels = 1 if gray else 3
-    tv_mode = (ImageReadMode.GRAY if gray else ImageReadMode.RGB) if decode_image is not None else None
-    out = torch.empty(len(files), channels, h, w, dtype=torch.uint8)
+    out = torch.empty(len(files), 3, h, w, dtype=torch.uint8)
+    tv_mode = ImageReadMode.RGB if decode_image is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io warns on every call
         for i, path in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False,
                                       disable=len(files) < 1000)):
-            out[i] = _decode_one(path, decode_image, tv_mode, gray, files[0], (h, w))
+            out[i] = _decode_one(path, decode_image, tv_mode, files[0], (h, w))
     return out
 
 
-def _decode_one(path: str, decode_image, tv_mode, gray: bool, first: str, hw: tuple[int, int]) -> torch.Tensor:
-    """One file -> uint8 ``[C, H, W]``; torchvision for JPEG/PNG, PIL otherwise or on failure."""
-    img = None
-    if decode_image is not None and path.lower().endswith((".jpg", ".jpeg", ".png")):
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        try:
-            img = decode_image(data, mode=tv_mode)
-        except RuntimeError:
-            img = None
-    if img is None:
-        with Image.open(path) as im:
-            img = torch.from_numpy(np.array(im.convert("L" if gray else "RGB"), dtype=np.uint8))
-            img = img.unsqueeze(0) if gray else img.permute(2, 0, 1)
+def _decode_one(path: str, decode_image, tv_mode, first: str, hw: tuple[int, int]) -> torch.Tensor:
+    """One file -> uint8 ``[3, H, W]`` (see :func:`decode_images`)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        im = Image.open(io.BytesIO(raw))  # reads the header only
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    with im:
+        if im.mode.startswith(_NOT_8BIT):
+            raise ValueError(f"{path}: image mode {im.mode!r} is not 8 bits per channel; PIL's convert('RGB') would "
+                             f"clip its values to 0..255 instead of scaling them. Convert the file to 8-bit RGB "
+                             f"or grayscale first")
+        img = None
+        fast = (decode_image is not None and im.format in ("JPEG", "PNG") and im.mode in ("L", "RGB")
+                and "transparency" not in im.info)
+        if fast:
+            try:
+                img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=tv_mode)
+            except RuntimeError:
+                img = None
+            if img is not None and (img.dtype != torch.uint8 or img.shape[0] != 3):
+                img = None  # e.g. a 16-bit PNG: PIL's reading is the reference
+        if img is None:
+            try:
+                rgb = im.convert("RGB")
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{path}: image mode {im.mode!r} cannot be converted to RGB ({e})") from None
+            img = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
     if tuple(img.shape[1:]) != hw:
         raise ValueError(f"{path}: image is {img.shape[2]}x{img.shape[1]} (WxH) but {first} is {hw[1]}x{hw[0]}; "
                          f"all images of a data set must share one size (nothing is resized)")
@@ -578,15 +642,7 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
         pre = dataclasses.replace(pre, zca=True, zca_mean=zca.mean_vector.detach().float().contiguous(),
                                   zca_matrix=zca.transform_matrix.detach().float().contiguous(),
                                   zca_inverse=zca.transform_inv.detach().float().contiguous())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=key + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(pre.state_dict(), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(pre.state_dict(), str(tmp)))
     return pre
 
 

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                               "in-process only; use --num-workers 0")
         if not args.no_resume:
             precheck_resume(cfg, distributed=args.num_workers > 0)
+        from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
+
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

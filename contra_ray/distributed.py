@@ -107,9 +107,9 @@ class _MetricSink:
     def __init__(self, uri: str | None, run_id: str | None):
         self.run_id = run_id
         if run_id is not None:
-            from mlflow.tracking import MlflowClient
+            from .tracking import tracking_client
 
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = tracking_client(uri)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.run_id is None:

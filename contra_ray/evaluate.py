@@ -425,6 +425,8 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
         cfg.tracking.uri = args.tracking_uri
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     cfg.validate()
+    from .tracking import check_destinations  # tracking store reachable: before loading data
+    check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
 
     try:
         pre = data.Preprocessor.from_state_dict(art.preprocessor)

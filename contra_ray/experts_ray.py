@@ -70,7 +70,7 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     ones are retrained). Progress: a tqdm bar over experts in the driver, one line per epoch per task.
 
     Ray is started only if not initialized (``RAY_ADDRESS`` respected; locally
-    :func:`contra_ray.raycluster.ensure_ray`) and is left running.
+    :func:`contra_ray.raycluster.ensure_ray`, local CPUs from ``available_cpus()``) and is left running.
 
     Args:
         cfg: validated config; uses ``experts.*``, ``device`` and ``expert_store()``.

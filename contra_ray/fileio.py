@@ -1,4 +1,5 @@
-"""File helpers shared by every module that writes: one atomic writer, one sha256.
+"""File helpers shared by every module that reads or writes: one atomic writer, one sha256, one strict
+YAML reader, writable-directory checks.
 
 Every file contra_ray writes (caches, expert trajectories, checkpoints, artifacts, plots, JSON results)
 goes through :func:`atomic_write`, so a reader sees either the previous file or the complete new one,
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["atomic_write", "sha256_file"]
+import yaml
+
+__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], None], *,
@@ -59,3 +63,101 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- strict YAML
+
+class YAMLFileError(ValueError):
+    """A YAML file or text is malformed or gives a mapping key twice; the message names the file and line."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose mappings refuse a key given twice (PyYAML silently keeps the last value).
+
+    Keys brought in by a merge key (``<<: *anchor``) may be overridden, as YAML 1.1 merge intends; only
+    keys written twice in the same mapping are refused.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader raises its own "found unhashable key" error below
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise YAMLFileError(f"{key_node.start_mark.name}:{line}: duplicate key {key!r} (first given at "
+                                        f"line {first_line[key]}); a key may appear only once in a mapping")
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | os.PathLike | None = None, *, text: str | None = None, name: str = "<text>",
+              all_documents: bool = False) -> Any:
+    """Parse YAML strictly: safe tags only, and no mapping key given twice.
+
+    Every YAML file of the project (presets, tune spaces, cluster configs) is read through this one
+    function, so ``zca: false`` followed later by ``zca: true`` is an error instead of silently keeping
+    the last value (what ``yaml.safe_load`` does).
+
+    Args:
+        path: the file to read (UTF-8); or
+        text: YAML text (then ``name`` labels it in errors).
+        all_documents: return the list of all documents of a ``---``-separated stream
+            (``yaml.safe_load_all``) instead of the single document.
+
+    Returns:
+        The document (``None`` for an empty one), or with ``all_documents`` a list of documents.
+
+    Raises:
+        YAMLFileError: a duplicate key (names the file, the key and both line numbers) or malformed YAML
+            (names the file, line and column).
+        FileNotFoundError: ``path`` does not exist.
+        TypeError: neither or both of ``path`` and ``text`` given.
+    """
+    if (path is None) == (text is None):
+        raise TypeError("load_yaml: pass exactly one of path= or text=")
+    if path is not None:
+        name = str(path)
+        text = Path(path).read_text(encoding="utf-8")
+    loader = _StrictLoader(text)
+    loader.name = name  # marks (error positions) carry this name
+    try:
+        if all_documents:
+            docs = []
+            while loader.check_data():
+                docs.append(loader.get_data())
+            return docs
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise YAMLFileError(f"{name}: invalid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
+# ---------------------------------------------------------------------------------------- directories
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create directory ``path`` (with parents) if needed and prove it is writable; returns it.
+
+    Writability is tested by creating and removing a temporary file (``os.access`` is wrong for root and
+    for read-only mounts).
+
+    Raises:
+        OSError: the directory cannot be created or written; the message names the directory and the
+            OS error (callers prefix the config field that named it).
+    """
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".contra_ray-write-test-", dir=p)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"directory {p} cannot be created or written ({e.strerror or e})") from None
+    return p

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,16 +2,120 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
+
+__all__ = ["ensure_ray", "available_cpus", "cgroup_cpu_limit", "NUM_CPUS_ENV"]
+
+NUM_CPUS_ENV = "CONTRA_RAY_NUM_CPUS"
+
+
+def cgroup_cpu_limit(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+                     proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int | None:
+    """CPUs allowed by the tightest CFS quota on this process's cgroup and its ancestors, or ``None``.
+
+    cgroup v1 (a ``cpu`` controller line in ``proc_cgroup``): ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
+    (quota ``-1`` = unlimited) under the mounted ``cpu`` hierarchy (``cpu`` or ``cpu,cpuacct``). cgroup v2
+    (the ``0::PATH`` line): ``cpu.max`` = ``"QUOTA PERIOD"`` (``"max ..."`` = unlimited). Each level from
+    the process's cgroup up to the mount root is read (a parent's quota binds its children); when the
+    process's path is not visible under the mount (a container's namespace) only the mount root is read.
+
+    Args:
+        cgroup_root: the cgroup mount (a parameter so tests can use a fake tree).
+        proc_cgroup: the process's cgroup membership file.
+
+    Returns:
+        ``max(1, ceil(quota / period))`` of the smallest quota, or ``None`` when no level sets one (or the
+        files cannot be read).
+    """
+    root = Path(cgroup_root)
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    v1_path = v2_path = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "cpu" in controllers.split(","):
+            v1_path = path
+        elif parts[0] == "0" and controllers == "":
+            v2_path = path
+    limits: list[float] = []
+    if v1_path is not None:
+        mounts = [d for d in (root / "cpu", root / "cpu,cpuacct", root / "cpuacct,cpu") if d.is_dir()]
+        for base in mounts[:1]:
+            for d in _levels(base, v1_path):
+                quota, period = _read_ints(d / "cpu.cfs_quota_us"), _read_ints(d / "cpu.cfs_period_us")
+                if quota and period and quota[0] > 0 and period[0] > 0:
+                    limits.append(quota[0] / period[0])
+    elif v2_path is not None:
+        for d in _levels(root, v2_path):
+            try:
+                quota, period = (d / "cpu.max").read_text().split()[:2]
+            except (OSError, ValueError):
+                continue
+            if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
+                limits.append(int(quota) / int(period))
+    return max(1, math.ceil(min(limits))) if limits else None
+
+
+def _levels(base: Path, path: str) -> list[Path]:
+    """``base/path`` and its ancestors up to ``base`` (just ``base`` when ``base/path`` does not exist)."""
+    d = base / path.strip("/")
+    if not d.is_dir():
+        return [base]
+    out = [d]
+    while d != base:
+        d = d.parent
+        out.append(d)
+    return out
+
+
+def _read_ints(path: Path) -> list[int] | None:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+                   proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int:
+    """CPUs this process may use: ``$CONTRA_RAY_NUM_CPUS`` if set, else the CPUs of its affinity mask
+    (``len(os.sched_getaffinity(0))``, so ``taskset -c 0`` gives 1) capped by the cgroup CPU quota
+    (:func:`cgroup_cpu_limit`), at least 1. ``os.cpu_count()`` counts the machine's CPUs instead.
+
+    Raises:
+        ValueError: ``$CONTRA_RAY_NUM_CPUS`` is not an integer >= 1 (names it and its value).
+    """
+    env = os.environ.get(NUM_CPUS_ENV)
+    if env is not None and env.strip() != "":
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"{NUM_CPUS_ENV}={env!r}: expected an integer >= 1 (CPUs for the local Ray instance)")
+        return n
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root, proc_cgroup)
+    return max(1, min(n, limit) if limit is not None else n)
 
 
 def ensure_ray() -> bool:
     """Initialize Ray in this process unless it already is; True if this call started it.
 
-    With ``$RAY_ADDRESS`` set (as inside ``ray job submit``) it connects to that cluster; otherwise it
-    starts a private local instance (``address="local"``, ``num_cpus=os.cpu_count()``, no dashboard),
-    never joining a cluster somebody else started with ``ray start`` on a shared host. Call ``ray.init``
-    yourself first to use any other cluster.
+    With ``$RAY_ADDRESS`` set (as inside ``ray job submit``) it connects to that cluster, whose CPUs are
+    what they are; otherwise it starts a private local instance (``address="local"``, no dashboard) with
+    ``num_cpus=available_cpus()`` (``$CONTRA_RAY_NUM_CPUS``, else the affinity mask capped by the cgroup
+    quota), never joining a cluster somebody else started with ``ray start`` on a shared host. Call
+    ``ray.init`` yourself first to use any other cluster.
+
+    Raises:
+        ValueError: ``$CONTRA_RAY_NUM_CPUS`` is malformed (see :func:`available_cpus`).
     """
     import ray
 
@@ -20,5 +124,5 @@ def ensure_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, log_to_driver=True)
     return True

@@ -62,9 +62,8 @@ def format_report(rows: list[dict], searched: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlflow import MlflowClient
-
     from .config import Config
+    from .tracking import tracking_client
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.report", description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tune-<space name>)")
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = p.parse_args(argv)
     uri = args.tracking_uri or Config().tracking_uri()
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
         print(f"error: --experiment {args.experiment!r}: no such experiment in {uri}", file=sys.stderr)

@@ -2,10 +2,14 @@
 
 Nothing in the core imports this module. The default store is a SQLite database
 (``sqlite:///<output_dir>/mlflow.db``, see :meth:`Config.tracking_uri`): MLflow 3 refuses the plain
-``./mlruns`` file store by default. :func:`init_tracking` creates the database and the experiment in the
-driver, before any concurrent user (Ray tasks, Tune trials), so its schema migrations never race; for
-SQLite stores new experiments keep their artifacts next to the database (``<db dir>/mlartifacts``)
-instead of ``./mlruns`` in the current directory.
+``./mlruns`` file store by default. :func:`init_tracking` creates the database and the experiment; every
+opening of a store (:func:`tracking_client`, :func:`init_tracking`) holds an exclusive ``fcntl`` lock on
+``<db>.lock`` beside a SQLite database (:func:`store_lock`), so processes started together on a fresh
+database never race through MLflow's schema migrations (``duplicate column name``) or the experiment's
+creation. For SQLite stores new experiments keep their artifacts next to the database
+(``<db dir>/mlartifacts``) instead of ``./mlruns`` in the current directory.
+:func:`check_destinations` is what every CLI calls before any work: the output directory is writable
+and the tracking store reachable within a few seconds.
 
 :class:`RunLogger` is a context manager whose methods are no-ops when tracking is disabled, so calling
 code needs no ``if``. Plots and grids are written atomically (temporary file + ``os.replace``).
@@ -13,21 +17,31 @@ code needs no ``if``. Plots and grids are written atomically (temporary file + `
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
-from .fileio import atomic_write
+from .config import ConfigError
+from .fileio import atomic_write, ensure_writable_dir
 
-__all__ = ["init_tracking", "flatten_params", "RunLogger", "save_image_grid", "save_curves",
-           "MAX_PARAM_VALUE_LENGTH"]
+__all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger",
+           "save_image_grid", "save_curves", "MAX_PARAM_VALUE_LENGTH"]
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_PER_BATCH = 100  # params (and metrics, conservatively) per log_batch call
+
+
+STORE_LOCK_TIMEOUT_S = 300.0  # longest wait for another process's store creation / migration
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -36,15 +50,68 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
+@contextlib.contextmanager
+def store_lock(uri: str, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``<db>.lock`` beside a ``sqlite:///`` database (no-op for
+    other stores, whose servers serialise their own migrations).
+
+    MLflow creates and migrates a SQLite schema when a store is first opened (``SqlAlchemyStore``:
+    tables missing -> run every alembic migration); two processes doing it at once fail with
+    ``OperationalError: duplicate column name``. The lock is released when the block ends or the process
+    dies. The database's directory is created if needed.
+
+    Raises:
+        TimeoutError: the lock is still held by another process after ``timeout_s`` seconds (names the
+            lock file).
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = db.with_name(db.name + ".lock")
+    deadline = time.monotonic() + timeout_s
+    with open(lock, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tracking.uri={uri!r}: {lock} still locked by another process after "
+                                       f"{timeout_s:.0f} s (creating or migrating the MLflow store)") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def tracking_client(uri: str):
+    """An ``mlflow.tracking.MlflowClient`` for ``uri``, its store opened (created and migrated if new)
+    under :func:`store_lock`. Use it instead of ``MlflowClient(uri)`` wherever the store may be new.
+
+    Raises:
+        mlflow.exceptions.MlflowException: the store cannot be opened.
+        TimeoutError: see :func:`store_lock`.
+    """
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri)  # opens the store eagerly (MLflow caches it per process)
+
+
 def init_tracking(uri: str, experiment: str) -> str:
     """Point MLflow at ``uri`` and make sure ``experiment`` exists; returns its experiment id.
 
     For ``sqlite:///PATH`` URIs the parent directory is created and the database (schema included) is
-    created here, in the calling process; new experiments get the artifact location
-    ``<PATH's directory>/mlartifacts``. Safe if another process creates the same experiment concurrently.
+    created here, in the calling process, under :func:`store_lock` (the store's creation, migration and
+    the experiment's creation), so any number of processes may call this at once on a fresh database;
+    new experiments get the artifact location ``<PATH's directory>/mlartifacts``.
 
     Raises:
         mlflow.exceptions.MlflowException: the store cannot be opened or the experiment is deleted.
+        TimeoutError: see :func:`store_lock`.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -56,19 +123,78 @@ def init_tracking(uri: str, experiment: str) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (db.parent.resolve() / "mlartifacts").as_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)  # opening a SQLite store creates and migrates the database
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        try:
-            return client.create_experiment(experiment, artifact_location=artifact_location)
-        except MlflowException:
-            exp = client.get_experiment_by_name(experiment)  # created concurrently by another process
-            if exp is None:
-                raise
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)  # opening a SQLite store creates and migrates the database
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                return client.create_experiment(experiment, artifact_location=artifact_location)
+            except MlflowException:
+                exp = client.get_experiment_by_name(experiment)  # created by a process on another host
+                if exp is None:
+                    raise
     if exp.lifecycle_stage != "active":
         raise MlflowException(f"tracking.experiment={experiment!r} is deleted in {uri}; restore it or pick "
                               "another name")
     return exp.experiment_id
+
+
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str | None,
+                       timeout_s: float = 5.0) -> None:
+    """Fail fast, before any work, if results could not be written: call at the start of every CLI.
+
+    * ``output_dir``: created if missing and proven writable (a temporary file is created and removed).
+    * ``tracking_uri`` (skip with ``None``, e.g. tracking disabled): ``sqlite:///PATH`` -> PATH's
+      directory creatable and writable, and PATH writable if it exists; ``file:`` URIs and plain paths ->
+      the directory writable; ``http(s)://`` -> one GET answered within ``timeout_s`` seconds (any HTTP
+      status counts as reachable except 502/503/504, a gateway without its server);
+      ``postgresql``/``mysql``/``mssql`` URIs -> a TCP connection to host:port within ``timeout_s``.
+      Other schemes (``databricks``, ...) are not checked.
+
+    Raises:
+        ConfigError: one line naming the field (``output_dir`` / ``tracking.uri``), its value and why.
+    """
+    if output_dir is not None:
+        try:
+            ensure_writable_dir(output_dir)
+        except OSError as e:
+            raise ConfigError(f"output_dir={str(output_dir)!r}: {e.strerror}") from None
+    if not tracking_uri:
+        return
+    uri = str(tracking_uri)
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.lower().split("+", 1)[0]
+    if scheme in ("sqlite", "file", ""):
+        db = _sqlite_path(uri) if scheme == "sqlite" else None
+        folder = db.parent if db is not None else (urllib.request.url2pathname(parsed.path) if scheme else uri)
+        if scheme == "sqlite" and db is None:
+            return  # sqlite:// (in memory)
+        try:
+            ensure_writable_dir(folder)
+            if db is not None and db.exists():
+                with open(db, "ab"):
+                    pass
+        except OSError as e:
+            raise ConfigError(f"tracking.uri={uri!r}: {e.strerror or e}") from None
+        return
+    try:
+        if scheme in ("http", "https"):
+            try:
+                with urllib.request.urlopen(uri, timeout=timeout_s):
+                    pass
+            except urllib.error.HTTPError as e:
+                if e.code in (502, 503, 504):  # a gateway answered for a server it cannot reach
+                    raise OSError(f"HTTP {e.code} {e.reason}") from None
+        elif scheme in _DB_PORTS and parsed.hostname:
+            with socket.create_connection((parsed.hostname, parsed.port or _DB_PORTS[scheme]), timeout=timeout_s):
+                pass
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"tracking.uri={uri!r}: tracking store not reachable within {timeout_s:g} s "
+                          f"({reason}); start the server, fix --tracking-uri, or pass --no-tracking") from None
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -126,11 +252,10 @@ class RunLogger:
         if not self.enabled:
             return self
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         uri = self.cfg.tracking_uri()
         exp_id = init_tracking(uri, self.cfg.tracking.experiment)
-        self._client = MlflowClient(tracking_uri=uri)
+        self._client = tracking_client(uri)
         run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, nested=self.nested,
                                parent_run_id=self.parent_run_id)
         self.run_id = run.info.run_id

@@ -80,14 +80,18 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, load_config, parse_overrides
+from .fileio import YAMLFileError, load_yaml
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepResult", "SweepError", "load_space", "expand_space", "run_sweep",
-           "format_trials_table", "main"]
+           "asha_settings", "check_schedule", "format_trials_table", "main"]
 
 SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 AXIS_KINDS = ("grid", "choice", "uniform")
 MAX_DRAWS = 100  # redraws of the random axes for one invalid sample
 DEFAULT_PROXY = {"eval_every": 100, "epochs": 50, "runs": 1}
+REPORTED_METRICS = ("proxy_acc", "loss", "syn_lr")  # in every report a trial sends Tune (see _TrialLogger)
+ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}  # max_t defaults to the trials' longest iterations
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "brackets", "stop_last_trials")
 
 
 class SweepError(ValueError):
@@ -109,7 +113,7 @@ class SweepSpec:
     metric: str = "proxy_acc"
     mode: str = "max"
     proxy: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_PROXY))
-    scheduler: dict = dataclasses.field(default_factory=dict)
+    scheduler: dict | None = None  # ASHA settings as written ({} = ASHA defaults); None = no early stopping
     seed: int = 0
 
 
@@ -179,12 +183,19 @@ def space_path(space: str | os.PathLike) -> Path:
 def load_space(space: str | os.PathLike) -> SweepSpec:
     """Parse a search-space YAML.
 
+    Read with the strict :func:`contra_ray.fileio.load_yaml` (a key given twice is an error).
+
     Raises:
-        SweepError: unknown top-level key, axis kind, or malformed values (naming the key).
+        SweepError: malformed YAML or a key given twice (names the file and line); unknown top-level key,
+            axis kind, metric or ASHA setting; malformed values (naming the key and value).
     """
     path = space_path(space)
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        raw = load_yaml(path) or {}
+    except YAMLFileError as e:
+        raise SweepError(f"--space {str(space)!r}: {e}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping (preset, space, ...), got {type(raw).__name__}")
     known = {"preset", "overrides", "space", "num_samples", "metric", "mode", "proxy", "scheduler", "seed"}
     for key in raw:
         if key not in known:
@@ -209,18 +220,95 @@ def load_space(space: str | os.PathLike) -> SweepSpec:
     for k, v in proxy.items():
         if k not in DEFAULT_PROXY or not isinstance(v, int) or v < 1:
             raise SweepError(f"proxy.{k}={v!r}: expected one of {', '.join(DEFAULT_PROXY)} with an integer >= 1")
-    sched = raw.get("scheduler") or {}
-    if sched and set(sched) != {"asha"}:
+    sched = raw.get("scheduler")
+    if sched is not None and (not isinstance(sched, dict) or set(sched) != {"asha"}):
         raise SweepError(f"scheduler={sched!r}: only 'asha' is supported (or leave it out: no early stopping)")
+    asha = _asha_settings_checked(sched["asha"]) if sched is not None else None
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise SweepError(f"mode={mode!r}: expected max or min")
+    metric = raw.get("metric", "proxy_acc")
+    if metric not in REPORTED_METRICS:
+        raise SweepError(f"metric={metric!r}: trials report only {', '.join(REPORTED_METRICS)} at every step")
     n = raw.get("num_samples", 1)
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise SweepError(f"num_samples={n!r}: expected an integer >= 1")
     return SweepSpec(str(path), path.stem, str(raw["preset"]), _nested(raw.get("overrides"), "overrides"), axes,
-                     n, str(raw.get("metric", "proxy_acc")), mode, proxy, dict(sched.get("asha") or {}) if sched
-                     else {}, int(raw.get("seed", 0)))
+                     n, str(metric), mode, proxy, asha, int(raw.get("seed", 0)))
+
+
+def _asha_settings_checked(asha: Any) -> dict:
+    """The ``scheduler.asha`` mapping, checked key by key (``None`` = ASHA defaults).
+
+    Raises:
+        SweepError: unknown key, or a value ``ray.tune.schedulers.ASHAScheduler`` would reject with a bare
+            ``AssertionError`` (grace_period, max_t, brackets integers >= 1; reduction_factor > 1).
+    """
+    if asha is None:
+        return {}
+    if not isinstance(asha, dict):
+        raise SweepError(f"scheduler.asha={asha!r}: expected a mapping of ASHA settings ({', '.join(ASHA_KEYS)})")
+    for key, v in asha.items():
+        if key not in ASHA_KEYS:
+            raise SweepError(f"scheduler.asha.{key}={v!r}: unknown ASHA setting (known: {', '.join(ASHA_KEYS)}; "
+                             "time_attr, metric and mode are fixed by the sweep)")
+        if key == "stop_last_trials":
+            ok = isinstance(v, bool)
+        elif key == "reduction_factor":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if not ok:
+            want = {"stop_last_trials": "true or false", "reduction_factor": "a number > 1"}.get(key, "an integer >= 1")
+            raise SweepError(f"scheduler.asha.{key}={v!r}: expected {want}")
+    return dict(asha)
+
+
+def asha_settings(spec: SweepSpec, points: list["TrialPoint"]) -> dict | None:
+    """The keyword arguments of ``ASHAScheduler`` for this sweep (``None``: no scheduler).
+
+    ``max_t`` defaults to the longest trial's ``distill.iterations`` (``time_attr="iteration"``).
+    """
+    if spec.scheduler is None:
+        return None
+    return {**ASHA_DEFAULTS, "max_t": max(p.config["distill"]["iterations"] for p in points), **spec.scheduler}
+
+
+def check_schedule(spec: SweepSpec, points: list["TrialPoint"]) -> list[str]:
+    """Check the ASHA settings against every trial's length, before anything runs; returns notes.
+
+    A trial reports ``proxy_acc`` to Tune at every multiple of ``proxy.eval_every`` below
+    ``distill.iterations`` and once more at ``distill.iterations`` with its final accuracy. ASHA judges a
+    trial at iterations ``grace_period * reduction_factor^k`` and stops every trial at ``max_t``.
+
+    Returns:
+        Notes for trials ASHA can never stop early (no proxy report before their end).
+
+    Raises:
+        SweepError (one line, naming the setting, its value, the trial and its ``distill.iterations``):
+            ``grace_period`` larger than a trial's iterations (ASHA could never judge it; when larger than
+            every trial's, Ray itself fails with ``AssertionError: grace_period must be <= max_t!``), or a
+            ``max_t`` below a trial's iterations (ASHA would stop it before its final evaluation).
+    """
+    a = asha_settings(spec, points)
+    if a is None:
+        return []
+    notes = []
+    for p in points:
+        it = p.config["distill"]["iterations"]
+        if a["grace_period"] > it:
+            raise SweepError(f"scheduler.asha.grace_period={a['grace_period']}: larger than distill.iterations={it} "
+                             f"of trial {p.name} (ASHA's first decision is at iteration grace_period); set "
+                             f"grace_period <= {min(q.config['distill']['iterations'] for q in points)} or raise "
+                             "distill.iterations")
+        if a["max_t"] < it:
+            raise SweepError(f"scheduler.asha.max_t={a['max_t']}: smaller than distill.iterations={it} of trial "
+                             f"{p.name} (ASHA would stop it at max_t, before its final evaluation); leave max_t "
+                             "out (default: the longest trial's iterations)")
+        if spec.proxy["eval_every"] >= it:
+            notes.append(f"ASHA cannot stop trial {p.name} early: proxy.eval_every={spec.proxy['eval_every']} "
+                         f">= distill.iterations={it}, so it reports no proxy accuracy before its end")
+    return notes
 
 
 def _short(field: str, value: Any) -> str:
@@ -282,7 +370,8 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
     Raises:
         ConfigError: an unknown field / wrong type anywhere, or (``on_invalid="error"``) an invalid
             combination: the message names the searched values, the field and the offending value.
-        SweepError: no valid configuration is left.
+        SweepError: no valid configuration is left, or the ASHA settings do not fit a trial's
+            ``distill.iterations`` (:func:`check_schedule`).
     """
     if on_invalid not in ("drop", "error"):
         raise ValueError(f"on_invalid={on_invalid!r}: expected drop or error")
@@ -335,6 +424,7 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
             points.append(TrialPoint(len(points), name, searched, cfg.to_dict()))
     if not points:
         raise SweepError(f"search space {spec.path}: no valid configuration:\n  " + "\n  ".join(notes))
+    notes += check_schedule(spec, points)
     return points, notes
 
 
@@ -464,7 +554,7 @@ def _trial(config: dict, ctx: SweepContext) -> None:
     from .loop import run_distillation
     from .stages import ensure_experts, log_set_visuals, prepare_data
     from .evaluate import summarize
-    from .tracking import RunLogger
+    from .tracking import RunLogger, tracking_client
 
     point = next(p for p in ctx.points if p.name == config["trial"])
     cfg = config_from_dict(point.config)  # logged as is; its eval recipe is the final evaluation's
@@ -484,9 +574,7 @@ def _trial(config: dict, ctx: SweepContext) -> None:
                            "tune.workers_per_trial": ctx.workers_per_trial,
                            **{f"tune.proxy.{k}": v for k, v in ctx.proxy.items()}})
         if logger.run_id is not None:
-            import mlflow
-
-            mlflow.MlflowClient(cfg.tracking_uri()).set_tag(logger.run_id, "contra_ray.role", "trial")
+            tracking_client(cfg.tracking_uri()).set_tag(logger.run_id, "contra_ray.role", "trial")
         if ctx.workers_per_trial == 0:
             store = ensure_experts(cfg, data, train_missing=False)
             artifact, history = run_distillation(run_cfg, data, store, _TrialLogger(logger), resume=True,
@@ -587,9 +675,8 @@ def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, storage: Path, ma
         resources = {"cpu": ctx.threads,
                      "gpu": gpus_per_trial if gpus_per_trial is not None else float(ctx.use_gpu)}
     scheduler = None
-    if spec.scheduler:
-        a = {"grace_period": 1, "reduction_factor": 2,
-             "max_t": max(p.config["distill"]["iterations"] for p in ctx.points), **spec.scheduler}
+    a = asha_settings(spec, ctx.points)  # checked against every trial by expand_space (check_schedule)
+    if a is not None:
         scheduler = ASHAScheduler(time_attr="iteration", metric=spec.metric, mode=spec.mode, **a)
     return tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources),
@@ -657,12 +744,14 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         verbose: Tune verbosity (0 silent, 1 live table, 2 more).
 
     Raises:
-        SweepError, ConfigError: malformed space or no valid configuration (before any trial starts).
+        SweepError, ConfigError: malformed space, no valid configuration, ASHA settings that do not fit a
+            trial's iterations, an output directory that cannot be written or a tracking store that does
+            not answer (all before data, experts or trials).
     """
     from .config import config_from_dict
     from .stages import ensure_experts, prepare_data
     from .evaluate import ensure_ray
-    from .tracking import RunLogger, init_tracking
+    from .tracking import RunLogger, check_destinations, init_tracking, tracking_client
 
     spec = load_space(space_path)
     if workers_per_trial < 0:
@@ -686,6 +775,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
                        ("tracking.uri", base_cfg.tracking.uri), ("threads", threads)):
         _set_path(base, key, value)
     base_cfg.threads = threads
+    check_destinations(base_cfg.output_dir, base_cfg.tracking.uri if tracking else None)  # before any work
 
     print(f"[tune] data and experts for {spec.preset} (store {base_cfg.experts.store})", flush=True)
     if str(base_cfg.device).startswith("cuda") and not use_gpu:
@@ -728,9 +818,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         (run_dir / "trials.json").write_text(json.dumps(
             {"space": spec.path, "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}, indent=2))
         if parent.run_id is not None:
-            from mlflow import MlflowClient
-
-            MlflowClient(base_cfg.tracking.uri).set_tag(parent.run_id, "contra_ray.role", "sweep")
+            tracking_client(base_cfg.tracking.uri).set_tag(parent.run_id, "contra_ray.role", "sweep")
             parent.log_artifact(spec.path)
             parent.log_artifact(str(run_dir / "trials.json"))
 
@@ -765,9 +853,9 @@ def _close_child_runs(uri: str, experiment_id: str, parent_run_id: str, rows: li
     ends a stopped function trainable with ``SystemExit`` at its next report, so :class:`RunLogger` ended
     it ``FAILED``, or it was left ``RUNNING``); end any other run still ``RUNNING`` as ``FAILED``. Fills in
     each row's MLflow ``run_id``."""
-    from mlflow import MlflowClient
+    from .tracking import tracking_client
 
-    client = MlflowClient(uri)
+    client = tracking_client(uri)
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
     by_index = {int(r.data.params.get("tune.trial_index", -1)): r for r in runs}
     for row in rows:

@@ -76,3 +76,17 @@ def test_yaml_path_preset(tmp_path: Path):
     p.write_text("name: mine\ndistill:\n  K: 1\n  beta: 0.3\n")
     cfg = load_config(str(p))
     assert cfg.name == "mine" and cfg.distill.K == 1
+
+
+def test_preset_with_a_key_given_twice_is_refused(tmp_path: Path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("name: dup\ndata:\n  zca: false\n  zca_eps: 0.1\n  zca: true\n")
+    with pytest.raises(ConfigError, match=rf"dup.yaml:5: duplicate key 'zca' \(first given at line 3\)"):
+        load_config(str(p))
+    p.write_text("name: a\ndistill: {K: 1}\nname: b\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:3: duplicate key 'name'"):
+        load_config(str(p))
+    p.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"expected a mapping"):
+        load_config(str(p))
+    assert load_config("tiny_cpu", ["data.zca=false", "data.zca=true"]).data.zca  # --set: the last one wins

@@ -1,5 +1,6 @@
 import hashlib
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -65,8 +66,9 @@ def test_val_folder_serves_as_test_split_and_grayscale_and_bmp(tmp_path):
     truth = make_tree(tmp_path / "ds", test_name="val", mode="L")
     Image.fromarray(np.full((8, 8), 7, np.uint8), "L").save(tmp_path / "ds" / "val" / "frog" / "zzz.bmp")
     test = load_split(folder_cfg(tmp_path / "ds", tmp_path), "test")
-    assert test.images.shape == (7, 1, 8, 8) and test.class_counts().tolist() == [2, 2, 3]
-    assert torch.equal(test.images[:6], truth["val"][0])
+    # grayscale is replicated to RGB, as torchvision's ImageFolder loader (PIL convert("RGB")) does
+    assert test.images.shape == (7, 3, 8, 8) and test.class_counts().tolist() == [2, 2, 3]
+    assert torch.equal(test.images[:6], truth["val"][0].expand(-1, 3, -1, -1))
     assert (test.images[6] == 7).all()  # the PIL fallback decoded the BMP
 
 
@@ -119,6 +121,118 @@ def test_errors_name_field_value_and_path(tmp_path):
                    "test")
     with pytest.raises(FileNotFoundError, match="data.download=true"):
         load_split(DataConfig(dataset="cifar10", root=str(tmp_path / "tv"), cache_dir=str(tmp_path)), "test")
+
+
+# ------------------------------------------------------------------------------------ inputs never silently wrong
+
+def class_tree(root, classes_per_split, size=4):
+    """ImageFolder tree with one RGB PNG per class folder (its pixels = the class's index in its split)."""
+    for split, classes in classes_per_split.items():
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((size, size, 3), c, np.uint8)).save(root / split / name / "0.png")
+
+
+@pytest.mark.parametrize("test_classes, missing, extra", [
+    (["a", "c"], "['b']", "[]"),  # c's test images would be labelled 1 = b
+    (["a", "b", "c", "d"], "[]", "['d']"),
+])
+@pytest.mark.parametrize("test_name", ["test", "val"])
+def test_splits_with_different_classes_are_refused(tmp_path, test_classes, missing, extra, test_name):
+    class_tree(tmp_path / "ds", {"train": ["a", "b", "c"], test_name: test_classes})
+    for split in ("train", "test"):  # refused whichever split is loaded first, before decoding
+        with pytest.raises(ValueError) as e:
+            load_split(folder_cfg(tmp_path / "ds", tmp_path), split)
+        msg = str(e.value)
+        assert str(tmp_path / "ds" / "train") in msg and str(tmp_path / "ds" / test_name) in msg
+        assert "['a', 'b', 'c']" in msg and str(test_classes) in msg
+        assert f"{test_name}/ lacks {missing} and has extra {extra}" in msg
+    assert not (tmp_path / "cache" / "decoded").exists()
+
+
+def test_tarball_splits_with_different_classes_are_refused(tmp_path):
+    class_tree(tmp_path / "src", {"train": ["a", "b", "c"], "test": ["a", "c"]})
+    tb = tmp_path / "cifar10-jpeg.tar.gz"
+    with tarfile.open(tb, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(tmp_path / "src" / split, arcname=split)
+    cfg = DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"test/ lacks \['b'\] and has extra \[\]"):
+        load_split(cfg, "test")
+    extracted = DataConfig(dataset="cifar10-jpeg", root=str(tmp_path / "src"), cache_dir=str(tmp_path / "c2"))
+    with pytest.raises(ValueError, match=r"test/ lacks \['b'\]"):
+        load_split(extracted, "train")
+
+
+def _write_png16(path, arr, color_type):
+    """A 16-bit PNG (color type 0 gray, 2 RGB, 6 RGBA) written by hand: PIL cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def write_mode(path_stem, mode, seed):
+    """One 8x8 image in PIL ``mode`` (suffix chosen by format); returns its path."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB")
+    if mode == "RGB48":
+        path = path_stem.with_suffix(".png")
+        _write_png16(path, rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16), 2)
+    elif mode in ("CMYK", "L.jpg", "RGB.jpg"):
+        path = path_stem.with_suffix(".jpg")
+        base.convert(mode.split(".")[0]).save(path, quality=90)
+    elif mode == "P":
+        path = path_stem.with_suffix(".png")
+        base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(path, transparency=3)
+    else:
+        path = path_stem.with_suffix(".png")
+        base.convert(mode).save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "1", "CMYK", "L.jpg", "RGB48"])
+def test_every_mode_decodes_as_pil_convert_rgb_whatever_comes_first(tmp_path, mode):
+    """The first file of the train split is in ``mode``; the rest (and all of test) are RGB PNGs."""
+    files = {}
+    for split in ("train", "test"):
+        for c, name in enumerate(CLASSES):
+            (tmp_path / "ds" / split / name).mkdir(parents=True)
+            for i in range(2):
+                m = mode if (split, c, i) == ("train", 0, 0) else "RGB"
+                files.setdefault(split, []).append(write_mode(tmp_path / "ds" / split / name / f"{i}", m, 10 * c + i))
+    cfg = folder_cfg(tmp_path / "ds", tmp_path)
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert train.channels == test.channels == 3
+    for split, got in (("train", train), ("test", test)):
+        for k, path in enumerate(files[split]):
+            with Image.open(path) as im:
+                ref = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # ImageFolder's loader
+            assert torch.equal(got.images[k], ref), (split, path)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_images_that_are_not_8_bit_are_refused_naming_file_and_mode(tmp_path, mode):
+    make_tree(tmp_path / "ds")
+    path = tmp_path / "ds" / "train" / "dog" / "zz"
+    values = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    if mode == "I;16":
+        path = path.with_suffix(".png")
+        _write_png16(path, values, 0)
+    else:
+        path = path.with_suffix(".tif")
+        Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32)).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode
+    with pytest.raises(ValueError, match=rf"{path.name}: image mode '{re.escape(mode)}' is not 8 bits"):
+        load_split(folder_cfg(tmp_path / "ds", tmp_path), "train")
 
 
 def _tarball(tmp_path, sums=True):

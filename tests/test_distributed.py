@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from contra_ray.config import load_config
 from contra_ray.data import ImageSet, Preprocessor, content_hash
@@ -22,6 +21,7 @@ from contra_ray.stages import PreparedData
 from contra_ray.distributed import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint,
                                     worker_share, write_checkpoint)
 from contra_ray.expert_store import ExpertStore
+from contra_ray.fileio import load_yaml
 from contra_ray.matching import make_plan
 from contra_ray.models import ModelSpec, build_model, flat_params
 
@@ -311,7 +311,7 @@ def test_cluster_launcher_config_matches_ray_schema():
     import ray.autoscaler
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    cfg = yaml.safe_load((ROOT / "clusters" / "aws-gpu.yaml").read_text())
+    cfg = load_yaml(ROOT / "clusters" / "aws-gpu.yaml")
     jsonschema.validate(cfg, schema)
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types and cfg["provider"]["type"] == "aws"
@@ -323,7 +323,7 @@ def test_cluster_launcher_config_matches_ray_schema():
 
 
 def test_kuberay_manifest_has_the_raycluster_required_fields():
-    docs = [d for d in yaml.safe_load_all((ROOT / "clusters" / "kuberay-raycluster.yaml").read_text()) if d]
+    docs = [d for d in load_yaml(ROOT / "clusters" / "kuberay-raycluster.yaml", all_documents=True) if d]
     (rc,) = [d for d in docs if d.get("kind") == "RayCluster"]
     assert rc["apiVersion"] == "ray.io/v1" and rc["metadata"]["name"]
     head = rc["spec"]["headGroupSpec"]

@@ -244,6 +244,26 @@ def test_cli_mismatch_exits_1(tmp_path, fake_modules, capsys):
     assert "zca: artifact has True but the test data has False" in capsys.readouterr().err
 
 
+def test_cli_unreachable_tracking_store_exits_1_before_loading_data(tmp_path, fake_modules, capsys, monkeypatch):
+    import socket
+
+    p = tmp_path / "set.safetensors"
+    artifact_for(cfg=_cfg()).save(p)
+
+    def no_data(dcfg, split):
+        raise AssertionError("data loaded before the tracking store was checked")
+
+    monkeypatch.setattr(sys.modules["contra_ray.data"], "load_split", no_data)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--artifact", str(p), "--inline", "--data-root", "/somewhere/else", "--tracking-uri", uri])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: tracking.uri='{uri}': tracking store not reachable" in err and "Traceback" not in err
+
+
 def test_cli_missing_artifact_and_bad_flags(tmp_path, capsys):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(SystemExit) as e:

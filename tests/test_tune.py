@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from contra_ray.config import ConfigError
-from contra_ray.tune import SweepError, expand_space, load_space
+from contra_ray.tune import SweepError, asha_settings, expand_space, load_space, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "cpu_smoke.yaml"
@@ -93,6 +93,83 @@ def test_structural_errors_fail_at_once(tmp_path):
     with pytest.raises(SweepError, match="no valid configuration"):
         expand_space(load_space(write_space(tmp_path, "preset: tiny_cpu\nspace:\n  distill.K: {grid: [5, 6]}\n"
                                             "  distill.R: {grid: [1]}\n")))
+
+
+def test_space_with_a_key_given_twice_is_refused(tmp_path):
+    space = write_space(tmp_path, "preset: tiny_cpu\nspace:\n  distill.beta: {grid: [0.1]}\n"
+                                  "  distill.beta: {grid: [0.5]}\n")
+    with pytest.raises(SweepError, match=r"space.yaml:4: duplicate key 'distill.beta' \(first given at line 3\)"):
+        load_space(space)
+
+
+def _no_work(monkeypatch):
+    """Make any start of real work (Ray, data, experts) fail the test loudly."""
+    import contra_ray.distill
+    import contra_ray.evaluate
+
+    def work(*a, **k):
+        raise AssertionError("work started before the inputs were checked")
+
+    monkeypatch.setattr(contra_ray.evaluate, "ensure_ray", work)
+    monkeypatch.setattr(contra_ray.distill, "prepare_data", work)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_grace_period_longer_than_the_trials_fails_before_any_work(tmp_path, monkeypatch, capsys, dry_run):
+    _no_work(monkeypatch)
+    out = tmp_path / "out"
+    argv = ["--space", str(SMOKE), "--set", "distill.iterations=2", "--output-dir", str(out), "--no-tracking"]
+    assert main(argv + (["--dry-run"] if dry_run else [])) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "scheduler.asha.grace_period=4: larger than distill.iterations=2 of trial t00-" in err
+    assert not out.exists()
+
+
+def test_asha_settings_are_checked_against_every_trial(tmp_path):
+    head = "preset: tiny_cpu\nproxy: {eval_every: 2, epochs: 1, runs: 1}\n"
+    spec = load_space(write_space(tmp_path, head + "space:\n  distill.iterations: {grid: [8, 2]}\n"
+                                  "scheduler: {asha: {grace_period: 4}}\n"))
+    with pytest.raises(SweepError, match=r"grace_period=4: larger than distill.iterations=2 of trial "
+                                         r"t01-iterations2.*grace_period <= 2"):
+        expand_space(spec)  # max_t = 8 would satisfy Ray, but trial t01 could never be judged
+    spec = load_space(write_space(tmp_path, head + "space:\n  distill.beta: {grid: [0.0]}\n"
+                                  "scheduler: {asha: {grace_period: 1, max_t: 2}}\n"))
+    with pytest.raises(SweepError, match=r"max_t=2: smaller than distill.iterations=4 of trial t00-beta0"):
+        expand_space(spec)  # ASHA would stop every trial before its final evaluation
+    spec = load_space(write_space(tmp_path, head.replace("eval_every: 2", "eval_every: 4") +
+                                  "space:\n  distill.beta: {grid: [0.0]}\nscheduler: {asha: {}}\n"))
+    points, notes = expand_space(spec)  # {asha: {}} is ASHA with its defaults, not "no scheduler"
+    assert asha_settings(spec, points) == {"grace_period": 1, "reduction_factor": 2, "max_t": 4}
+    assert any("ASHA cannot stop trial t00-beta0 early: proxy.eval_every=4 >= distill.iterations=4" in n
+               for n in notes)
+    smoke = load_space(SMOKE)
+    from ray.tune.schedulers import ASHAScheduler
+
+    ASHAScheduler(time_attr="iteration", metric="proxy_acc", mode="max", **asha_settings(smoke, expand_space(smoke)[0]))
+    for bad, match in (("{asha: {grace: 2}}", r"scheduler.asha.grace=2: unknown ASHA setting"),
+                       ("{asha: {reduction_factor: 1}}", r"reduction_factor=1: expected a number > 1"),
+                       ("{asha: {grace_period: 0}}", r"grace_period=0: expected an integer >= 1"),
+                       ("{asha: {max_t: 2.5}}", r"max_t=2.5: expected an integer >= 1"),
+                       ("{hyperband: {}}", r"only 'asha'")):
+        with pytest.raises(SweepError, match=match):
+            load_space(write_space(tmp_path, head + f"space:\n  distill.beta: {{grid: [0.0]}}\nscheduler: {bad}\n"))
+    with pytest.raises(SweepError, match=r"metric='proxy_accuracy'"):
+        load_space(write_space(tmp_path, head + "metric: proxy_accuracy\nspace:\n  distill.beta: {grid: [0.0]}\n"))
+
+
+def test_tune_cli_checks_output_dir_and_tracking_store_before_any_work(tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    (tmp_path / "file").write_text("")
+    assert main(["--space", str(SMOKE), "--output-dir", str(tmp_path / "file" / "out"), "--no-tracking"]) == 2
+    assert f"output_dir='{tmp_path / 'file' / 'out'}'" in capsys.readouterr().err
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    assert main(["--space", str(SMOKE), "--output-dir", str(tmp_path / "out"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"tracking.uri='{uri}': tracking store not reachable" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", ["cifar10_ipc1", "cifar10_ipc10", "cifar100_ipc10"])

@@ -386,8 +386,9 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
     if "config" not in art.meta:
         raise ConfigError(f"{args.artifact}: artifact meta has no 'config' (cannot rebuild the data config)")
     cfgd = dict(art.meta["config"])
-    if "eval" in art.meta:
-        cfgd["eval"] = art.meta["eval"]
+    recipe = art.meta.get("eval", art.meta.get("eval_recipe"))  # Distiller.to_artifact writes "eval_recipe"
+    if recipe is not None:
+        cfgd["eval"] = recipe
     cfg = config_from_dict(cfgd, validate=False)
     if args.data_root is not None:
         cfg.data.root = args.data_root
@@ -417,7 +418,10 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
         from .augment import DSA
         augment = DSA()
 
-    specs = architectures(SPACES[args.space], art.model_spec())
+    spec_dict = art.meta.get("model", art.meta.get("model_spec"))  # Distiller.to_artifact writes "model_spec"
+    if spec_dict is None:
+        raise ConfigError(f"{args.artifact}: artifact meta has neither 'model' nor 'model_spec'")
+    specs = architectures(SPACES[args.space], ModelSpec.from_dict(spec_dict))
     lr = args.lr or ecfg.lr or art.syn_lr
     real_lr = args.real_lr or cfg.experts.lr
     print(f"NAS over {len(specs)} ConvNets ({args.space}): proxy = {len(art.images)} distilled images, "

@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .fileio import YAMLFileError, load_yaml
-from .models import MODEL_NAMES, ModelSpec
+from .models import MODEL_NAMES, ModelSpec, is_distillable
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DATASETS = ("cifar10", "cifar100", "cifar10-jpeg", "imagefolder")
@@ -183,6 +183,9 @@ class Config:
             bad("data.zca_eps", self.data.zca_eps, "must be > 0")
         if m.name not in MODEL_NAMES:
             bad("model.name", m.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
+        if not is_distillable(ModelSpec(m.name)):
+            bad("model.name", m.name, "batch-norm networks keep running statistics outside the flat parameter "
+                                      "vector and cannot be distillation networks; evaluate with them (eval.models)")
         if m.width < 1:
             bad("model.width", m.width, "must be >= 1")
         for name in e.models:

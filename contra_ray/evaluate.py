@@ -294,10 +294,7 @@ def format_table(rows: Sequence[dict]) -> str:
 # ---------------------------------------------------------------------- command line
 
 def _spec_for(name: str, base: ModelSpec) -> ModelSpec:
-    if name == base.name:
-        return base
-    return ModelSpec(name, base.num_classes, base.image_size, base.channels, base.width,
-                     base.depth if name == "convnet" else None)
+    return base.for_network(name)
 
 
 def _positive_int(s: str) -> int:

@@ -306,8 +306,9 @@ class ExpertStore:
                          needed_by: str = "distill.max_start_epoch + distill.expert_epochs") -> None:
         """Refuse to use the store for a run whose model, data or epoch range does not match.
 
-        Checks, in order: ``model.name``, ``model.width`` and ``model.depth`` (ConvNet only; torchvision
-        models ignore them), ``model.num_classes``/``image_size``/``channels``, ``dataset_id`` (skipped if
+        Checks, in order: ``model.name``, ``model.width``, ``depth``, ``norm``, ``activation`` and
+        ``pooling`` (ConvNet only; the other networks ignore width and depth and fix the rest by name),
+        ``model.num_classes``/``image_size``/``channels``, ``dataset_id`` (skipped if
         ``None``), ``data.zca``, the preprocessor fingerprint (skipped if ``None``), and that the store
         has at least ``needed_epochs`` saved epochs (``T+ + M``, paper Eq. 8).
 
@@ -317,8 +318,8 @@ class ExpertStore:
                 saved epochs, store has 8``.
         """
         have, want = self.model_spec.to_dict(), spec.to_dict()
-        fields = ["name"] + (["width", "depth"] if want["name"] == "convnet" else []) + \
-                 ["num_classes", "image_size", "channels"]
+        fields = ["name"] + (["width", "depth", "norm", "activation", "pooling"] if want["name"] == "convnet"
+                             else []) + ["num_classes", "image_size", "channels"]
         for f in fields:
             if have.get(f) != want.get(f):
                 raise self._mismatch(f"model.{f}", have.get(f), want.get(f))

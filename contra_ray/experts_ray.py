@@ -31,6 +31,9 @@ def _recipe(cfg: ExpertConfig) -> dict:
 def _refuse_incompatible(store: ExpertStore, wanted: dict) -> None:
     """Raise if an existing store's meta differs from what this run would write (resume safety)."""
     have = store.meta
+    if "model_spec" in have and "model_spec" in wanted:  # stores written before ModelSpec gained fields
+        have["model_spec"] = ModelSpec.from_dict(have["model_spec"]).to_dict()
+        wanted = {**wanted, "model_spec": ModelSpec.from_dict(wanted["model_spec"]).to_dict()}
     names = {"model_spec": "model", "epochs": "experts.epochs", "dataset_id": "dataset_id",
              "content_hash": "content_hash", "zca": "data.zca", "zca_eps": "data.zca_eps",
              "preprocessor_fingerprint": "preprocessor fingerprint", "classes": "classes"}

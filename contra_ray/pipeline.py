@@ -87,8 +87,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
         dsa = DSA() if e.dsa else None
         rows, results = [], {}
         for model_name in e.models:
-            spec = cfg.model_spec(data.spec.num_classes, data.spec.image_size, data.spec.channels)
-            spec = type(spec)(**{**spec.__dict__, "name": model_name})
+            spec = data.spec.for_network(model_name)
             sets = [("ConTra" if cfg.distill.K else "MTT", artifact.images, artifact.targets(), artifact.syn_lr)]
             if baseline:
                 imgs, tg = random_real_set(data.train_x, data.train.labels, cfg.distill.ipc, data.spec.num_classes,

@@ -6,15 +6,32 @@ A sweep (:mod:`contra_ray.tune`) is one parent run (tag ``contra_ray.role=sweep`
 trial (tag ``mlflow.parentRunId``). Without ``--parent-run`` the latest sweep of the experiment is shown.
 Trials are ranked by ``final_acc`` (mean test accuracy of the final evaluation, %); trials without one
 (stopped early by ASHA, failed) follow, ranked by their last proxy accuracy ``eval_acc``.
+
+Over distillation seeds: ``python -m contra_ray.report --experiment NAME --group-by
+distill.beta,distill.K,distill.R [--baseline "distill.beta=1.0,distill.K=0"]`` groups the runs of the
+experiment (or of ``--parent-run``'s sweep) by those params. Per group, the runs of one distillation seed
+(param ``distill.seed``) are first averaged (each run's ``final_acc`` is already a mean over evaluation
+networks), then the group reports the mean and the standard deviation *over seeds* (``ddof=1``) of those
+per-seed means, and the number of seeds (:func:`aggregate_by_seed`). With ``--baseline``, every group is
+compared with the runs matching the baseline params, paired by seed: mean difference, its standard
+deviation over pairs (``ddof=1``) and a 95 % Student-t interval ``mean ± t(0.975, n-1) * sd / sqrt(n)``
+(:func:`paired_differences`). A bar chart with the seed standard deviations (and, with a baseline, the
+differences with their intervals) is written atomically to ``--plot`` and logged to the parent run when
+there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-__all__ = ["sweep_rows", "format_report", "main"]
+__all__ = ["sweep_rows", "format_report", "parse_baseline", "t_quantile_975", "aggregate_by_seed",
+           "paired_differences", "format_aggregate", "plot_aggregate", "main"]
 
 
 def _latest_sweep(client, experiment_id: str):
@@ -61,6 +78,294 @@ def format_report(rows: list[dict], searched: list[str]) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body])
 
 
+# ---------------------------------------------------------------------------------------------- over seeds
+
+# Student t 0.975 quantiles (two-sided 95 %), scipy.stats.t.ppf(0.975, df) to 6 decimals.
+_T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912, 7: 2.364624,
+         8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 12: 2.178813, 13: 2.160369, 14: 2.144787,
+         15: 2.13145, 16: 2.119905, 17: 2.109816, 18: 2.100922, 19: 2.093024, 20: 2.085963, 21: 2.079614,
+         22: 2.073873, 23: 2.068658, 24: 2.063899, 25: 2.059539, 26: 2.055529, 27: 2.051831, 28: 2.048407,
+         29: 2.04523, 30: 2.042272, 40: 2.021075, 60: 2.000298, 120: 1.97993}
+_Z975 = 1.959964
+
+
+def t_quantile_975(df: int) -> float:
+    """``t(0.975, df)``: exact (to 1e-6) for df <= 30, 40, 60, 120; otherwise linear in 1/df between those
+    and the normal quantile 1.959964 (error < 1e-3).
+
+    Raises:
+        ValueError: ``df < 1``.
+    """
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    if df in _T975:
+        return _T975[df]
+    knots = [(1 / k, v) for k, v in sorted(_T975.items()) if k >= 30] + [(0.0, _Z975)]
+    x = 1 / df
+    for (x0, y0), (x1, y1) in zip(knots, knots[1:]):
+        if x1 <= x <= x0:
+            return y1 + (y0 - y1) * (x - x1) / (x0 - x1)
+    raise AssertionError("unreachable")
+
+
+def _key(value: Any) -> Any:
+    """Param values compare as numbers when they parse as one ("1" == "1.0"), else as strings."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def parse_baseline(text: str) -> dict[str, str]:
+    """``"distill.beta=1.0,distill.K=0"`` -> ``{"distill.beta": "1.0", "distill.K": "0"}``.
+
+    Raises:
+        ValueError: an item without ``=`` or an empty name.
+    """
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--baseline item {item!r}: expected name=value")
+        out[name.strip()] = value.strip()
+    if not out:
+        raise ValueError(f"--baseline {text!r}: expected name=value[,name=value...]")
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def _per_seed(rows: Sequence[Mapping], metric: str, seed_key: str) -> dict[Any, float]:
+    by_seed: dict[Any, list[float]] = {}
+    for r in rows:
+        by_seed.setdefault(_key(r[seed_key]), []).append(float(r[metric]))
+    return {s: sum(v) / len(v) for s, v in sorted(by_seed.items(), key=lambda kv: (str(type(kv[0])), kv[0]))}
+
+
+def _usable(rows: Sequence[Mapping], metric: str, seed_key: str) -> list[Mapping]:
+    out = []
+    for r in rows:
+        if r.get(metric) is None or (isinstance(r[metric], float) and math.isnan(r[metric])):
+            continue  # no final accuracy (stopped early, failed)
+        if seed_key not in r:
+            raise ValueError(f"run {r.get('name', r.get('run_id', '?'))!r} has {metric} but no {seed_key} param")
+        out.append(r)
+    return out
+
+
+def _label(group: Mapping[str, Any]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in group.items())
+
+
+def aggregate_by_seed(rows: Sequence[Mapping], group_by: Sequence[str], metric: str = "final_acc",
+                      seed_key: str = "distill.seed") -> list[dict]:
+    """Mean and spread over distillation seeds, per group of ``group_by`` param values.
+
+    Args:
+        rows: one dict per run: params (MLflow strings, e.g. ``"distill.beta": "0.2"``) and ``metric``
+            (``None``/missing for runs without it, which are skipped).
+        group_by: param names defining a group; values compare numerically when they parse as numbers.
+        metric: the per-run accuracy (``final_acc``: already the mean over that run's evaluation networks).
+        seed_key: the distillation seed param.
+
+    Returns:
+        One dict per group, in order of the group values: ``group`` (name -> first-seen value),
+        ``label``, ``seeds`` (seed -> mean of that seed's runs), ``n_seeds``, ``n_runs``, ``mean`` (of the
+        per-seed means) and ``std`` (their standard deviation over seeds, ``ddof=1``; ``None`` for one seed).
+
+    Raises:
+        ValueError: a run with the metric lacks ``seed_key`` or a ``group_by`` param.
+    """
+    groups: dict[tuple, list[Mapping]] = {}
+    shown: dict[tuple, dict] = {}
+    for r in _usable(rows, metric, seed_key):
+        missing = [k for k in group_by if k not in r]
+        if missing:
+            raise ValueError(f"run {r.get('name', r.get('run_id', '?'))!r} has no param {missing[0]!r}")
+        key = tuple(_key(r[k]) for k in group_by)
+        groups.setdefault(key, []).append(r)
+        shown.setdefault(key, {k: r[k] for k in group_by})
+    out = []
+    for key in sorted(groups, key=lambda k: tuple((str(type(v)), v) for v in k)):
+        seeds = _per_seed(groups[key], metric, seed_key)
+        mean, std = _mean_std(list(seeds.values()))
+        out.append({"group": shown[key], "label": _label(shown[key]), "seeds": seeds, "n_seeds": len(seeds),
+                    "n_runs": len(groups[key]), "mean": mean, "std": std})
+    return out
+
+
+def paired_differences(rows: Sequence[Mapping], group_by: Sequence[str], baseline: Mapping[str, Any],
+                       metric: str = "final_acc", seed_key: str = "distill.seed") -> list[dict]:
+    """Each group minus the baseline, paired by distillation seed, with a 95 % t interval.
+
+    The baseline is every run whose params match all of ``baseline`` (numerically when they parse as
+    numbers); params of ``group_by`` it does not name are free (e.g. R when K = 0), and its runs of one
+    seed are averaged. For a group, ``d_s = mean_group(s) - mean_baseline(s)`` over the seeds both have;
+    ``mean`` and ``std`` (``ddof=1``) of the ``d_s``, and ``mean ± t(0.975, n-1) * std / sqrt(n)``.
+    The compared groups are formed from the runs that do not match the baseline.
+
+    Returns:
+        One dict per group (order of :func:`aggregate_by_seed`): ``group``, ``label``, ``n_pairs``,
+        ``diffs`` (seed -> d_s), ``unpaired`` (the group's seeds without a baseline run), ``mean``, ``std``,
+        ``ci_low``, ``ci_high`` (``None`` below 2 pairs; ``mean`` too with no pair).
+
+    Raises:
+        ValueError: no run matches ``baseline``.
+    """
+    usable = _usable(rows, metric, seed_key)
+    want = {k: _key(v) for k, v in baseline.items()}
+    is_base = [all(k in r and _key(r[k]) == v for k, v in want.items()) for r in usable]
+    base_rows = [r for r, b in zip(usable, is_base) if b]
+    if not base_rows:
+        raise ValueError(f"no run with {metric} matches the baseline {dict(baseline)}")
+    base = _per_seed(base_rows, metric, seed_key)
+    out = []
+    for agg in aggregate_by_seed([r for r, b in zip(usable, is_base) if not b], group_by, metric, seed_key):
+        diffs = {s: v - base[s] for s, v in agg["seeds"].items() if s in base}
+        n = len(diffs)
+        mean, std = _mean_std(list(diffs.values())) if n else (None, None)
+        half = t_quantile_975(n - 1) * std / math.sqrt(n) if std is not None else None
+        out.append({"group": agg["group"], "label": agg["label"], "n_pairs": n, "diffs": diffs,
+                    "unpaired": [s for s in agg["seeds"] if s not in base], "mean": mean, "std": std,
+                    "ci_low": mean - half if half is not None else None,
+                    "ci_high": mean + half if half is not None else None})
+    return out
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
+                     baseline: Mapping[str, Any] | None = None) -> str:
+    """Table: group, seeds, runs, mean ± std over seeds; with ``diffs`` also Δ vs baseline and its 95 % CI."""
+    by_label = {d["label"]: d for d in diffs or []}
+    head = ["group", "seeds", "runs", "acc (%) mean ± std over seeds"]
+    if diffs is not None:
+        head += ["pairs", "Δ vs baseline", "95% CI (t)"]
+    body = []
+    for a in aggs:
+        row = [a["label"], str(a["n_seeds"]), str(a["n_runs"]), f"{a['mean']:.2f} ± {_fmt(a['std'])}"]
+        if diffs is not None:
+            d = by_label.get(a["label"])
+            if d is None:
+                row += ["", "baseline", ""]
+            else:
+                ci = f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]" if d["ci_low"] is not None else "-"
+                row += [str(d["n_pairs"]), f"{_fmt(d['mean'], 2)} ± {_fmt(d['std'])}" if d["n_pairs"] else "-", ci]
+        body.append(row)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body]
+    lines.append("std: over distillation seeds of the per-seed mean final_acc (ddof=1)")
+    if diffs is not None and baseline:
+        lines.append(f"Δ: minus the baseline runs ({_label(baseline)}), paired by seed; mean ± std (ddof=1); "
+                     "CI = mean ± t(0.975, n-1)·std/√n")
+    return "\n".join(lines)
+
+
+def plot_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None, path: str | os.PathLike,
+                   title: str) -> Path:
+    """Bar chart of the per-group mean with ± std-over-seeds error bars (and the per-seed means as dots);
+    with ``diffs`` a second panel of the paired differences with their 95 % t intervals. Written
+    atomically (temporary file + ``os.replace``) with matplotlib's Agg canvas; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = 2 if diffs else 1
+    fig = Figure(figsize=(max(5.0, 0.9 * len(aggs) + 2), 3.6 * panels), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(panels, 1, 1)
+    xs = range(len(aggs))
+    ax.bar(xs, [a["mean"] for a in aggs], yerr=[a["std"] or 0.0 for a in aggs], capsize=4, color="tab:blue",
+           alpha=0.7)
+    for x, a in zip(xs, aggs):
+        ax.plot([x] * a["n_seeds"], list(a["seeds"].values()), "k.", markersize=4)
+    ax.set_xticks(list(xs), [f"{a['label']}\n(n={a['n_seeds']})" for a in aggs], fontsize=7)
+    ax.set_ylabel("final acc (%)")
+    ax.set_title(f"{title}: mean ± std over distillation seeds")
+    if diffs:
+        ax2 = fig.add_subplot(2, 1, 2)
+        ok = [d for d in diffs if d["mean"] is not None]
+        lo = [d["mean"] - d["ci_low"] if d["ci_low"] is not None else 0.0 for d in ok]
+        hi = [d["ci_high"] - d["mean"] if d["ci_high"] is not None else 0.0 for d in ok]
+        ax2.bar(range(len(ok)), [d["mean"] for d in ok], yerr=[lo, hi], capsize=4, color="tab:orange", alpha=0.7)
+        ax2.axhline(0.0, color="k", linewidth=0.8)
+        ax2.set_xticks(list(range(len(ok))), [f"{d['label']}\n(pairs={d['n_pairs']})" for d in ok], fontsize=7)
+        ax2.set_ylabel("Δ final acc (pp)")
+        ax2.set_title("paired difference vs baseline, 95% t interval")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(str(tmp), format=(path.suffix.lstrip(".") or "png"))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def run_rows(client, experiment_id: str, parent_run_id: str | None = None) -> list[dict]:
+    """One flat dict per run (params, ``final_acc``-style metrics, ``name``, ``run_id``, ``parent``): the
+    children of ``parent_run_id``, or every run of the experiment except sweep parents."""
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
+    rows = []
+    for run in client.search_runs([experiment_id], query, max_results=50000):
+        if run.data.tags.get("contra_ray.role") == "sweep":
+            continue
+        rows.append({**run.data.params, **run.data.metrics, "name": run.info.run_name, "run_id": run.info.run_id,
+                     "parent": run.data.tags.get("mlflow.parentRunId")})
+    return rows
+
+
+def _aggregate_cli(args, client, exp, uri: str) -> int:
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    try:
+        baseline = parse_baseline(args.baseline) if args.baseline else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = run_rows(client, exp.experiment_id, args.parent_run)
+    try:
+        aggs = aggregate_by_seed(rows, group_by, args.metric, args.seed_key)
+        diffs = paired_differences(rows, group_by, baseline, args.metric, args.seed_key) if baseline else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not aggs:
+        print(f"error: no run in {args.experiment!r} has a {args.metric} metric", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"groups": aggs, "differences": diffs}, indent=2, default=str))
+        return 0
+    print(f"{args.experiment}: {sum(a['n_runs'] for a in aggs)} run(s) in {len(aggs)} group(s) of "
+          f"{', '.join(group_by)}")
+    print(format_aggregate(aggs, diffs, baseline))
+    if min(a["n_seeds"] for a in aggs) < 3:
+        print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
+              "uncertainty (docs/EXPERIMENTS.md)")
+    from .config import Config
+
+    plot = Path(args.plot or Path(Config().output_dir) / f"report-{args.experiment}.png")
+    plot_aggregate(aggs, diffs, plot, args.experiment)
+    parents = {r["parent"] for r in rows if r.get(args.metric) is not None}
+    parent = args.parent_run or (next(iter(parents)) if len(parents) == 1 else None)
+    if parent:
+        client.log_artifact(parent, str(plot), "report")
+        print(f"plot: {plot} (logged to parent run {parent} under report/)")
+    else:
+        print(f"plot: {plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import Config
     from .tracking import tracking_client
@@ -70,12 +375,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-run", default=None, help="sweep (parent) run id (default: the latest sweep)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///runs/mlflow.db)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--group-by", default=None,
+                   help="comma-separated params (e.g. distill.beta,distill.K,distill.R): aggregate the runs over "
+                        "distillation seeds per group instead of ranking one sweep's trials (default: rank)")
+    p.add_argument("--baseline", default=None,
+                   help='with --group-by: params of the baseline runs, e.g. "distill.beta=1.0,distill.K=0"; '
+                        "adds paired differences by seed with 95%% t intervals (default: none)")
+    p.add_argument("--metric", default="final_acc", help="per-run metric to aggregate (default: final_acc)")
+    p.add_argument("--seed-key", default="distill.seed", help="param holding the distillation seed "
+                   "(default: distill.seed)")
+    p.add_argument("--plot", default=None,
+                   help="with --group-by: PNG path of the bar chart (default: runs/report-<experiment>.png)")
     args = p.parse_args(argv)
     uri = args.tracking_uri or Config().tracking_uri()
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
         print(f"error: --experiment {args.experiment!r}: no such experiment in {uri}", file=sys.stderr)
+        return 2
+    if args.group_by:
+        if args.parent_run:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client.get_run(args.parent_run)
+            except MlflowException:
+                print(f"error: --parent-run {args.parent_run!r}: no such run in {uri}", file=sys.stderr)
+                return 2
+        return _aggregate_cli(args, client, exp, uri)
+    if args.baseline:
+        print("error: --baseline needs --group-by", file=sys.stderr)
         return 2
     if args.parent_run:
         from mlflow.exceptions import MlflowException

@@ -24,10 +24,10 @@ def test_table5_cifar10_ipc1_row():
 
 
 def test_overrides_typed():
-    cfg = load_config("tiny_cpu", ["distill.K=1", "distill.beta=0.5", "eval.models=convnet,resnet18",
+    cfg = load_config("tiny_cpu", ["distill.K=1", "distill.beta=0.5", "eval.models=convnet,resnet18,vgg11_bn,vit",
                                    "distill.batch_syn=null"])
     assert cfg.distill.K == 1 and cfg.distill.beta == 0.5 and cfg.distill.batch_syn is None
-    assert cfg.eval.models == ["convnet", "resnet18"]
+    assert cfg.eval.models == ["convnet", "resnet18", "vgg11_bn", "vit"]
 
 
 def test_R_defaults_to_floor_range_over_K():
@@ -42,6 +42,7 @@ def test_R_defaults_to_floor_range_over_K():
     (["distill.K=3", "distill.R=2", "distill.max_start_epoch=3", "experts.epochs=8"], "distill.K", "3"),
     (["data.dataset=mnist"], "data.dataset", "'mnist'"),
     (["model.name=vit_h"], "model.name", "'vit_h'"),
+    (["model.name=resnet18_bn"], "model.name", "'resnet18_bn'"),  # batch norm: evaluation only
     (["eval.models=convnet,lenet9"], "eval.models", "'lenet9'"),
     (["distill.beta=1.5"], "distill.beta", "1.5"),
     (["distill.K=0", "distill.beta=0.5"], "distill.beta", "0.5"),

@@ -253,10 +253,14 @@ def test_checksum_detects_corruption(tmp_path, trajectories):
 
 
 @pytest.mark.parametrize("spec, dataset, zca, epochs, fp, message", [
-    (dataclasses.replace(SPEC, name="resnet18"), "toy-8px", True, 3, None,
+    (ModelSpec("resnet18", 4, 8, 3, 8, 2), "toy-8px", True, 3, None,
      "was built for model.name='convnet', config asks for 'resnet18'"),
     (dataclasses.replace(SPEC, width=16), "toy-8px", True, 3, None, "model.width=8, config asks for 16"),
     (dataclasses.replace(SPEC, depth=1), "toy-8px", True, 3, None, "model.depth=2, config asks for 1"),
+    (dataclasses.replace(SPEC, norm="batchnorm"), "toy-8px", True, 3, None,
+     "model.norm='instancenorm', config asks for 'batchnorm'"),
+    (dataclasses.replace(SPEC, pooling="maxpooling"), "toy-8px", True, 3, None,
+     "model.pooling='avgpooling', config asks for 'maxpooling'"),
     (SPEC, "cifar10", True, 3, None, "dataset_id='toy-8px', config asks for 'cifar10'"),
     (SPEC, "toy-8px", False, 3, None, "data.zca=True, config asks for False"),
     (SPEC, "toy-8px", True, 3, "fp-2", "preprocessor fingerprint='fp-1', config asks for 'fp-2'"),
@@ -270,6 +274,18 @@ def test_check_compatible_names_field_and_values(tmp_path, spec, dataset, zca, e
     with pytest.raises(ExpertStoreError, match=message) as err:
         store.check_compatible(spec, dataset, zca, epochs, fp)
     assert str(tmp_path / "st") in str(err.value)
+
+
+def test_store_written_before_model_spec_had_norm_fields_still_matches(tmp_path):
+    old_spec = {k: v for k, v in SPEC.to_dict().items() if k not in ("norm", "activation", "pooling")}
+    created = ExpertStore.create(tmp_path / "st", META, {})
+    (tmp_path / "st" / "store.json").write_text(json.dumps({**created.meta, "model_spec": old_spec}))
+    store = ExpertStore.open(tmp_path / "st")
+    assert store.meta["model_spec"] == old_spec and store.model_spec == SPEC
+    store.check_compatible(SPEC, "toy-8px", True, 3, "fp-1")
+    ex._refuse_incompatible(store, {**META, "model_spec": SPEC.to_dict()})  # resuming it is allowed
+    with pytest.raises(ExpertStoreError, match="model.norm='instancenorm', config asks for 'layernorm'"):
+        store.check_compatible(dataclasses.replace(SPEC, norm="layernorm"), None, True, 3)
 
 
 # ---------------------------------------------------------------------------------------------- Ray

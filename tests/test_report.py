@@ -1,0 +1,127 @@
+"""Aggregation of runs over distillation seeds (report --group-by / --baseline), against hand-computed values."""
+
+import math
+
+import pytest
+from scipy.stats import t as student_t
+
+from contra_ray import report
+
+
+def _run(beta, K, R, seed, acc, name=None):
+    return {"distill.beta": beta, "distill.K": K, "distill.R": R, "distill.seed": seed, "final_acc": acc,
+            "name": name or f"b{beta}-K{K}-R{R}-s{seed}"}
+
+
+ROWS = [
+    # group A (β=0.2, K=4, R=4): seed 0 twice (60, 62 -> 61), seed 1: 64, seed 2: 58
+    _run("0.2", "4", "4", "0", 60.0), _run("0.2", "4", "4", "0", 62.0, "again"), _run("0.2", "4", "4", "1", 64.0),
+    _run("0.2", "4", "4", "2", 58.0),
+    # group B (β=0.5, K=2, R=2): seeds 0, 1, and 3 (which the baseline lacks)
+    _run("0.5", "2", "2", "0", 63.0), _run("0.5", "2", "2", "1", 61.0), _run("0.5", "2", "2", "3", 70.0),
+    # baseline (β=1, K=0) with two values of R: seed 0: 59; seed 1: 61 (R=1) and 59 (R=2) -> 60; seed 2: 57
+    _run("1.0", "0", "1", "0", 59.0), _run("1.0", "0", "1", "1", 61.0), _run("1.0", "0", "2", "1", 59.0),
+    _run("1", "0", "2", "2", 57.0),  # "1" == "1.0": params compare as numbers
+    _run("0.2", "4", "4", "5", None),  # stopped early: no final_acc, ignored
+]
+GROUP_BY = ["distill.beta", "distill.K", "distill.R"]
+
+
+def test_aggregate_by_seed_hand_values():
+    aggs = report.aggregate_by_seed(ROWS, GROUP_BY)
+    assert [a["label"] for a in aggs] == ["beta=0.2,K=4,R=4", "beta=0.5,K=2,R=2", "beta=1.0,K=0,R=1",
+                                          "beta=1.0,K=0,R=2"]
+    a, b, base1, base2 = aggs
+    # A: per-seed means 61, 64, 58; mean 61; std ddof=1: sqrt((0 + 9 + 9) / 2) = 3
+    assert a["seeds"] == {0.0: 61.0, 1.0: 64.0, 2.0: 58.0} and (a["n_seeds"], a["n_runs"]) == (3, 4)
+    assert a["mean"] == pytest.approx(61.0) and a["std"] == pytest.approx(3.0)
+    # B: 63, 61, 70 -> mean 194/3; squared deviations (5/3)^2 + (11/3)^2 + (16/3)^2 = 402/9; / 2 -> 201/9
+    assert b["mean"] == pytest.approx(194 / 3) and b["std"] == pytest.approx(math.sqrt(201 / 9))
+    assert base1["seeds"] == {0.0: 59.0, 1.0: 61.0} and base2["seeds"] == {1.0: 59.0, 2.0: 57.0}
+    single = report.aggregate_by_seed([_run("0.2", "4", "4", "0", 60.0)], GROUP_BY)
+    assert single[0]["std"] is None  # one seed: no spread
+
+
+def test_paired_differences_hand_values():
+    diffs = report.paired_differences(ROWS, GROUP_BY, {"distill.beta": "1.0", "distill.K": "0"})
+    assert [d["label"] for d in diffs] == ["beta=0.2,K=4,R=4", "beta=0.5,K=2,R=2"]  # baseline runs left out
+    a, b = diffs
+    # baseline per seed (R pooled): {0: 59, 1: (61 + 59) / 2 = 60, 2: 57}
+    # A - baseline: d = {0: 61-59 = 2, 1: 64-60 = 4, 2: 58-57 = 1}; mean 7/3
+    # sd (ddof=1) = sqrt(((2-7/3)^2 + (4-7/3)^2 + (1-7/3)^2) / 2) = sqrt((1/9 + 25/9 + 16/9) / 2) = sqrt(7/3)
+    # CI = 7/3 ± t(0.975, 2) * sqrt(7/3) / sqrt(3) = 7/3 ± 4.302653 * 0.881917 = 7/3 ± 3.794586
+    assert a["diffs"] == {0.0: 2.0, 1.0: 4.0, 2.0: 1.0} and a["n_pairs"] == 3 and a["unpaired"] == []
+    assert a["mean"] == pytest.approx(7 / 3) and a["std"] == pytest.approx(math.sqrt(7 / 3))
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx((7 / 3 - 3.794586, 7 / 3 + 3.794586), abs=1e-5)
+    # B - baseline: seeds 0, 1 only (seed 3 unpaired): d = {0: 4, 1: 1}, mean 2.5, sd = sqrt(2 * 1.5^2) = 2.12132
+    # CI = 2.5 ± t(0.975, 1) * 2.12132 / sqrt(2) = 2.5 ± 12.706205 * 1.5 = 2.5 ± 19.059308
+    assert b["diffs"] == {0.0: 4.0, 1.0: 1.0} and b["unpaired"] == [3.0]
+    assert b["mean"] == pytest.approx(2.5) and b["std"] == pytest.approx(math.sqrt(4.5))
+    assert (b["ci_low"], b["ci_high"]) == pytest.approx((2.5 - 19.059308, 2.5 + 19.059308), abs=1e-5)
+    with pytest.raises(ValueError, match="no run with final_acc matches the baseline"):
+        report.paired_differences(ROWS, GROUP_BY, {"distill.beta": "0.9"})
+
+
+def test_one_pair_has_no_interval():
+    rows = [_run("0.2", "4", "4", "0", 61.0), _run("1.0", "0", "2", "0", 60.0)]
+    (d,) = report.paired_differences(rows, GROUP_BY, {"distill.K": "0"})
+    assert d["mean"] == pytest.approx(1.0) and d["std"] is None and d["ci_low"] is None
+
+
+def test_t_quantile_matches_scipy():
+    for df in range(1, 31):
+        assert report.t_quantile_975(df) == pytest.approx(student_t.ppf(0.975, df), abs=1e-6)
+    for df in (31, 35, 45, 59, 61, 100, 121, 500, 10_000):
+        assert report.t_quantile_975(df) == pytest.approx(student_t.ppf(0.975, df), abs=1e-3)
+    with pytest.raises(ValueError, match="df >= 1"):
+        report.t_quantile_975(0)
+
+
+def test_parse_baseline_and_missing_seed():
+    assert report.parse_baseline("distill.beta=1.0, distill.K=0") == {"distill.beta": "1.0", "distill.K": "0"}
+    for bad in ("distill.beta", "=1", ""):
+        with pytest.raises(ValueError, match="--baseline"):
+            report.parse_baseline(bad)
+    with pytest.raises(ValueError, match="run 'x' has final_acc but no distill.seed param"):
+        report.aggregate_by_seed([{"distill.beta": "0", "final_acc": 1.0, "name": "x"}], ["distill.beta"])
+
+
+def test_table_and_plot(tmp_path):
+    aggs = report.aggregate_by_seed(ROWS, GROUP_BY)
+    base = {"distill.beta": "1.0", "distill.K": "0"}
+    text = report.format_aggregate(aggs, report.paired_differences(ROWS, GROUP_BY, base), base)
+    lines = text.splitlines()
+    assert lines[2].split()[:6] == ["beta=0.2,K=4,R=4", "3", "4", "61.00", "±", "3.00"]
+    assert "2.33 ± 1.53" in lines[2] and "[-1.46, 6.13]" in lines[2]
+    assert "baseline" in lines[4] and "ddof=1" in lines[-2] and "t(0.975, n-1)" in lines[-1]
+    png = report.plot_aggregate(aggs, report.paired_differences(ROWS, GROUP_BY, base), tmp_path / "r" / "x.png",
+                                "demo")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in png.parent.iterdir()] == ["x.png"]
+
+
+def test_cli_group_by_with_mlflow(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from contra_ray.tracking import init_tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_id = init_tracking(uri, "tune-demo")
+    client = MlflowClient(uri)
+    parent = client.create_run(exp_id, run_name="sweep", tags={"contra_ray.role": "sweep"}).info.run_id
+    for r in ROWS:
+        run = client.create_run(exp_id, run_name=r["name"], tags={"mlflow.parentRunId": parent}).info.run_id
+        for k in GROUP_BY + ["distill.seed"]:
+            client.log_param(run, k, r[k])
+        if r["final_acc"] is not None:
+            client.log_metric(run, "final_acc", r["final_acc"])
+        client.set_terminated(run)
+    client.set_terminated(parent)
+    plot = tmp_path / "out" / "agg.png"
+    assert report.main(["--experiment", "tune-demo", "--tracking-uri", uri, "--group-by", ",".join(GROUP_BY),
+                        "--baseline", "distill.beta=1.0,distill.K=0", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "tune-demo: 11 run(s) in 4 group(s) of distill.beta, distill.K, distill.R"
+    assert out[3].startswith("beta=0.2,K=4,R=4") and "[-1.46, 6.13]" in out[3]
+    assert plot.is_file() and any(line.startswith("plot:") and parent in line for line in out)
+    assert [a.path for a in client.list_artifacts(parent, "report")] == ["report/agg.png"]
+    assert report.main(["--experiment", "tune-demo", "--tracking-uri", uri, "--baseline", "distill.K=0"]) == 2

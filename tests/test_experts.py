@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from contra_ray import expert_store
 from contra_ray import experts as ex
+from contra_ray import experts_ray
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.expert_store import ExpertStore, ExpertStoreError
 from contra_ray.experts import (CurriculumOrder, ShuffledOrder, TensorBatchLoader, difficulty_from_first_correct,
@@ -283,7 +284,7 @@ def test_store_written_before_model_spec_had_norm_fields_still_matches(tmp_path)
     store = ExpertStore.open(tmp_path / "st")
     assert store.meta["model_spec"] == old_spec and store.model_spec == SPEC
     store.check_compatible(SPEC, "toy-8px", True, 3, "fp-1")
-    ex._refuse_incompatible(store, {**META, "model_spec": SPEC.to_dict()})  # resuming it is allowed
+    experts_ray._refuse_incompatible(store, {**META, "model_spec": SPEC.to_dict()})  # resuming it is allowed
     with pytest.raises(ExpertStoreError, match="model.norm='instancenorm', config asks for 'layernorm'"):
         store.check_compatible(dataclasses.replace(SPEC, norm="layernorm"), None, True, 3)
 

@@ -127,18 +127,16 @@ def fake_data(monkeypatch):
     monkeypatch.setattr(contra_ray, "data", data, raising=False)
 
 
-# Distiller.to_artifact (real artifacts) writes "model_spec"/"eval_recipe"; artifact.build_meta "model"/"eval"
-@pytest.mark.parametrize("spec_key, eval_key", [("model_spec", "eval_recipe"), ("model", "eval")])
-def test_cli_on_a_saved_artifact_with_tracking(tmp_path, fake_data, capsys, spec_key, eval_key):
+def test_cli_on_a_saved_artifact_with_tracking(tmp_path, fake_data, capsys):
     from mlflow.tracking import MlflowClient
 
     cfg = Config()
     cfg.eval.batch_size, cfg.eval.dsa = 8, False
     x, y = _toy(2, 4)
     spec = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
-    meta = {spec_key: spec.to_dict(), "zca": True, "preprocessor_fingerprint": "fp1", "image_size": 8,
+    meta = {"model": spec.to_dict(), "zca": True, "preprocessor_fingerprint": "fp1", "image_size": 8,
             "channels": 1, "num_classes": 2, "classes": ["pos", "neg"], "ipc": 2, "config": cfg.to_dict(),
-            eval_key: cfg.to_dict()["eval"]}
+            "eval": cfg.to_dict()["eval"], "dataset_id": "toy", "method": "contra", "iteration": 3}
     p = tmp_path / "set.safetensors"
     DistilledSet(x, 5 * F.one_hot(y, 2).float(), y, 0.01, True, {"mean": torch.zeros(1)}, meta).save(p)
     uri = f"sqlite:///{tmp_path}/ml/mlflow.db"

@@ -259,12 +259,12 @@ def test_check_destinations(tmp_path):
 def test_clis_check_destinations_before_any_work(tmp_path, monkeypatch, capsys, cli):
     import importlib
 
-    import contra_ray.distill
+    import contra_ray.stages
 
     def work(*a, **k):
         raise AssertionError("work started before the destinations were checked")
 
-    monkeypatch.setattr(contra_ray.distill, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
     main = importlib.import_module(f"contra_ray.{cli}").main
     head = ["correlation"] if cli == "analyze" else []
     (tmp_path / "file").write_text("")

@@ -104,14 +104,14 @@ def test_space_with_a_key_given_twice_is_refused(tmp_path):
 
 def _no_work(monkeypatch):
     """Make any start of real work (Ray, data, experts) fail the test loudly."""
-    import contra_ray.distill
+    import contra_ray.stages
     import contra_ray.evaluate
 
     def work(*a, **k):
         raise AssertionError("work started before the inputs were checked")
 
     monkeypatch.setattr(contra_ray.evaluate, "ensure_ray", work)
-    monkeypatch.setattr(contra_ray.distill, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
 
 
 @pytest.mark.parametrize("dry_run", [True, False])

@@ -1,0 +1,127 @@
+"""Constant-memory unroll, batched students and the memory planner: same gradients as the full unroll."""
+
+import pytest
+import torch
+
+from contra_ray.augment import DSA
+from contra_ray.matching import (accumulate_matching_gradients, constant_memory_gradients, make_plan,
+                                 matching_loss, step_gradient, unroll)
+from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+
+SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
+N_SYN, N_STEPS, M = 8, 5, 2
+
+
+def problem(spec=SPEC, n=N_SYN, seed=0):
+    """float64 ConvNet, a fake expert trajectory, synthetic images, soft label logits, learnable syn_lr."""
+    torch.manual_seed(seed)
+    model = build_model(spec).to(torch.float64)
+    theta0 = flat_params(model)
+    traj = [theta0 + 0.02 * k * torch.randn_like(theta0) for k in range(8)]
+    images = torch.randn(n, spec.channels, spec.image_size, spec.image_size, dtype=torch.float64)
+    logits = torch.randn(n, spec.num_classes, dtype=torch.float64)
+    fwd = lambda t, x: functional_forward(model, t, x)  # noqa: E731
+    dsa = DSA()
+    return model, fwd, traj, images, logits, (lambda x, seed: dsa(x, seed=seed))
+
+
+def plan_b02_k3(iteration=0):
+    return make_plan(seed=1, iteration=iteration, expert_ids=[0], n_syn=N_SYN, batch_syn=5, syn_steps=N_STEPS,
+                     beta=0.2, K=3, R=1, min_start=0, max_start=4)
+
+
+def gradients(unroll_memory, student_execution, iteration=0, students=None):
+    _, fwd, traj, images, logits, aug = problem()
+    imgs, labs = images.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    losses = accumulate_matching_gradients(plan_b02_k3(iteration), lambda s, m: (traj[s], traj[s + m]), fwd, imgs,
+                                           labs, lr, M, aug, students, unroll_memory=unroll_memory,
+                                           student_execution=student_execution)
+    return losses, (imgs.grad, labs.grad, lr.grad)
+
+
+def assert_close(got, want, rel=1e-10):
+    for g, w, name in zip(got, want, ("images", "label_logits", "syn_lr")):
+        err = (g - w).abs().max() / w.abs().max()
+        assert err <= rel, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mode,execution", [("constant", "sequential"), ("full", "batched"), ("constant", "batched")])
+def test_gradients_equal_full_sequential_unroll(mode, execution):
+    """β = 0.2, K = 3, N = 5, DSA, soft labels, learnable syn_lr: every mode gives the full-unroll gradient."""
+    for iteration in (0, 1):
+        ref_losses, ref = gradients("full", "sequential", iteration)
+        losses, got = gradients(mode, execution, iteration)
+        assert sorted(losses) == sorted(ref_losses) == [0, 1, 2, 3]
+        for k in ref_losses:
+            assert abs(losses[k] - ref_losses[k]) <= 1e-12 * abs(ref_losses[k])
+        assert_close(got, ref)
+
+
+def test_batched_worker_share_equals_sequential_share():
+    ref_losses, ref = gradients("full", "sequential", students=[1, 3])
+    for mode in ("full", "constant"):
+        losses, got = gradients(mode, "batched", students=[1, 3])
+        assert sorted(losses) == [1, 3]
+        assert_close(got, ref)
+
+
+def test_plan_uses_several_augmentation_families():
+    """The equality tests above replay DSA through more than one family (so the replay is exercised)."""
+    dsa = DSA()
+    fams = {dsa.sample(5, torch.Generator().manual_seed(s)).family
+            for it in (0, 1) for s in plan_b02_k3(it).aug_seeds}
+    assert len(fams) >= 3
+
+
+def test_vmapped_convnet_instance_norm_matches_per_student_forward():
+    """ConvNet's instance norm (GroupNorm(width, width)) normalizes per sample and channel: vmap over
+    stacked parameters gives each student its own statistics, equal to running it alone."""
+    model, fwd, traj, images, logits, _ = problem()
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    thetas = torch.stack(traj[:3]).requires_grad_(True)
+    targets = torch.softmax(logits, 1)
+    g = step_gradient(fwd, thetas, images, targets, create_graph=False)
+    for s in range(3):
+        t = traj[s].clone().requires_grad_(True)
+        assert torch.allclose(g[s], step_gradient(fwd, t, images, targets, create_graph=False), rtol=1e-12, atol=1e-15)
+
+
+class _ConstantMemoryLoss(torch.autograd.Function):
+    """L(images, label_logits, syn_lr) whose backward is the constant-memory walk (for gradcheck)."""
+
+    @staticmethod
+    def forward(ctx, images, logits, lr, fwd, start, target, batches, aug, seeds):
+        ctx.save_for_backward(images, logits, lr)
+        ctx.args = fwd, start, target, batches, aug, seeds
+        with torch.enable_grad():  # the inner gradients of Eq. 1 need autograd (Function.forward disables it)
+            th = unroll(fwd, start, images, torch.softmax(logits, 1), lr, batches, aug, seeds, differentiable=False)
+        return matching_loss(th, start, target)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        images, logits, lr = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
+        fwd, start, target, batches, aug, seeds = ctx.args
+        with torch.enable_grad():
+            constant_memory_gradients(fwd, start, target, 1.0, images, logits, lr, batches, aug, seeds)
+        return images.grad * grad_out, logits.grad * grad_out, lr.grad * grad_out, *[None] * 6
+
+
+def test_constant_memory_gradient_matches_finite_differences():
+    spec = ModelSpec("convnet", num_classes=3, image_size=4, channels=2, width=4, depth=2)
+    _, fwd, traj, images, logits, aug = problem(spec, n=4)
+    plan = make_plan(seed=2, iteration=0, expert_ids=[0], n_syn=4, batch_syn=3, syn_steps=3, beta=1.0, K=0, R=1,
+                     min_start=0, max_start=2)
+    inputs = (images.requires_grad_(True), logits.requires_grad_(True),
+              torch.tensor(0.05, dtype=torch.float64, requires_grad=True))
+    f = lambda i, l, r: _ConstantMemoryLoss.apply(i, l, r, fwd, traj[1], traj[3], plan.batches, aug,  # noqa: E731
+                                                  plan.aug_seeds)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_unknown_modes_are_named():
+    with pytest.raises(ValueError, match="unroll_memory='auto'"):
+        gradients("auto", "sequential")
+    with pytest.raises(ValueError, match="student_execution='wide'"):
+        gradients("full", "wide")

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from contra_ray.augment import DSA
+from contra_ray.config import ConfigError, load_config
 from contra_ray.matching import (accumulate_matching_gradients, constant_memory_gradients, make_plan,
                                  matching_loss, step_gradient, unroll)
+from contra_ray.memory import MemoryPlan, measure_step_memory, plan_unroll_memory
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -125,3 +127,60 @@ def test_unknown_modes_are_named():
         gradients("auto", "sequential")
     with pytest.raises(ValueError, match="student_execution='wide'"):
         gradients("full", "wide")
+
+
+# ------------------------------------------------------------------------------------------------ planner
+
+def planner_inputs(spec=SPEC, n=N_SYN):
+    _, fwd, traj, images, logits, aug = problem(spec, n)
+    return dict(forward=fwd, theta=traj[0], images=images, label_logits=logits, augment=aug, batch_syn=5)
+
+
+def test_planner_refuses_when_neither_mode_fits_and_gives_both_numbers():
+    with pytest.raises(ConfigError) as e:
+        plan_unroll_memory(**planner_inputs(), syn_steps=N_STEPS, available_bytes=1000)
+    msg = str(e.value)
+    assert "distill.unroll_memory='auto'" in msg
+    assert "GiB per worker" in msg and "0.00 GiB is available" in msg
+
+
+def test_planner_auto_picks_constant_where_only_constant_fits():
+    est = plan_unroll_memory(**planner_inputs(), syn_steps=40, available_bytes=10**12).estimate_bytes
+    assert est["constant"] < est["full"]
+    between = (est["constant"] + est["full"]) // 2
+    plan = plan_unroll_memory(**planner_inputs(), syn_steps=40, available_bytes=between, headroom=1.0)
+    assert isinstance(plan, MemoryPlan) and plan.mode == "constant" and plan.available_bytes == between
+    assert "unroll_memory=constant" in plan.describe() and "GiB" in plan.describe()
+    assert plan_unroll_memory(**planner_inputs(), syn_steps=40, available_bytes=10**12).mode == "full"
+    with pytest.raises(ConfigError, match="the full unroll needs"):
+        plan_unroll_memory(**planner_inputs(), syn_steps=40, available_bytes=between, headroom=1.0, requested="full")
+
+
+def test_planner_estimate_grows_with_N_in_full_mode_and_stays_flat_in_constant_mode():
+    est = {n: plan_unroll_memory(**planner_inputs(), syn_steps=n, available_bytes=10**12).estimate_bytes
+           for n in (5, 10, 40)}
+    step = measure_step_memory(planner_inputs()["forward"], planner_inputs()["theta"],
+                               planner_inputs()["images"][:5], planner_inputs()["label_logits"][:5])
+    assert step.graph_bytes > 0
+    assert est[40]["full"] - est[5]["full"] >= 35 * step.graph_bytes * 0.9  # ~ N x one step's graph
+    P, b = planner_inputs()["theta"].numel(), 8
+    assert est[40]["constant"] - est[5]["constant"] == 35 * P * b  # only the stored θ̂_n grow
+    assert est[40]["constant"] - est[5]["constant"] < 0.1 * (est[40]["full"] - est[5]["full"])
+
+
+def test_planner_batched_students_measure_a_wider_step():
+    one = plan_unroll_memory(**planner_inputs(), syn_steps=5, available_bytes=10**12)
+    four = plan_unroll_memory(**planner_inputs(), syn_steps=5, available_bytes=10**12, students=4)
+    assert four.step.graph_bytes > 2 * one.step.graph_bytes
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def test_config_fields_and_validation():
+    d = load_config("tiny_cpu").distill
+    assert (d.unroll_memory, d.student_execution) == ("auto", "sequential")
+    assert load_config("tiny_cpu", ["distill.unroll_memory=constant", "distill.student_execution=batched"])
+    with pytest.raises(ConfigError, match="distill.unroll_memory='tiny'"):
+        load_config("tiny_cpu", ["distill.unroll_memory=tiny"])
+    with pytest.raises(ConfigError, match="distill.student_execution='parallel'"):
+        load_config("tiny_cpu", ["distill.student_execution=parallel"])

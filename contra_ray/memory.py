@@ -6,7 +6,9 @@ MEASURED, not guessed:
 
 * CPU: the bytes of the distinct storages autograd saves for backward, counted with
   :func:`torch.autograd.graph.saved_tensors_hooks` (the double-backward graph of ``create_graph``
-  included). The transient of walking one step backwards is taken as one more step's graph.
+  included), times :data:`CPU_OVERHEAD` (peak RSS per held step was 1.06-1.15x the saved bytes for
+  ConvNet-3 in ``benchmarks/unroll_memory.py``: allocator rounding, buffers not saved). The transient of
+  walking one step backwards is taken as one more step's graph.
 * CUDA: ``torch.cuda.memory_allocated`` growth while the step's graph is alive, and
   ``torch.cuda.max_memory_allocated`` during one vector-Jacobian product through it.
 
@@ -38,6 +40,7 @@ __all__ = ["UNROLL_MEMORY_CHOICES", "StepMemory", "MemoryPlan", "measure_step_me
            "estimate_unroll_bytes", "plan_unroll_memory"]
 
 UNROLL_MEMORY_CHOICES = ("auto", "full", "constant")
+CPU_OVERHEAD = 1.1  # peak RSS / saved-tensor bytes of one held step (CPU, measured; see module docstring)
 GIB = 2**30
 
 
@@ -46,7 +49,8 @@ class StepMemory:
     """What one differentiable student step costs, measured on the real shapes.
 
     Attributes:
-        graph_bytes: G, bytes kept alive by one step's graph (what the full unroll holds N times).
+        graph_bytes: G, bytes kept alive by one step's graph (what the full unroll holds N times;
+            on CPU the saved-tensor bytes times :data:`CPU_OVERHEAD`).
         walk_bytes: W, peak bytes of one step's graph plus a vector-Jacobian product through it.
         method: ``"saved_tensors_hooks"`` (CPU) or ``"cuda_allocator"``.
     """
@@ -126,7 +130,7 @@ def measure_step_memory(forward: Forward, theta: torch.Tensor, x: torch.Tensor, 
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    graph = sum(storages.values())
+    graph = CPU_OVERHEAD * sum(storages.values())
     return StepMemory(int(graph), int(2 * graph), "saved_tensors_hooks")
 
 

@@ -122,6 +122,29 @@ def test_constant_memory_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_tesla_detached_gradients_drop_cross_step_terms():
+    """TESLA's shortcut (θ̂_n built from detached gradients, every step weighted by the final adjoint a_N)
+    is not the exact gradient: it misses the α H_m (m > n) terms the walk carries (docs/constant_memory.md)."""
+    _, fwd, traj, images, logits, aug = problem()
+    plan = plan_b02_k3()
+    start, target, lr = traj[0], traj[2], torch.tensor(0.05, dtype=torch.float64)
+    targets = torch.softmax(logits, 1)
+    exact = images.clone().requires_grad_(True)
+    loss = matching_loss(unroll(fwd, start, exact, targets, lr, plan.batches, aug, plan.aug_seeds), start, target)
+    loss.backward()
+    theta_n = unroll(fwd, start, images, targets, lr, plan.batches, aug, plan.aug_seeds, differentiable=False)
+    a_n = 2 * (theta_n - target) / (start - target).pow(2).sum()
+    tesla, theta = torch.zeros_like(images), start.clone()
+    for n, idx in enumerate(plan.batches):
+        x = images[idx].clone().requires_grad_(True)
+        th = theta.clone().requires_grad_(True)
+        g = step_gradient(fwd, th, aug(x, plan.aug_seeds[n]), targets[idx], create_graph=True)
+        tesla[idx] += torch.autograd.grad((-lr * a_n * g).sum(), x)[0]
+        theta = theta - lr * g.detach()
+    err = (tesla - exact.grad).abs().max() / exact.grad.abs().max()
+    assert err > 1e-2, err  # the dropped cross-step terms are not a rounding effect
+
+
 def test_unknown_modes_are_named():
     with pytest.raises(ValueError, match="unroll_memory='auto'"):
         gradients("auto", "sequential")

@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .models import MODEL_NAMES, ModelSpec
+from .models import BATCHNORM_MODELS, MODEL_NAMES, ModelSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DATASETS = ("cifar10", "cifar100", "cifar10-jpeg", "imagefolder")
@@ -240,6 +240,9 @@ class Config:
             bad("distill.unroll_memory", d.unroll_memory, "must be one of auto, full, constant")
         if d.student_execution not in ("sequential", "batched"):
             bad("distill.student_execution", d.student_execution, "must be one of sequential, batched")
+        if d.student_execution == "batched" and m.name in BATCHNORM_MODELS:
+            bad("distill.student_execution", d.student_execution, f"model.name={m.name!r} has batch-norm running "
+                "statistics, which vmapped students cannot share; use sequential (or convnet)")
         if d.monitor_every < 0:
             bad("distill.monitor_every", d.monitor_every, "must be >= 0 (0 = no forgetting monitor)")
         if any(j < 0 for j in d.monitor_epochs):

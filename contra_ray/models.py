@@ -26,6 +26,7 @@ from torch.func import functional_call
 __all__ = [
     "ModelSpec",
     "MODEL_NAMES",
+    "BATCHNORM_MODELS",
     "build_model",
     "flat_params",
     "load_flat_params",
@@ -129,6 +130,9 @@ _REGISTRY: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "alexnet": _alexnet,
 }
 MODEL_NAMES = tuple(_REGISTRY)
+# networks with batch-norm running statistics: updated in place by every training forward, so their
+# students cannot be vmapped together (distill.student_execution=batched); ConvNet's instance norm can
+BATCHNORM_MODELS = ("resnet18", "vgg11")
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

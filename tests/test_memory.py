@@ -8,7 +8,7 @@ from contra_ray.config import ConfigError, load_config
 from contra_ray.matching import (accumulate_matching_gradients, constant_memory_gradients, make_plan,
                                  matching_loss, step_gradient, unroll)
 from contra_ray.memory import MemoryPlan, measure_step_memory, plan_unroll_memory
-from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+from contra_ray.models import BATCHNORM_MODELS, MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
 N_SYN, N_STEPS, M = 8, 5, 2
@@ -207,3 +207,12 @@ def test_config_fields_and_validation():
         load_config("tiny_cpu", ["distill.unroll_memory=tiny"])
     with pytest.raises(ConfigError, match="distill.student_execution='parallel'"):
         load_config("tiny_cpu", ["distill.student_execution=parallel"])
+    with pytest.raises(ConfigError, match="distill.student_execution='batched'.*'resnet18'"):
+        load_config("tiny_cpu", ["distill.student_execution=batched", "model.name=resnet18"])
+
+
+def test_batchnorm_models_are_exactly_those_with_running_statistics():
+    for name in MODEL_NAMES:
+        model = build_model(ModelSpec(name, num_classes=3, image_size=32, width=4))
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert has_bn == (name in BATCHNORM_MODELS), name

@@ -10,7 +10,8 @@ subprocess: on CPU its peak is the growth of the peak resident set size (``ru_ma
 after setup; on CUDA ``torch.cuda.max_memory_allocated`` over the allocation after setup. Before a full
 unroll is run the planner (:mod:`contra_ray.memory`) is asked for its estimate; a full configuration
 that would not fit (or N above ``--max-full-N``) is skipped and said so. The planner's estimate is
-printed next to the measured peak.
+printed next to the measured peak. Times: wall-clock s/iter and this process's CPU s/iter (robust
+to other load on a shared machine; with one thread the honest compute cost).
 """
 
 from __future__ import annotations
@@ -106,24 +107,26 @@ def child_run(args, K: int, execution: str, mode: str, N: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = reset_peak_rss()
-    times = []
+    times, cpu_times = [], []
     for it in range(args.warmup + args.iterations):
         plan = make_plan(0, it, [0], n, args.batch_syn, N, beta, K, 1, 0, K + 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         accumulate_matching_gradients(plan, lambda s, m: (traj[s], traj[s + m]), fwd, images, labels, syn_lr,
                                       args.expert_epochs, augment, unroll_memory=mode, student_execution=execution)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if it >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         images.grad = labels.grad = syn_lr.grad = None
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = peak_rss() - base
-    return {"s_per_iter": sum(times) / len(times), "peak_bytes": peak}
+    return {"s_per_iter": sum(times) / len(times), "cpu_s_per_iter": sum(cpu_times) / len(cpu_times),
+            "peak_bytes": peak}
 
 
 def in_child(args, what: str, **kw) -> dict:
@@ -187,25 +190,26 @@ def main() -> None:
                         continue
                     r = in_child(args, "run", K=K, execution=execution, mode=mode, N=N)
                     rows.append({"K": K, "exec": execution, "mode": mode, "N": N, "est": est, **r})
-                    print(f"  {mode:>8} N={N:>3}: {r['s_per_iter']:.2f} s/iter, peak {r['peak_bytes'] / mib:.0f} MiB",
-                          flush=True)
+                    print(f"  {mode:>8} N={N:>3}: {r['s_per_iter']:.2f} s/iter ({r['cpu_s_per_iter']:.2f} CPU s), "
+                          f"peak {r['peak_bytes'] / mib:.0f} MiB", flush=True)
     print()
-    print(f"{'K':>2} {'execution':>10} {'mode':>8} {'N':>4} {'s/iter':>8} {'peak MiB':>9} {'est MiB':>8} "
-          f"{'peak/N=min':>10} {'time/full':>9} {'peak/full':>9}")
+    print(f"{'K':>2} {'execution':>10} {'mode':>8} {'N':>4} {'s/iter':>8} {'CPU s':>8} {'peak MiB':>9} {'est MiB':>8} "
+          f"{'peak/N=min':>10} {'CPU/full':>9} {'peak/full':>9}")
     for r in rows:
         same = [q for q in rows if (q["K"], q["exec"], q["mode"]) == (r["K"], r["exec"], r["mode"])]
         first = min(same, key=lambda q: q["N"])
         full = [q for q in rows if (q["K"], q["exec"], q["mode"], q["N"]) == (r["K"], r["exec"], "full", r["N"])]
-        t_ratio = f"{r['s_per_iter'] / full[0]['s_per_iter']:.2f}" if full else "-"
+        t_ratio = f"{r['cpu_s_per_iter'] / full[0]['cpu_s_per_iter']:.2f}" if full else "-"
         m_ratio = f"{r['peak_bytes'] / max(full[0]['peak_bytes'], 1):.2f}" if full else "-"
-        print(f"{r['K']:>2} {r['exec']:>10} {r['mode']:>8} {r['N']:>4} {r['s_per_iter']:>8.2f} "
+        print(f"{r['K']:>2} {r['exec']:>10} {r['mode']:>8} {r['N']:>4} {r['s_per_iter']:>8.2f} {r['cpu_s_per_iter']:>8.2f} "
               f"{r['peak_bytes'] / mib:>9.0f} {r['est'] / mib:>8.0f} "
               f"{r['peak_bytes'] / max(first['peak_bytes'], 1):>10.2f} {t_ratio:>9} {m_ratio:>9}")
     if len(args.executions) > 1:
         print()
         print(f"{'K':>2} {'mode':>8} {'N':>4} {'batched/sequential time':>24} {'peak':>6}")
         for r in rows:
-            seq = [q for q in rows if q["exec"] == "sequential" and (q["K"], q["mode"], q["N"]) == (r["K"], r["mode"], r["N"])]
+            seq = [q for q in rows
+                   if q["exec"] == "sequential" and (q["K"], q["mode"], q["N"]) == (r["K"], r["mode"], r["N"])]
             if r["exec"] == "batched" and seq:
                 print(f"{r['K']:>2} {r['mode']:>8} {r['N']:>4} {r['s_per_iter'] / seq[0]['s_per_iter']:>24.2f} "
                       f"{r['peak_bytes'] / max(seq[0]['peak_bytes'], 1):>6.2f}")

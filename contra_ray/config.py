@@ -93,6 +93,8 @@ class DistillConfig:
     eval_runs_periodic: int = 1
     checkpoint_every: int = 0
     dtype: str = "float32"
+    unroll_memory: str = "auto"  # full (graph of N steps) | constant (adjoint walk) | auto (contra_ray.memory)
+    student_execution: str = "sequential"  # sequential | batched (students vmapped together, one call per step)
     monitor_every: int = 0  # forgetting monitor: Eq. 2 loss on the held-out τ_o every n iterations (0 = off)
     monitor_epochs: list[int] = dataclasses.field(default_factory=list)  # epochs of τ_o ([] = T-..T+)
     reference_expert: int | None = None  # τ_o, excluded from distillation when monitoring (None = highest id)
@@ -239,6 +241,10 @@ class Config:
             bad("distill.init", d.init, "must be one of real_correct, real, noise")
         if d.dtype not in ("float32", "float64"):
             bad("distill.dtype", d.dtype, "must be float32 or float64")
+        if d.unroll_memory not in ("auto", "full", "constant"):
+            bad("distill.unroll_memory", d.unroll_memory, "must be one of auto, full, constant")
+        if d.student_execution not in ("sequential", "batched"):
+            bad("distill.student_execution", d.student_execution, "must be one of sequential, batched")
         if d.monitor_every < 0:
             bad("distill.monitor_every", d.monitor_every, "must be >= 0 (0 = no forgetting monitor)")
         if any(j < 0 for j in d.monitor_epochs):

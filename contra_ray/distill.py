@@ -38,6 +38,9 @@ DISTILL_HELP = {
     "monitor_every": "log the Eq. 2 loss on the held-out reference expert every n iterations (0: off)",
     "monitor_epochs": "comma-separated epochs of the reference expert to monitor (default T-..T+)",
     "reference_expert": "expert id held out of distillation when monitoring (default: the highest id)",
+    "unroll_memory": "full: graph of all N steps; constant: adjoint walk, memory ~ one step (exact gradient); "
+                     "auto: the planner measures one step and picks (docs/constant_memory.md)",
+    "student_execution": "sequential | batched (the K+1 students vmapped together, one call per step; GPUs)",
 }
 
 
@@ -132,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     from .distiller import DistillationDiverged
     from .expert_store import ExpertStoreError
     from .loop import run_distillation
-    from .stages import ensure_experts, log_set_visuals, prepare_data
+    from .stages import check_memory, ensure_experts, log_set_visuals, prepare_data
     from .tracking import RunLogger, init_tracking
 
     try:
         data = prepare_data(cfg)
+        check_memory(cfg, data)
         store = ensure_experts(cfg, data, train_missing=not args.no_train_experts)
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

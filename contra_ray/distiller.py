@@ -69,11 +69,23 @@ class Distiller:
         expert_ids: experts to sample from (default: all in the store); the correlation analysis
             holds one out.
         fixed_start: match this start epoch instead of a sampled one (see :func:`make_plan`).
+        workers: workers sharing each iteration's students (Ray Train W); sizes the memory plan of
+            batched students.
+        available_bytes: memory budget for the planner (default: measured free memory).
+
+    Attributes:
+        memory_plan: :class:`contra_ray.memory.MemoryPlan`; ``memory_plan.mode`` is the unroll used
+            (``distill.unroll_memory``, ``auto`` resolved by measuring one student step).
+        init_report: :class:`InitReport`.
+
+    Raises:
+        ConfigError: no experts, or the unroll does not fit in memory (both numbers, see
+            :func:`contra_ray.memory.plan_unroll_memory`).
     """
 
     def __init__(self, cfg: Config, store, spec: ModelSpec, train_x: torch.Tensor, train_y: torch.Tensor,
                  augment=None, expert_ids: list[int] | None = None, device: str = "cpu",
-                 fixed_start: int | None = None):
+                 fixed_start: int | None = None, workers: int = 1, available_bytes: int | None = None):
         self.cfg, self.d, self.store, self.spec = cfg, cfg.distill, store, spec
         self.device = torch.device(device)
         self.dtype = torch.float64 if self.d.dtype == "float64" else torch.float32
@@ -89,6 +101,13 @@ class Distiller:
         self.iteration = 0
         self._segment_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._init(train_x, train_y)
+        from .memory import plan_unroll_memory, students_per_worker
+
+        self.memory_plan = plan_unroll_memory(
+            lambda theta, x: functional_forward(self.model, theta, x),
+            self.expert_params(self.expert_ids[0], self.d.min_start_epoch), self.images.detach(),
+            self.label_logits.detach(), self.batch_syn, self.d.syn_steps, students_per_worker(cfg, workers),
+            self._augment_fn(), self.d.unroll_memory, available_bytes)
 
     # ------------------------------------------------------------------ state
     def _init(self, train_x: torch.Tensor, train_y: torch.Tensor) -> None:
@@ -193,7 +212,8 @@ class Distiller:
             plan, lambda start, m: (self.expert_params(plan.expert_id, start),
                                     self.expert_params(plan.expert_id, start + m)),
             lambda theta, x: functional_forward(self.model, theta, x), self.images, self.label_logits,
-            self.syn_lr, self.d.expert_epochs, self._augment_fn(), students)
+            self.syn_lr, self.d.expert_epochs, self._augment_fn(), students,
+            unroll_memory=self.memory_plan.mode, student_execution=self.d.student_execution)
 
     def grad_tensors(self) -> list[torch.Tensor]:
         """The gradients a distributed run all-reduces (same order on every worker)."""

@@ -208,7 +208,9 @@ def train_loop_per_worker(config: dict) -> dict:
 
     data, store = setup(cfg, rank == 0 and d.eval_every > 0)
     distiller = Distiller(cfg, store, data.spec, data.train_x, data.train.labels,
-                          augment=DSA() if d.dsa else None, device=str(device))
+                          augment=DSA() if d.dsa else None, device=str(device), workers=world)
+    if rank == 0:
+        print(f"[distill] {distiller.memory_plan.describe()}", flush=True)
     progress = {"start": distiller.iteration, "s_per_iter": float("nan")}
 
     def summary(**extra) -> dict:
@@ -347,7 +349,7 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
 
     from .artifact import DistilledSet
     from .expert_store import ExpertStoreError
-    from .stages import ensure_experts, log_set_visuals
+    from .stages import check_memory, ensure_experts, log_set_visuals
     from .tracking import RunLogger, init_tracking
 
     if num_workers < 1:
@@ -360,6 +362,7 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
     cfg = _with_absolute_paths(cfg)
     try:
         data = prepare_data(cfg)  # fills the cache the workers read
+        check_memory(cfg, data, workers=num_workers)
         ensure_experts(cfg, data, train_missing=train_missing)
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

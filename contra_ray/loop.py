@@ -338,8 +338,10 @@ def run_distillation(cfg: Config, data, store, logger=None, resume: bool = True,
     distiller = Distiller(cfg, store, data.spec, data.train_x, data.train.labels,
                           augment=DSA() if d.dsa else None, expert_ids=expert_ids, device=cfg.device)
     line = distiller.init_report.line(list(data.train.classes), d.ipc)
-    if line and progress is not None:
-        print(line, flush=True)
+    if progress is not None:
+        print(distiller.memory_plan.describe(), flush=True)
+        if line:
+            print(line, flush=True)
     checkpoints = None
     if d.checkpoint_every:
         checkpoints = LocalCheckpoints(cfg.run_dir() / "checkpoints")

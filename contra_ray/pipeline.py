@@ -44,7 +44,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
 
     from .augment import DSA
     from .loop import run_distillation
-    from .stages import ensure_experts, log_set_visuals, prepare_data
+    from .stages import check_memory, ensure_experts, log_set_visuals, prepare_data
     from .evaluate import evaluate_runs, evaluation_seeds, format_table, random_real_set, summarize
     from .seeds import derive_seed
     from .tracking import RunLogger, init_tracking
@@ -61,6 +61,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
     t0 = time.time()
     try:
         data = prepare_data(cfg)
+        check_memory(cfg, data)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ from .fileio import atomic_write
 from .models import ModelSpec
 from .seeds import derive_seed
 
-__all__ = ["PreparedData", "prepare_data", "store_meta", "ensure_experts", "curriculum_rank", "log_set_visuals"]
+__all__ = ["PreparedData", "prepare_data", "check_memory", "store_meta", "ensure_experts", "curriculum_rank",
+           "log_set_visuals"]
 
 
 @dataclasses.dataclass
@@ -47,6 +48,21 @@ def prepare_data(cfg: Config, with_test: bool = True) -> PreparedData:
     pre = fit_preprocessor(train, cfg.data)
     spec = cfg.model_spec(train.num_classes, train.image_size, train.channels)
     return PreparedData(train, test, pre, pre(train.images), pre(test.images) if with_test else None, spec)
+
+
+def check_memory(cfg: Config, data: PreparedData, workers: int = 1):
+    """Before experts or distillation: plan the student unroll for this run's shapes (one measured step,
+    :func:`contra_ray.memory.plan_for_config`) and print the plan; returns the
+    :class:`~contra_ray.memory.MemoryPlan`.
+
+    Raises:
+        ConfigError: the unroll fits in no allowed mode (estimate and available memory in the message).
+    """
+    from .memory import plan_for_config
+
+    plan = plan_for_config(cfg, data.spec, workers=workers)
+    print(f"memory: {plan.describe()}", flush=True)
+    return plan
 
 
 def store_meta(cfg: Config, data: PreparedData) -> dict:

@@ -77,12 +77,14 @@ def runs(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     setup = toy_setup(out)
     timings, res = {}, {}
-    for key, W, fault, dtype in (("w1", 1, None, "float64"), ("w2", 2, None, "float64"),
-                                 ("w2_killed", 2, FaultInjection(iteration=3, rank=1, marker=str(out / "killed")),
-                                  "float64"),
-                                 ("w1_f32", 1, None, "float32"), ("w2_f32", 2, None, "float32")):
+    for key, W, fault, dtype, extra in (
+            ("w1", 1, None, "float64", {}), ("w2", 2, None, "float64", {}),
+            ("w2_killed", 2, FaultInjection(iteration=3, rank=1, marker=str(out / "killed")), "float64", {}),
+            ("w1_f32", 1, None, "float32", {}), ("w2_f32", 2, None, "float32", {}),
+            ("w2_constant_batched", 2, None, "float64", {"unroll_memory": "constant", "student_execution": "batched"})):
         t0 = time.perf_counter()
-        res[key] = fit_distributed(toy_config(out, key, dtype=dtype), W, setup=setup, max_failures=1, fault=fault)
+        res[key] = fit_distributed(toy_config(out, key, dtype=dtype, **extra), W, setup=setup, max_failures=1,
+                                   fault=fault)
         timings[key] = time.perf_counter() - t0
     print("fit seconds:", {k: round(v, 1) for k, v in timings.items()})
     res.update(marker=out / "killed", out=out, setup=setup)
@@ -109,6 +111,17 @@ def test_w1_and_w2_give_the_same_synthetic_set_float64(runs):
     assert float(a.state["syn_lr"]) != 0.01  # the state did move (syn_lr_init = 0.01)
     assert a.history["loss"] == pytest.approx(b.history["loss"], rel=1e-10)
     assert len(a.history["loss"]) == 5 and set(a.history) >= {"loss/sampled", "loss/start_0", "loss/start_1"}
+
+
+def test_w2_constant_memory_batched_students_equal_w1_full_sequential(runs):
+    """Issue 9: the constant-memory unroll with vmapped students, sharded over 2 workers, gives the W = 1
+    full-unroll result (float64; all differences are summation order)."""
+    a, b = runs["w1"], runs["w2_constant_batched"]
+    assert b.error is None and b.state["iteration"] == 5
+    for key in ("images", "label_logits", "syn_lr"):
+        rel = float((a.state[key] - b.state[key]).norm() / a.state[key].norm())
+        assert rel <= 1e-10, (key, rel)
+    assert a.history["loss"] == pytest.approx(b.history["loss"], rel=1e-10)
 
 
 def test_w1_and_w2_give_the_same_synthetic_set_float32(runs):

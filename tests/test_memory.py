@@ -220,7 +220,7 @@ def test_distillable_models_are_exactly_those_without_running_statistics():
 
 
 def test_table5_preset_that_cannot_fit_is_refused_with_both_numbers_and_auto_picks_constant():
-    """cifar10_ipc10 (Table 5: N = 30, ConvNet-3 width 128, 100 images) with an injected budget."""
+    """cifar10_ipc10 (Table 5: N = 80, ConvNet-3 width 128, 100 images) with an injected budget."""
     from contra_ray.memory import plan_for_config
 
     cfg = load_config("cifar10_ipc10", ["distill.syn_steps=80"])

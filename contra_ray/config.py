@@ -67,6 +67,7 @@ class ExpertConfig:
     cpus_per_expert: float = 1.0
     gpus_per_expert: float = 0.0
     eval_every: int = 1  # test accuracy every n epochs (0 = only the last)
+    max_retries: int = 3  # Ray retries of an expert task whose worker or node died; it resumes at its last epoch
 
 
 @dataclasses.dataclass
@@ -203,6 +204,8 @@ class Config:
             bad("experts.curriculum_lambda", x.curriculum_lambda, "must be in (0, 1]")
         if x.curriculum_gamma < 1:
             bad("experts.curriculum_gamma", x.curriculum_gamma, "must be >= 1")
+        if x.max_retries < 0:
+            bad("experts.max_retries", x.max_retries, "must be >= 0")
         if d.ipc < 1:
             bad("distill.ipc", d.ipc, "must be >= 1")
         if not 0.0 <= d.beta <= 1.0:

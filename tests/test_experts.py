@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from contra_ray import expert_store
+from contra_ray import expert_store, experts_ray
 from contra_ray import experts as ex
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.expert_store import ExpertStore, ExpertStoreError
@@ -283,7 +283,7 @@ def test_store_written_before_model_spec_had_norm_fields_still_matches(tmp_path)
     store = ExpertStore.open(tmp_path / "st")
     assert store.meta["model_spec"] == old_spec and store.model_spec == SPEC
     store.check_compatible(SPEC, "toy-8px", True, 3, "fp-1")
-    ex._refuse_incompatible(store, {**META, "model_spec": SPEC.to_dict()})  # resuming it is allowed
+    experts_ray._refuse_incompatible(store, {**META, "model_spec": SPEC.to_dict()})  # resuming it is allowed
     with pytest.raises(ExpertStoreError, match="model.norm='instancenorm', config asks for 'layernorm'"):
         store.check_compatible(dataclasses.replace(SPEC, norm="layernorm"), None, True, 3)
 

@@ -3,7 +3,10 @@
 * :func:`load_split` returns an :class:`ImageSet` (uint8 images, int64 labels, class names, a dataset id
   and a content hash) for ``cifar10`` / ``cifar100`` (torchvision format), ``cifar10-jpeg`` (the tarball
   of real CIFAR-10 JPEGs, verified against ``SHA256SUMS`` once and extracted into the cache) and any
-  ``imagefolder`` tree. Decoded images are cached in ``cfg.cache_dir`` so the JPEGs are decoded once.
+  ``imagefolder`` tree; ``tiny-imagenet`` (the published folder layout) and ``imagenet`` (an ImageFolder
+  tree, resized to ``data.resolution``) come from :mod:`contra_ray.imagenet_data`, streamed from an
+  on-disk cache when ``data.in_memory`` is false (:mod:`contra_ray.disk_images`). Decoded images are
+  cached in ``cfg.cache_dir`` so the JPEGs are decoded once.
 * :class:`Preprocessor` / :func:`fit_preprocessor`: ``/255``, per-channel normalisation and ZCA
   whitening (kornia ``ZCAWhitening``, as in the MTT / DATM reference ``utils.get_dataset``), plus the
   inverse used to display synthetic images. It is saved with every artifact (``state_dict``) and
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .disk_images import DiskImages, PreprocessedImages
 from .fileio import atomic_write, sha256_file
 from .seeds import derive_seed
 from .config import DataConfig
@@ -75,12 +79,17 @@ class ImageSet:
     """A labelled image set held in memory.
 
     Attributes:
-        images: uint8 ``[N, C, H, W]``, pixel values 0..255.
+        images: uint8 ``[N, C, H, W]``, pixel values 0..255: a tensor, or for a streamed set a
+            :class:`~contra_ray.disk_images.DiskImages` (same ``shape``/indexing, read from disk on demand).
         labels: int64 ``[N]``, class indices in ``0..num_classes-1``.
-        classes: class names; ``classes[k]`` is the name of label ``k``.
+        classes: class identifiers; ``classes[k]`` is the class of label ``k`` (folder names; the wnids
+            for Tiny ImageNet / ImageNet). This is what artifacts and expert stores record and compare.
         dataset_id: ``"<dataset>/<split>"``, with the subset appended for a class-balanced train subset,
-            e.g. ``"cifar10-jpeg/train[1000pc,seed0]"``.
+            e.g. ``"cifar10-jpeg/train[1000pc,seed0]"``, and the resolution for resized sets
+            (``"imagenet@64px/train"``).
         content_hash: first 16 hex digits of sha256(images bytes + labels bytes) (see :func:`content_hash`).
+        class_names: readable names, one per class (``words.txt``'s first synonym for Tiny ImageNet:
+            ``n01443537`` -> ``goldfish``), or ``None`` when the identifiers are the names.
     """
 
     images: torch.Tensor
@@ -88,6 +97,17 @@ class ImageSet:
     classes: list[str]
     dataset_id: str
     content_hash: str
+    class_names: list[str] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Readable class names for tables and image grids (``class_names``, else ``classes``)."""
+        return list(self.class_names) if self.class_names is not None else list(self.classes)
+
+    @property
+    def streamed(self) -> bool:
+        """True when the images are read from disk on demand (:class:`DiskImages`)."""
+        return isinstance(self.images, DiskImages)
 
     @property
     def num_classes(self) -> int:
@@ -111,9 +131,15 @@ class ImageSet:
 
 
 def content_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """First 16 hex digits of sha256 over the raw bytes of ``images`` then ``labels`` (CPU, contiguous)."""
+    """First 16 hex digits of sha256 over the raw bytes of ``images`` then ``labels`` (CPU, contiguous).
+
+    ``images`` may be a :class:`DiskImages` (hashed in chunks, never whole in memory)."""
     h = hashlib.sha256()
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    if isinstance(images, DiskImages):
+        for chunk in images.split(_CHUNK):
+            h.update(chunk.numpy().tobytes())
+    else:
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
     h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -143,7 +169,16 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-    if cfg.dataset in ("cifar10", "cifar100"):
+    class_names = None
+    dataset_id = f"{cfg.dataset}/{split}"
+    if cfg.dataset in ("tiny-imagenet", "imagenet"):
+        from .imagenet_data import effective_resolution, load_imagenet_split
+
+        images, labels, classes, class_names, digest = load_imagenet_split(cfg, split)
+        res = effective_resolution(cfg)
+        if res is not None:
+            dataset_id = f"{cfg.dataset}@{res}px/{split}"
+    elif cfg.dataset in ("cifar10", "cifar100"):
         images, labels, classes, digest = _load_torchvision_cifar(cfg, split)
     elif cfg.dataset == "cifar10-jpeg":
         images, labels, classes, digest = _load_cifar10_jpeg(cfg, split)
@@ -156,13 +191,13 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
         raise ValueError(f"data.dataset={cfg.dataset!r} {split}: labels span {int(labels.min())}..{int(labels.max())} "
                          f"but there are {len(classes)} classes")
-    dataset_id = f"{cfg.dataset}/{split}"
     if split == "train" and cfg.train_per_class is not None:
         idx = _balanced_subset(labels, classes, cfg.train_per_class, cfg.subset_seed)
-        images, labels = images[idx].contiguous(), labels[idx].contiguous()
+        images = images.take(idx) if isinstance(images, DiskImages) else images[idx].contiguous()
+        labels = labels[idx].contiguous()
         dataset_id += f"[{cfg.train_per_class}pc,seed{cfg.subset_seed}]"
         digest = content_hash(images, labels)
-    return ImageSet(images, labels, list(classes), dataset_id, digest)
+    return ImageSet(images, labels, list(classes), dataset_id, digest, class_names)
 
 
 def _balanced_subset(labels: torch.Tensor, classes: list[str], per_class: int, seed: int) -> torch.Tensor:
@@ -499,10 +534,16 @@ class Preprocessor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, C, H, W]`` -> float32 ``[N, C, H, W]`` on the same device (processed in chunks).
 
+        A streamed :class:`DiskImages` gives a lazy :class:`~contra_ray.disk_images.PreprocessedImages`
+        (rows are read and preprocessed when indexed), never the whole float32 tensor.
+
         Raises:
             TypeError: ``images`` is not uint8 (float input would be scaled twice).
             ValueError: shape does not match the fitted channels / ZCA dimension.
         """
+        if isinstance(images, DiskImages):
+            self._check_shape(images)
+            return PreprocessedImages(images, self)
         if images.dtype != torch.uint8:
             raise TypeError(f"Preprocessor expects uint8 images, got {images.dtype}")
         self._check_shape(images)
@@ -544,7 +585,7 @@ class Preprocessor:
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != len(self.mean):
             raise ValueError(f"expected images [N, {len(self.mean)}, H, W], got {tuple(x.shape)}")
-        if self.zca and x[0].numel() != self.zca_matrix.shape[0]:
+        if self.zca and int(np.prod(x.shape[1:])) != self.zca_matrix.shape[0]:
             raise ValueError(f"ZCA was fitted on images of {self.zca_matrix.shape[0]} values, got "
                              f"{tuple(x.shape[1:])}")
 
@@ -592,7 +633,10 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
 
     * Without ZCA: per-channel mean and std (population, float64 accumulation) of ``images / 255``.
     * With ZCA (default, reference behaviour): ``mean = 0, std = 1`` and kornia
-      ``ZCAWhitening(eps=cfg.zca_eps, compute_inv=True)`` fitted on the whole ``images / 255`` train set.
+      ``ZCAWhitening(eps=cfg.zca_eps, compute_inv=True)`` fitted on the whole ``images / 255`` train set,
+      or with ``cfg.zca_samples`` on that many train images drawn without replacement by a generator
+      seeded ``derive_seed(cfg.subset_seed, "zca_sample")`` (kept in index order; required for a streamed
+      set, whose ``images / 255`` would not fit in memory).
       This is what the MTT and DATM reference ``utils.get_dataset`` do: with ``--zca`` their transform is
       ``ToTensor()`` only (no ``Normalize``) and ZCA (eps 0.1) is fitted on the full train set. With
       ``zca_on_normalized=True`` the mean/std normalisation is fitted and applied first and ZCA is fitted
@@ -607,14 +651,19 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
         zca_on_normalized: see above.
 
     Raises:
-        ValueError: fewer than 2 training images.
+        ValueError: fewer than 2 training images; ZCA on a streamed set without ``data.zca_samples``.
     """
     from safetensors.torch import load_file, save_file
 
     if len(train) < 2:
         raise ValueError(f"fit_preprocessor needs at least 2 training images, got {len(train)}")
     mode = "norm" if (zca_on_normalized or not cfg.zca) else "raw"
-    key = f"{train.content_hash}-zca{int(cfg.zca)}-eps{cfg.zca_eps!r}-{mode}.safetensors"
+    sample = cfg.zca_samples if (cfg.zca and cfg.zca_samples is not None and cfg.zca_samples < len(train)) else None
+    if cfg.zca and sample is None and isinstance(train.images, DiskImages):
+        raise ValueError(f"data.zca=true with data.zca_samples={cfg.zca_samples}: {train.dataset_id} is streamed "
+                         f"({len(train)} images); fit ZCA on a sample (e.g. data.zca_samples=20000)")
+    tag = f"-sample{sample}-seed{cfg.subset_seed}" if sample is not None else ""
+    key = f"{train.content_hash}-zca{int(cfg.zca)}-eps{cfg.zca_eps!r}-{mode}{tag}.safetensors"
     path = Path(cfg.cache_dir) / "preprocessors" / key
     if path.is_file():
         return Preprocessor.from_state_dict(load_file(str(path)))
@@ -638,7 +687,12 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
         import kornia
 
         zca = kornia.enhance.ZCAWhitening(eps=float(cfg.zca_eps), compute_inv=True)
-        zca.fit(pre(train.images))
+        if sample is not None:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.subset_seed, "zca_sample"))
+            idx = torch.randperm(len(train), generator=gen)[:sample].sort().values
+            zca.fit(pre(train.images[idx]))
+        else:
+            zca.fit(pre(train.images))
         pre = dataclasses.replace(pre, zca=True, zca_mean=zca.mean_vector.detach().float().contiguous(),
                                   zca_matrix=zca.transform_matrix.detach().float().contiguous(),
                                   zca_inverse=zca.transform_inv.detach().float().contiguous())

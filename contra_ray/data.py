@@ -672,8 +672,11 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
     if mode == "norm":
         s1 = torch.zeros(c, dtype=torch.float64)
         s2 = torch.zeros(c, dtype=torch.float64)
-        for s in range(0, len(train), _CHUNK):
-            x = train.images[s:s + _CHUNK].to(torch.float64) / 255.0
+        # a streamed set in chunks of ~4M values (32 MB of float64), not 4096 images (400 MB at 64 px)
+        step = max(1, min(_CHUNK, (1 << 22) // max(1, int(np.prod(train.images.shape[1:]))))) \
+            if isinstance(train.images, DiskImages) else _CHUNK
+        for s in range(0, len(train), step):
+            x = train.images[s:s + step].to(torch.float64) / 255.0
             s1 += x.sum(dim=(0, 2, 3))
             s2 += (x * x).sum(dim=(0, 2, 3))
         count = len(train) * train.images.shape[2] * train.images.shape[3]

@@ -6,8 +6,9 @@ preprocessed view.
   :func:`contra_ray.data.content_hash` of the array and its labels computed on the way.
 * :class:`DiskImages` is that file seen as an image tensor: ``shape``, ``dtype`` (uint8), ``len``,
   ``images[i]`` / ``images[a:b]`` / ``images[index_tensor]`` -> a uint8 tensor of just those rows.
-  Every read maps the file (``np.load(mmap_mode="r")``), copies the rows and unmaps it again, so the
-  process's resident memory never holds more than the rows asked for (the page cache is the kernel's).
+  Every read fetches just the rows asked for with ``os.preadv`` (consecutive rows in one call), so
+  the process's resident memory never holds more than those rows (the page cache is the kernel's; a
+  memory map would pull neighbouring pages of random rows into this process's resident set).
   It pickles as its path and row selection, so a Ray task reads the same file (one machine or shared
   storage).
 * :class:`PreprocessedImages` is ``preprocessor(images)`` for a :class:`DiskImages`, evaluated per
@@ -110,13 +111,20 @@ class DiskImages:
 
     def __init__(self, path: str | os.PathLike, rows: np.ndarray | None = None):
         self.path = str(path)
-        mm = np.load(self.path, mmap_mode="r")
-        shape, fortran, dtype = mm.shape, not mm.flags.c_contiguous, mm.dtype
-        del mm
+        with open(self.path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+            except ValueError as e:
+                raise ValueError(f"{self.path}: not a .npy file ({e})") from None
+            self._offset = f.tell()
         if dtype != np.uint8 or fortran or len(shape) != 4:
             raise ValueError(f"{self.path}: {dtype} {'Fortran' if fortran else 'C'}-order {shape} array, expected a "
                              "uint8 C-order [N, C, H, W] image array")
         self._file_rows = int(shape[0])
+        self._row_bytes = int(np.prod(shape[1:]))
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         n = self._file_rows if self.rows is None else len(self.rows)
         self.shape = torch.Size((n, *(int(s) for s in shape[1:])))
@@ -150,18 +158,34 @@ class DiskImages:
         return DiskImages(self.path, sel if self.rows is None else self.rows[sel])
 
     def _read(self, file_rows: np.ndarray | slice) -> np.ndarray:
-        mm = np.load(self.path, mmap_mode="r")
-        try:
-            if isinstance(file_rows, slice):
-                return np.array(mm[file_rows])
-            if len(file_rows) == 0:
-                return np.empty((0, *self.shape[1:]), dtype=np.uint8)
-            order = np.argsort(file_rows, kind="stable")  # read in file order, hand back in the asked order
-            out = np.empty((len(file_rows), *self.shape[1:]), dtype=np.uint8)
-            out[order] = mm[file_rows[order]]
+        """Rows of the file, by ``pread`` into the output (no memory map: random rows never pull their
+        neighbours' pages into this process's resident memory); consecutive rows in one read each."""
+        if isinstance(file_rows, slice):
+            file_rows = np.arange(self._file_rows)[file_rows]
+        out = np.empty((len(file_rows), *self.shape[1:]), dtype=np.uint8)
+        if len(file_rows) == 0:
             return out
+        order = np.argsort(file_rows, kind="stable")  # read in file order, hand back in the asked order
+        srt = file_rows[order]
+        buf = out if np.array_equal(order, np.arange(len(order))) else np.empty_like(out)
+        flat = buf.reshape(len(srt), -1)
+        starts = np.concatenate([[0], np.nonzero(np.diff(srt) != 1)[0] + 1, [len(srt)]])
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+                view = memoryview(flat[a:b]).cast("B")
+                pos, offset = 0, self._offset + int(srt[a]) * self._row_bytes
+                while pos < len(view):
+                    got = os.preadv(fd, [view[pos:]], offset + pos)
+                    if got <= 0:
+                        raise OSError(f"{self.path}: file ends before row {int(srt[a]) + pos // self._row_bytes} "
+                                      f"(truncated cache?)")
+                    pos += got
         finally:
-            del mm  # unmapped: the rows just read leave this process's resident memory
+            os.close(fd)
+        if buf is not out:
+            out[order] = buf
+        return out
 
     def __getitem__(self, key) -> torch.Tensor:
         """uint8 rows: ``[C, H, W]`` for an int, ``[n, C, H, W]`` for a slice, index tensor/array/list."""

@@ -23,6 +23,7 @@ more than a batch in memory) or, with ``data.in_memory``, loaded whole.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -235,6 +236,17 @@ def _decode_chunk(files: list[str], resolution: int | None) -> np.ndarray:
     return np.stack([decode_resized(f, resolution) for f in files])
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by the decoding threads back to the OS (glibc ``malloc_trim``; no-op elsewhere):
+    their per-thread malloc arenas otherwise keep it resident for the rest of the process."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _cache_key(listing: Listing, resolution: int | None, name: str) -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}\0{name}\0{resolution}\0{listing.folder.resolve()}".encode())
     for path, label in zip(listing.files, listing.labels.tolist()):
@@ -272,16 +284,25 @@ def decoded_cache(listing: Listing, split: str, name: str, resolution: int | Non
     def decoded():
         from tqdm import tqdm
 
+        window = 2 * max(1, threads)  # chunks in flight: decoded chunks never pile up ahead of the writer
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            jobs = pool.map(_decode_chunk, chunks, [resolution] * len(chunks))
-            for files, arr in tqdm(zip(chunks, jobs), total=len(chunks), desc=f"decoding {name}/{split}",
-                                   unit="chunk", mininterval=2.0, leave=False, disable=len(chunks) < 20):
-                if arr.shape[1:] != first.shape:
-                    raise ValueError(f"{files[0]}: decodes to {arr.shape[1:]} but {listing.files[0]} to {first.shape}; "
-                                     "all images must share one size (set data.resolution to resize them)")
-                yield arr
+            pending = collections.deque()
+            bar = tqdm(total=len(chunks), desc=f"decoding {name}/{split}", unit="chunk", mininterval=2.0,
+                       leave=False, disable=len(chunks) < 20)
+            for k in range(len(chunks)):
+                pending.append((chunks[k], pool.submit(_decode_chunk, chunks[k], resolution)))
+                while len(pending) > window or (k == len(chunks) - 1 and pending):
+                    files, job = pending.popleft()
+                    arr = job.result()
+                    if arr.shape[1:] != first.shape:
+                        raise ValueError(f"{files[0]}: decodes to {arr.shape[1:]} but {listing.files[0]} to "
+                                         f"{first.shape}; all images must share one size (set data.resolution)")
+                    bar.update(1)
+                    yield arr
+            bar.close()
 
     digest = write_npy(folder / "images.npy", shape, decoded(), listing.labels)
+    _release_freed_memory()
     def save_labels(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
             np.save(f, listing.labels.astype(np.int64))

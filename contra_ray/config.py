@@ -76,6 +76,13 @@ class ExpertConfig:
     gpus_per_expert: float = 0.0
     eval_every: int = 1  # test accuracy every n epochs (0 = only the last)
     max_retries: int = 3  # Ray retries of an expert task whose worker or node died; it resumes at its last epoch
+    # batch source of expert training: memory (in-memory tensors, or the on-disk stream of a streamed set) |
+    # ffcv (the .beton in ffcv_dir written by python -m contra_ray.data prepare) | auto (memory when the
+    # preprocessed float32 train set fits memory_budget_gb, else ffcv)
+    loader: str = "memory"
+    ffcv_dir: str | None = None
+    ffcv_mode: str = "raw"  # which .beton: raw (exact pixels) | jpeg (lossy)
+    memory_budget_gb: float = 8.0
 
 
 @dataclasses.dataclass
@@ -228,6 +235,15 @@ class Config:
             bad("experts.curriculum_gamma", x.curriculum_gamma, "must be >= 1")
         if x.max_retries < 0:
             bad("experts.max_retries", x.max_retries, "must be >= 0")
+        if x.loader not in ("memory", "ffcv", "auto"):
+            bad("experts.loader", x.loader, "must be one of memory, ffcv, auto")
+        if x.loader == "ffcv" and not x.ffcv_dir:
+            bad("experts.ffcv_dir", x.ffcv_dir, "experts.loader=ffcv needs the folder of the .beton files "
+                                                "(python -m contra_ray.data prepare --out DIR)")
+        if x.ffcv_mode not in ("raw", "jpeg"):
+            bad("experts.ffcv_mode", x.ffcv_mode, "must be raw or jpeg")
+        if x.memory_budget_gb <= 0:
+            bad("experts.memory_budget_gb", x.memory_budget_gb, "must be > 0")
         if d.ipc < 1:
             bad("distill.ipc", d.ipc, "must be >= 1")
         if not 0.0 <= d.beta <= 1.0:

@@ -411,7 +411,8 @@ def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_
     if resume_dir is not None:
         identity = {"expert_id": int(expert_id), "seed": int(seed), "model_spec": spec.to_dict(),
                     "recipe": {f: getattr(cfg, f) for f in ("lr", "momentum", "weight_decay", "batch_size", "dsa")},
-                    "augment": use_aug, "samples": len(loader), "order": _order_identity(order)}
+                    "augment": use_aug, "samples": len(loader), "order": _order_identity(order),
+                    "pixels": loader.identity() if hasattr(loader, "identity") else "memory"}
         partial = PartialExpert(resume_dir, identity)
         saved = partial.read()
         if saved is not None:

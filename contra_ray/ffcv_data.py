@@ -9,13 +9,15 @@ that serves exactly the sample order :func:`contra_ray.experts.train_expert` ask
   prepare`` is its CLI.
 * :func:`check_beton` refuses a ``.beton`` written for another data set, content or resolution,
   naming the path and both values.
-* :class:`FFCVBatchLoader`: one FFCV ``Loader`` per epoch with ``indices=`` that epoch's indices and
+* :class:`FFCVBatchLoader`: FFCV ``Loader`` s with ``indices=`` the epoch's indices and
   ``OrderOption.SEQUENTIAL`` (FFCV 1.0.2's custom traversal orders are broken; a sequential order over
-  given indices visits them in exactly the given order). So shuffled and curriculum experts (App. B:
-  epoch ``e`` is the ``ceil(h(e) N)`` easiest samples, permuted) see the same samples in the same order
-  as with the in-memory loader; batches are decoded by ``num_workers`` threads (the task's CPU share)
-  and preprocessed by the run's :class:`~contra_ray.data.Preprocessor`. Every ``Loader`` construction is
-  bounded by a timeout whose error names the pipeline (1.0.2's constructor can spin forever).
+  given indices visits them in exactly the given order), one per curriculum pacing stage (epoch size):
+  a later epoch of the same size reuses its stage's compiled ``Loader`` with that epoch's indices (a new
+  ``Loader`` costs ~2 s of numba compilation on its first batch). So shuffled and curriculum experts
+  (App. B: epoch ``e`` is the ``ceil(h(e) N)`` easiest samples, permuted) see the same samples in the same
+  order as with the in-memory loader; batches are decoded by ``num_workers`` threads (the task's CPU
+  share) and preprocessed by the run's :class:`~contra_ray.data.Preprocessor`. Every ``Loader``
+  construction is bounded by a timeout whose error names the pipeline (1.0.2's constructor can spin).
 
 FFCV is optional (``pip install .[ffcv]``, needs ``libturbojpeg`` and OpenCV); importing this module
 does not import it.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -83,7 +86,7 @@ def beton_name(dataset_id: str, mode: str) -> str:
 
 
 def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers: int = 1,
-                jpeg_quality: int = 90, timeout_s: float = 3600.0) -> Path:
+                jpeg_quality: int = 90) -> Path:
     """Write ``data`` (an :class:`~contra_ray.data.ImageSet`) as an FFCV ``.beton`` plus its ``.json``.
 
     Args:
@@ -91,14 +94,13 @@ def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers
         out_dir: destination folder; the name is :func:`beton_name` of ``data.dataset_id`` and ``mode``.
         mode: ``raw`` (exact pixels) or ``jpeg`` (``jpeg_quality``, lossy; smaller and usually faster
             to read from slow disks).
-        num_workers: FFCV writer processes.
-        timeout_s: bound on the whole write.
+        num_workers: FFCV writer processes (forked: call from the main thread).
 
     Returns:
         The ``.beton`` path. The JSON (written last, atomically) is ``<path>.json``.
 
     Raises:
-        ValueError: unknown mode. ImportError: FFCV is not installed. TimeoutError: the write took too long.
+        ValueError: unknown mode. ImportError: FFCV is not installed.
     """
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: must be one of {', '.join(MODES)}")
@@ -122,9 +124,8 @@ def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers
     fields = {"image": RGBImageField(write_mode="raw" if mode == "raw" else "jpg", jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        call_with_timeout(lambda: DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_Rows()),
-                          timeout_s, f"writing {path}")
+    try:  # in this thread: the writer forks its workers, which numba's TBB layer only allows from the main thread
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_Rows())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -213,6 +214,8 @@ class FFCVBatchLoader:
         self.num_workers, self.timeout_s = max(1, int(num_workers)), float(timeout_s)
         self.meta = read_beton_meta(path)
         self.record, self.served = record, []
+        self.construct_s: list[float] = []  # seconds each Loader construction took
+        self._loaders: dict[int, object] = {}  # one FFCV Loader per epoch size (= curriculum pacing stage)
 
     def __len__(self) -> int:
         return int(self.meta["num_samples"])
@@ -245,7 +248,13 @@ class FFCVBatchLoader:
         idx = indices.detach().cpu().numpy().astype(np.int64)
         if len(idx) == 0:
             return
-        loader = self._loader(idx)
+        loader = self._loaders.get(len(idx))
+        if loader is None:  # a new pacing stage (epoch size): a new Loader
+            t0 = time.perf_counter()
+            loader = self._loaders[len(idx)] = self._loader(idx)
+            self.construct_s.append(time.perf_counter() - t0)
+        else:  # same size: reuse the compiled Loader, sequential over this epoch's indices
+            loader.indices = loader.traversal_order.indices = loader.first_traversal_order = idx
         seen = []
         for x, y, i in loader:
             if self.record:

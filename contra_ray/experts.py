@@ -12,7 +12,8 @@ Pieces, from the inside out:
   paper App. B with pacing ``h(e)`` (Eq. 12), ranked by :func:`difficulty_from_first_correct`.
 * **Batch loader** (:class:`BatchLoader`): turns an epoch's indices into ``(x, y)`` batches.
   :class:`TensorBatchLoader` serves in-memory tensors, :class:`StreamingBatchLoader` a lazy on-disk view
-  (ImageNet-scale sets); a faster loader (FFCV) plugs in at the same seam.
+  (ImageNet-scale sets); the FFCV loader (:class:`contra_ray.ffcv_data.FFCVBatchLoader`) plugs in at the
+  same seam.
 * :func:`train_expert`: plain PyTorch, one expert, deterministic for a given seed, resumable after
   every finished epoch (``resume_dir``, :class:`contra_ray.expert_store.PartialExpert`).
 

@@ -94,7 +94,9 @@ def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, sp
     path = Path(cfg.ffcv_dir).expanduser() / beton_name(store_meta["dataset_id"], cfg.ffcv_mode)
     check_beton(path, dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
                 resolution=spec.image_size, num_samples=len(train_y))
-    return FFCVLoaderFactory(path, preprocessor_state, cfg.batch_size)
+    from .data import Preprocessor
+
+    return FFCVLoaderFactory(path, Preprocessor.from_state_dict(preprocessor_state), cfg.batch_size)
 
 
 def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,

@@ -268,17 +268,13 @@ class FFCVBatchLoader:
 class FFCVLoaderFactory:
     """Picklable recipe for an :class:`FFCVBatchLoader`, built inside each expert task with its CPU share.
 
-    Args: ``path`` (checked ``.beton``), ``preprocessor_state`` (``Preprocessor.state_dict()``),
-    ``batch_size``, ``timeout_s``.
+    Args: ``path`` (checked ``.beton``), ``preprocessor`` (the run's ``Preprocessor``), ``batch_size``,
+    ``timeout_s``.
     """
 
-    def __init__(self, path: str | os.PathLike, preprocessor_state: dict, batch_size: int,
-                 timeout_s: float = LOADER_TIMEOUT_S):
-        self.path, self.preprocessor_state = str(path), preprocessor_state
+    def __init__(self, path: str | os.PathLike, preprocessor, batch_size: int, timeout_s: float = LOADER_TIMEOUT_S):
+        self.path, self.preprocessor = str(path), preprocessor
         self.batch_size, self.timeout_s = int(batch_size), float(timeout_s)
 
     def __call__(self, device: str | torch.device, num_workers: int) -> FFCVBatchLoader:
-        from .data import Preprocessor
-
-        return FFCVBatchLoader(self.path, Preprocessor.from_state_dict(self.preprocessor_state), self.batch_size,
-                               device, num_workers, self.timeout_s)
+        return FFCVBatchLoader(self.path, self.preprocessor, self.batch_size, device, num_workers, self.timeout_s)

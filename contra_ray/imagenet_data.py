@@ -14,7 +14,7 @@
   PIL) then ``CenterCrop(res)``.
 
 Both are decoded once (PIL, ``convert("RGB")``, 8-bit modes only: the rules of
-:func:`contra_ray.data.decode_images`) in chunks by ``data.decode_threads`` threads into
+:func:`contra_ray.image_files.decode_images`) in chunks by ``data.decode_threads`` threads into
 ``<cache_dir>/decoded/<name>-<key>-<split>/`` (``images.npy`` uint8 ``[N, 3, R, R]``, ``labels.npy``,
 ``meta.json`` written last), keyed by every file's path, size and mtime, the resolution and the decoder
 version. The images are then served from that file (:class:`contra_ray.disk_images.DiskImages`, never
@@ -44,7 +44,7 @@ __all__ = ["Listing", "tiny_imagenet_listing", "imagefolder_listing", "read_clas
 IMAGENET_DEFAULT_RESOLUTION = 64
 _CACHE_VERSION = "npy-v1"  # bump when the decoded layout or the resizing changes
 _CHUNK = 256  # images per decoding job
-_NOT_8BIT = ("I", "F")
+from .image_files import NOT_8BIT as _NOT_8BIT  # noqa: E402
 
 
 def _image_ext(name: str) -> bool:
@@ -190,11 +190,11 @@ def imagefolder_listing(root: str | os.PathLike, split: str) -> Listing:
     """``root/train`` or ``root/val`` (``root/test``) as ``torchvision.datasets.ImageFolder`` lists them.
 
     Raises:
-        FileNotFoundError / ValueError: as :func:`contra_ray.data.check_split_classes` and a missing split.
+        FileNotFoundError / ValueError: as :func:`contra_ray.image_files.check_split_classes` and a missing split.
     """
     from torchvision.datasets import ImageFolder
 
-    from .data import _split_dir, check_split_classes
+    from .image_files import _split_dir, check_split_classes
 
     root = Path(root).expanduser()
     folder = _split_dir(root, split)
@@ -230,7 +230,7 @@ def decode_resized(path: str, resolution: int) -> np.ndarray:
 
 def _decode_chunk(files: list[str], resolution: int | None) -> np.ndarray:
     if resolution is None:
-        from .data import decode_images
+        from .image_files import decode_images
 
         return decode_images(files).numpy()
     return np.stack([decode_resized(f, resolution) for f in files])
@@ -264,7 +264,7 @@ def decoded_cache(listing: Listing, split: str, name: str, resolution: int | Non
     ``resolution``, ``source`` (the split folder), ``version``.
 
     Raises:
-        ValueError: as :func:`decode_resized` / :func:`contra_ray.data.decode_images`; images of different
+        ValueError: as :func:`decode_resized` / :func:`contra_ray.image_files.decode_images`; images of different
             sizes when ``resolution`` is ``None`` (names two files).
     """
     folder = Path(cache_dir) / "decoded" / f"{name}-{_cache_key(listing, resolution, name)}-{split}"

@@ -66,6 +66,7 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
                            save_correlation_csv, save_correlation_heatmap, triangle_summary)
     from .augment import DSA
     from .distiller import Distiller
+    from .stages import init_pool
 
     configs = {mode: mode_config(cfg, mode) for mode in modes}  # validate every mode before any work
     M = cfg.distill.expert_epochs
@@ -79,7 +80,7 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
         d = mcfg.distill
 
         def make_distiller(i: int | None, mcfg=mcfg, state: dict | None = None) -> Distiller:
-            dist = Distiller(mcfg, store, data.spec, data.train_x, data.train.labels,
+            dist = Distiller(mcfg, store, data.spec, *init_pool(mcfg, data),
                              augment=DSA() if mcfg.distill.dsa else None, expert_ids=others, device=cfg.device,
                              fixed_start=i)
             if state is not None:

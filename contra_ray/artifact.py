@@ -250,6 +250,7 @@ def build_meta(cfg: Any, spec: Any, preprocessor: Any, train_set: Any, *, iterat
         "dataset_id": getattr(train_set, "dataset_id", None),
         "train_content_hash": getattr(train_set, "content_hash", None),
         "classes": list(train_set.classes),
+        "class_names": list(getattr(train_set, "names", None) or train_set.classes),
         "num_classes": len(train_set.classes),
         "image_size": int(train_set.images.shape[-1]),
         "channels": int(train_set.images.shape[1]),

@@ -19,7 +19,7 @@ from .fileio import YAMLFileError, load_yaml
 from .models import MODEL_NAMES, ModelSpec, is_distillable
 
 PRESET_DIR = Path(__file__).parent / "presets"
-DATASETS = ("cifar10", "cifar100", "cifar10-jpeg", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "cifar10-jpeg", "imagefolder", "tiny-imagenet", "imagenet")
 AUG_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
@@ -41,6 +41,14 @@ class DataConfig:
     zca_eps: float = 0.1
     download: bool = False
     subset_seed: int = 0
+    # tiny-imagenet | imagenet (contra_ray.imagenet_data): side length images are resized to (Resize +
+    # CenterCrop); None = native size (tiny-imagenet), 64 for imagenet
+    resolution: int | None = None
+    # keep the decoded set in memory (True) or stream it from the on-disk cache (False); None = streamed
+    # for imagenet, in memory otherwise (tiny-imagenet, imagefolder and CIFAR are always in memory today)
+    in_memory: bool | None = None
+    zca_samples: int | None = None  # fit ZCA on this many train images (seeded sample); None = all of them
+    decode_threads: int = 0  # threads decoding JPEGs into the cache (0 = the CPUs this process may use)
 
 
 @dataclasses.dataclass
@@ -67,6 +75,14 @@ class ExpertConfig:
     cpus_per_expert: float = 1.0
     gpus_per_expert: float = 0.0
     eval_every: int = 1  # test accuracy every n epochs (0 = only the last)
+    max_retries: int = 3  # Ray retries of an expert task whose worker or node died; it resumes at its last epoch
+    # batch source of expert training: memory (in-memory tensors, or the on-disk stream of a streamed set) |
+    # ffcv (the .beton in ffcv_dir written by python -m contra_ray.data prepare) | auto (memory when the
+    # preprocessed float32 train set fits memory_budget_gb, else ffcv)
+    loader: str = "memory"
+    ffcv_dir: str | None = None
+    ffcv_mode: str = "raw"  # which .beton: raw (exact pixels) | jpeg (lossy)
+    memory_budget_gb: float = 8.0
 
 
 @dataclasses.dataclass
@@ -179,6 +195,20 @@ class Config:
             bad("data.dataset", self.data.dataset, f"unknown dataset; known: {', '.join(DATASETS)}")
         if self.data.dataset == "imagefolder" and not self.data.root:
             bad("data.root", self.data.root, "data.dataset=imagefolder needs the ImageFolder root directory")
+        if self.data.dataset in ("tiny-imagenet", "imagenet") and not self.data.root:
+            bad("data.root", self.data.root, f"data.dataset={self.data.dataset} needs the dataset's root directory")
+        if self.data.resolution is not None and self.data.resolution < 8:
+            bad("data.resolution", self.data.resolution, "must be >= 8 pixels or null")
+        if self.data.resolution is not None and self.data.dataset not in ("tiny-imagenet", "imagenet"):
+            bad("data.resolution", self.data.resolution, f"resizing is only implemented for tiny-imagenet and "
+                                                         f"imagenet, not data.dataset={self.data.dataset}")
+        if self.data.in_memory is False and self.data.dataset not in ("tiny-imagenet", "imagenet"):
+            bad("data.in_memory", False, f"streaming is only implemented for tiny-imagenet and imagenet, not "
+                                         f"data.dataset={self.data.dataset}")
+        if self.data.zca_samples is not None and self.data.zca_samples < 2:
+            bad("data.zca_samples", self.data.zca_samples, "must be >= 2 or null")
+        if self.data.decode_threads < 0:
+            bad("data.decode_threads", self.data.decode_threads, "must be >= 0")
         if self.data.train_per_class is not None and self.data.train_per_class < 1:
             bad("data.train_per_class", self.data.train_per_class, "must be >= 1 or null")
         if self.data.zca_eps <= 0:
@@ -205,6 +235,17 @@ class Config:
             bad("experts.curriculum_lambda", x.curriculum_lambda, "must be in (0, 1]")
         if x.curriculum_gamma < 1:
             bad("experts.curriculum_gamma", x.curriculum_gamma, "must be >= 1")
+        if x.max_retries < 0:
+            bad("experts.max_retries", x.max_retries, "must be >= 0")
+        if x.loader not in ("memory", "ffcv", "auto"):
+            bad("experts.loader", x.loader, "must be one of memory, ffcv, auto")
+        if x.loader == "ffcv" and not x.ffcv_dir:
+            bad("experts.ffcv_dir", x.ffcv_dir, "experts.loader=ffcv needs the folder of the .beton files "
+                                                "(python -m contra_ray.data prepare --out DIR)")
+        if x.ffcv_mode not in ("raw", "jpeg"):
+            bad("experts.ffcv_mode", x.ffcv_mode, "must be raw or jpeg")
+        if x.memory_budget_gb <= 0:
+            bad("experts.memory_budget_gb", x.memory_budget_gb, "must be > 0")
         if d.ipc < 1:
             bad("distill.ipc", d.ipc, "must be >= 1")
         if not 0.0 <= d.beta <= 1.0:

@@ -3,7 +3,10 @@
 * :func:`load_split` returns an :class:`ImageSet` (uint8 images, int64 labels, class names, a dataset id
   and a content hash) for ``cifar10`` / ``cifar100`` (torchvision format), ``cifar10-jpeg`` (the tarball
   of real CIFAR-10 JPEGs, verified against ``SHA256SUMS`` once and extracted into the cache) and any
-  ``imagefolder`` tree. Decoded images are cached in ``cfg.cache_dir`` so the JPEGs are decoded once.
+  ``imagefolder`` tree; ``tiny-imagenet`` (the published folder layout) and ``imagenet`` (an ImageFolder
+  tree, resized to ``data.resolution``) come from :mod:`contra_ray.imagenet_data`, streamed from an
+  on-disk cache when ``data.in_memory`` is false (:mod:`contra_ray.disk_images`). Decoded images are
+  cached in ``cfg.cache_dir`` so the JPEGs are decoded once.
 * :class:`Preprocessor` / :func:`fit_preprocessor`: ``/255``, per-channel normalisation and ZCA
   whitening (kornia ``ZCAWhitening``, as in the MTT / DATM reference ``utils.get_dataset``), plus the
   inverse used to display synthetic images. It is saved with every artifact (``state_dict``) and
@@ -23,19 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import shutil
 import tarfile
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .disk_images import DiskImages, PreprocessedImages
+from .image_files import _names, _split_dir, check_split_classes, decode_images  # noqa: F401  (re-exported)
 from .fileio import atomic_write, sha256_file
 from .seeds import derive_seed
 from .config import DataConfig
@@ -58,9 +60,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _MARKER = ".contra_ray_extracted.json"
 _CHUNK = 4096  # images per chunk when normalising / whitening
 _DECODER = "rgb8v2"  # in every decoded-cache name: bump when decoding changes (v2: always RGB, modes checked)
-# PIL modes whose samples are not 8-bit (16/32-bit integer, float): PIL's convert("RGB") clips them to
-# 0..255 instead of scaling, so they are refused rather than silently flattened
-_NOT_8BIT = ("I", "F")
 
 
 def shared_dir() -> Path:
@@ -75,12 +74,17 @@ class ImageSet:
     """A labelled image set held in memory.
 
     Attributes:
-        images: uint8 ``[N, C, H, W]``, pixel values 0..255.
+        images: uint8 ``[N, C, H, W]``, pixel values 0..255: a tensor, or for a streamed set a
+            :class:`~contra_ray.disk_images.DiskImages` (same ``shape``/indexing, read from disk on demand).
         labels: int64 ``[N]``, class indices in ``0..num_classes-1``.
-        classes: class names; ``classes[k]`` is the name of label ``k``.
+        classes: class identifiers; ``classes[k]`` is the class of label ``k`` (folder names; the wnids
+            for Tiny ImageNet / ImageNet). This is what artifacts and expert stores record and compare.
         dataset_id: ``"<dataset>/<split>"``, with the subset appended for a class-balanced train subset,
-            e.g. ``"cifar10-jpeg/train[1000pc,seed0]"``.
+            e.g. ``"cifar10-jpeg/train[1000pc,seed0]"``, and the resolution for resized sets
+            (``"imagenet@64px/train"``).
         content_hash: first 16 hex digits of sha256(images bytes + labels bytes) (see :func:`content_hash`).
+        class_names: readable names, one per class (``words.txt``'s first synonym for Tiny ImageNet:
+            ``n01443537`` -> ``goldfish``), or ``None`` when the identifiers are the names.
     """
 
     images: torch.Tensor
@@ -88,6 +92,17 @@ class ImageSet:
     classes: list[str]
     dataset_id: str
     content_hash: str
+    class_names: list[str] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Readable class names for tables and image grids (``class_names``, else ``classes``)."""
+        return list(self.class_names) if self.class_names is not None else list(self.classes)
+
+    @property
+    def streamed(self) -> bool:
+        """True when the images are read from disk on demand (:class:`DiskImages`)."""
+        return isinstance(self.images, DiskImages)
 
     @property
     def num_classes(self) -> int:
@@ -111,9 +126,15 @@ class ImageSet:
 
 
 def content_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """First 16 hex digits of sha256 over the raw bytes of ``images`` then ``labels`` (CPU, contiguous)."""
+    """First 16 hex digits of sha256 over the raw bytes of ``images`` then ``labels`` (CPU, contiguous).
+
+    ``images`` may be a :class:`DiskImages` (hashed in chunks, never whole in memory)."""
     h = hashlib.sha256()
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    if isinstance(images, DiskImages):
+        for chunk in images.split(_CHUNK):
+            h.update(chunk.numpy().tobytes())
+    else:
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
     h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -143,7 +164,16 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
-    if cfg.dataset in ("cifar10", "cifar100"):
+    class_names = None
+    dataset_id = f"{cfg.dataset}/{split}"
+    if cfg.dataset in ("tiny-imagenet", "imagenet"):
+        from .imagenet_data import effective_resolution, load_imagenet_split
+
+        images, labels, classes, class_names, digest = load_imagenet_split(cfg, split)
+        res = effective_resolution(cfg)
+        if res is not None:
+            dataset_id = f"{cfg.dataset}@{res}px/{split}"
+    elif cfg.dataset in ("cifar10", "cifar100"):
         images, labels, classes, digest = _load_torchvision_cifar(cfg, split)
     elif cfg.dataset == "cifar10-jpeg":
         images, labels, classes, digest = _load_cifar10_jpeg(cfg, split)
@@ -156,13 +186,13 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
         raise ValueError(f"data.dataset={cfg.dataset!r} {split}: labels span {int(labels.min())}..{int(labels.max())} "
                          f"but there are {len(classes)} classes")
-    dataset_id = f"{cfg.dataset}/{split}"
     if split == "train" and cfg.train_per_class is not None:
         idx = _balanced_subset(labels, classes, cfg.train_per_class, cfg.subset_seed)
-        images, labels = images[idx].contiguous(), labels[idx].contiguous()
+        images = images.take(idx) if isinstance(images, DiskImages) else images[idx].contiguous()
+        labels = labels[idx].contiguous()
         dataset_id += f"[{cfg.train_per_class}pc,seed{cfg.subset_seed}]"
         digest = content_hash(images, labels)
-    return ImageSet(images, labels, list(classes), dataset_id, digest)
+    return ImageSet(images, labels, list(classes), dataset_id, digest, class_names)
 
 
 def _balanced_subset(labels: torch.Tensor, classes: list[str], per_class: int, seed: int) -> torch.Tensor:
@@ -310,49 +340,6 @@ def _imagefolder_root(folder: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------- ImageFolder
 
-def _split_dir(root: Path, split: str) -> Path:
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root={str(root)!r}: no such directory")
-    names = ("train",) if split == "train" else ("test", "val")
-    for n in names:
-        if (root / n).is_dir():
-            return root / n
-    raise FileNotFoundError(f"data.root={str(root)!r}: no {' or '.join(n + '/' for n in names)} folder in {root} "
-                            f"(an ImageFolder root needs train/ and test/ or val/ subfolders)")
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
-
-
-def check_split_classes(root: str | os.PathLike) -> None:
-    """Check that ``root/train`` and ``root/test`` (or ``root/val``) hold the same class folders.
-
-    ``ImageFolder`` numbers classes by their sorted folder names within each split, so a test split
-    without class ``b`` (train ``a, b, c``; test ``a, c``) would label its ``c`` images 1, which the
-    model reads as ``b``. Nothing is checked when either split folder is missing.
-
-    Raises:
-        ValueError: the class lists differ; names both folders, both lists, and the classes the test split
-            lacks / has in excess.
-    """
-    from torchvision.datasets.folder import find_classes
-
-    root = Path(root)
-    train = root / "train"
-    test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if not train.is_dir() or test is None:
-        return
-    a, b = find_classes(str(train))[0], find_classes(str(test))[0]
-    if a != b:
-        missing, extra = [c for c in a if c not in b], [c for c in b if c not in a]
-        raise ValueError(f"data.root={str(root)!r}: the splits list different classes: {train} has {len(a)} "
-                         f"{_names(a)}, {test} has {len(b)} {_names(b)}; {test.name}/ lacks {_names(missing)} and has "
-                         f"extra {_names(extra)}. Labels are indices into each split's sorted class folders, so "
-                         "test images would be scored as other classes; give every split the same class folders")
-
-
 def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
     """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
     from torchvision.datasets import ImageFolder
@@ -394,81 +381,6 @@ def _decode_cached(root: Path, split: str, cache: Path, listing=None):
     return images, labels, list(listing.classes), digest
 
 
-def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
-    """Decode image files into one uint8 RGB ``[N, 3, H, W]`` tensor (no resizing), 8 bits per channel.
-
-    Every file's mode is read (PIL header) and the image converted as torchvision's ``ImageFolder``
-    default loader does, ``PIL.Image.convert("RGB")``: grayscale (``1``, ``L``) is replicated to three
-    channels, alpha (``LA``, ``RGBA``, ``PA``) is dropped (not composited), palettes (``P``) are expanded,
-    ``CMYK`` / ``YCbCr`` / ``LAB`` are converted by PIL. So the channel count never depends on which file
-    comes first. Files whose samples are not 8-bit (modes ``I``, ``I;16*``, ``F``: PIL would clip them to
-    255, not scale them) are refused. 16-bit-per-channel RGB(A) PNGs, which PIL itself opens as 8-bit
-    ``RGB``/``RGBA`` keeping the high byte, are decoded exactly as PIL does.
-
-    8-bit ``L`` / ``RGB`` JPEGs and PNGs (no transparency chunk) are decoded with
-    ``torchvision.io.decode_image`` (``ImageReadMode.RGB``) on the file bytes, bit-identical to PIL and
-    2.5x faster; everything else with PIL.
-
-    Raises:
-        ValueError: no files; an image whose size differs from the first image's (names both files); an
-            image whose mode is not 8-bit or cannot be converted to RGB (names the file and its mode).
-    """
-    from tqdm import tqdm
-
-    try:  # deprecated in torchvision 0.29 (superseded by TorchCodec); PIL is the fallback
-        from torchvision.io import ImageReadMode, decode_image
-    except ImportError:
-        decode_image = ImageReadMode = None
-
-    if not files:
-        raise ValueError("no image files to decode")
-    with Image.open(files[0]) as im:
-        w, h = im.size
-    out = torch.empty(len(files), 3, h, w, dtype=torch.uint8)
-    tv_mode = ImageReadMode.RGB if decode_image is not None else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io warns on every call
-        for i, path in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False,
-                                      disable=len(files) < 1000)):
-            out[i] = _decode_one(path, decode_image, tv_mode, files[0], (h, w))
-    return out
-
-
-def _decode_one(path: str, decode_image, tv_mode, first: str, hw: tuple[int, int]) -> torch.Tensor:
-    """One file -> uint8 ``[3, H, W]`` (see :func:`decode_images`)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        im = Image.open(io.BytesIO(raw))  # reads the header only
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ValueError(f"{path}: not a readable image ({e})") from None
-    with im:
-        if im.mode.startswith(_NOT_8BIT):
-            raise ValueError(f"{path}: image mode {im.mode!r} is not 8 bits per channel; PIL's convert('RGB') would "
-                             f"clip its values to 0..255 instead of scaling them. Convert the file to 8-bit RGB "
-                             f"or grayscale first")
-        img = None
-        fast = (decode_image is not None and im.format in ("JPEG", "PNG") and im.mode in ("L", "RGB")
-                and "transparency" not in im.info)
-        if fast:
-            try:
-                img = decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=tv_mode)
-            except RuntimeError:
-                img = None
-            if img is not None and (img.dtype != torch.uint8 or img.shape[0] != 3):
-                img = None  # e.g. a 16-bit PNG: PIL's reading is the reference
-        if img is None:
-            try:
-                rgb = im.convert("RGB")
-            except (ValueError, OSError) as e:
-                raise ValueError(f"{path}: image mode {im.mode!r} cannot be converted to RGB ({e})") from None
-            img = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
-    if tuple(img.shape[1:]) != hw:
-        raise ValueError(f"{path}: image is {img.shape[2]}x{img.shape[1]} (WxH) but {first} is {hw[1]}x{hw[0]}; "
-                         f"all images of a data set must share one size (nothing is resized)")
-    return img
-
-
 # ---------------------------------------------------------------------------------------- preprocessing
 
 @dataclasses.dataclass
@@ -499,10 +411,16 @@ class Preprocessor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, C, H, W]`` -> float32 ``[N, C, H, W]`` on the same device (processed in chunks).
 
+        A streamed :class:`DiskImages` gives a lazy :class:`~contra_ray.disk_images.PreprocessedImages`
+        (rows are read and preprocessed when indexed), never the whole float32 tensor.
+
         Raises:
             TypeError: ``images`` is not uint8 (float input would be scaled twice).
             ValueError: shape does not match the fitted channels / ZCA dimension.
         """
+        if isinstance(images, DiskImages):
+            self._check_shape(images)
+            return PreprocessedImages(images, self)
         if images.dtype != torch.uint8:
             raise TypeError(f"Preprocessor expects uint8 images, got {images.dtype}")
         self._check_shape(images)
@@ -544,7 +462,7 @@ class Preprocessor:
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != len(self.mean):
             raise ValueError(f"expected images [N, {len(self.mean)}, H, W], got {tuple(x.shape)}")
-        if self.zca and x[0].numel() != self.zca_matrix.shape[0]:
+        if self.zca and int(np.prod(x.shape[1:])) != self.zca_matrix.shape[0]:
             raise ValueError(f"ZCA was fitted on images of {self.zca_matrix.shape[0]} values, got "
                              f"{tuple(x.shape[1:])}")
 
@@ -592,7 +510,10 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
 
     * Without ZCA: per-channel mean and std (population, float64 accumulation) of ``images / 255``.
     * With ZCA (default, reference behaviour): ``mean = 0, std = 1`` and kornia
-      ``ZCAWhitening(eps=cfg.zca_eps, compute_inv=True)`` fitted on the whole ``images / 255`` train set.
+      ``ZCAWhitening(eps=cfg.zca_eps, compute_inv=True)`` fitted on the whole ``images / 255`` train set,
+      or with ``cfg.zca_samples`` on that many train images drawn without replacement by a generator
+      seeded ``derive_seed(cfg.subset_seed, "zca_sample")`` (kept in index order; required for a streamed
+      set, whose ``images / 255`` would not fit in memory).
       This is what the MTT and DATM reference ``utils.get_dataset`` do: with ``--zca`` their transform is
       ``ToTensor()`` only (no ``Normalize``) and ZCA (eps 0.1) is fitted on the full train set. With
       ``zca_on_normalized=True`` the mean/std normalisation is fitted and applied first and ZCA is fitted
@@ -607,14 +528,19 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
         zca_on_normalized: see above.
 
     Raises:
-        ValueError: fewer than 2 training images.
+        ValueError: fewer than 2 training images; ZCA on a streamed set without ``data.zca_samples``.
     """
     from safetensors.torch import load_file, save_file
 
     if len(train) < 2:
         raise ValueError(f"fit_preprocessor needs at least 2 training images, got {len(train)}")
     mode = "norm" if (zca_on_normalized or not cfg.zca) else "raw"
-    key = f"{train.content_hash}-zca{int(cfg.zca)}-eps{cfg.zca_eps!r}-{mode}.safetensors"
+    sample = cfg.zca_samples if (cfg.zca and cfg.zca_samples is not None and cfg.zca_samples < len(train)) else None
+    if cfg.zca and sample is None and isinstance(train.images, DiskImages):
+        raise ValueError(f"data.zca=true with data.zca_samples={cfg.zca_samples}: {train.dataset_id} is streamed "
+                         f"({len(train)} images); fit ZCA on a sample (e.g. data.zca_samples=20000)")
+    tag = f"-sample{sample}-seed{cfg.subset_seed}" if sample is not None else ""
+    key = f"{train.content_hash}-zca{int(cfg.zca)}-eps{cfg.zca_eps!r}-{mode}{tag}.safetensors"
     path = Path(cfg.cache_dir) / "preprocessors" / key
     if path.is_file():
         return Preprocessor.from_state_dict(load_file(str(path)))
@@ -623,8 +549,11 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
     if mode == "norm":
         s1 = torch.zeros(c, dtype=torch.float64)
         s2 = torch.zeros(c, dtype=torch.float64)
-        for s in range(0, len(train), _CHUNK):
-            x = train.images[s:s + _CHUNK].to(torch.float64) / 255.0
+        # a streamed set in chunks of ~4M values (32 MB of float64), not 4096 images (400 MB at 64 px)
+        step = max(1, min(_CHUNK, (1 << 22) // max(1, int(np.prod(train.images.shape[1:]))))) \
+            if isinstance(train.images, DiskImages) else _CHUNK
+        for s in range(0, len(train), step):
+            x = train.images[s:s + step].to(torch.float64) / 255.0
             s1 += x.sum(dim=(0, 2, 3))
             s2 += (x * x).sum(dim=(0, 2, 3))
         count = len(train) * train.images.shape[2] * train.images.shape[3]
@@ -638,7 +567,12 @@ def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: boo
         import kornia
 
         zca = kornia.enhance.ZCAWhitening(eps=float(cfg.zca_eps), compute_inv=True)
-        zca.fit(pre(train.images))
+        if sample is not None:
+            gen = torch.Generator().manual_seed(derive_seed(cfg.subset_seed, "zca_sample"))
+            idx = torch.randperm(len(train), generator=gen)[:sample].sort().values
+            zca.fit(pre(train.images[idx]))
+        else:
+            zca.fit(pre(train.images))
         pre = dataclasses.replace(pre, zca=True, zca_mean=zca.mean_vector.detach().float().contiguous(),
                                   zca_matrix=zca.transform_matrix.detach().float().contiguous(),
                                   zca_inverse=zca.transform_inv.detach().float().contiguous())
@@ -681,3 +615,56 @@ def real_images_per_class(images_float: torch.Tensor, labels: torch.Tensor, ipc:
             raise ValueError(f"ipc={ipc}: class {c} has only {len(members)} images")
         out.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m contra_ray.data prepare ...``: write FFCV ``.beton`` files of a data set (see
+    :func:`contra_ray.ffcv_data.write_beton`), each with its dataset id and content hash in a JSON beside it."""
+    import argparse
+    import sys
+    import time
+
+    from .config import DATASETS, ConfigError, config_from_dict, default_cache_dir
+
+    p = argparse.ArgumentParser(prog="python -m contra_ray.data", description="data utilities")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("prepare", help="write FFCV .beton files (+ dataset id and content hash in a JSON) for "
+                                       "experts.loader=ffcv")
+    q.add_argument("--dataset", required=True, choices=DATASETS, help="data.dataset")
+    q.add_argument("--root", default=None, help="data.root (dataset folder, tarball or ImageFolder root)")
+    q.add_argument("--resolution", type=int, default=None,
+                   help="data.resolution (tiny-imagenet / imagenet; default: native, 64 for imagenet)")
+    q.add_argument("--mode", choices=("raw", "jpeg"), default="raw", help="raw: exact pixels; jpeg: lossy, smaller")
+    q.add_argument("--out", required=True, help="folder for the .beton files (experts.ffcv_dir)")
+    q.add_argument("--splits", default="train", help="comma-separated splits (train, test); default train")
+    q.add_argument("--cache-dir", default=default_cache_dir(), help="data.cache_dir (decoded images)")
+    q.add_argument("--train-per-class", type=int, default=None, help="data.train_per_class (class-balanced subset)")
+    q.add_argument("--subset-seed", type=int, default=0, help="data.subset_seed")
+    q.add_argument("--workers", type=int, default=1, help="FFCV writer processes")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_dict({"data": {"dataset": args.dataset, "root": args.root, "resolution": args.resolution,
+                                         "cache_dir": args.cache_dir, "train_per_class": args.train_per_class,
+                                         "subset_seed": args.subset_seed}}).data
+        from .ffcv_data import write_beton
+
+        print(f"{'split':<6} {'images':>9} {'content hash':<17} {'seconds':>8}  file")
+        for split in [s for s in args.splits.split(",") if s]:
+            t0 = time.time()
+            data = load_split(cfg, split)
+            path = write_beton(data, args.out, args.mode, num_workers=args.workers)
+            print(f"{split:<6} {len(data):>9} {data.content_hash:<17} {time.time() - t0:>8.1f}  {path}", flush=True)
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from contra_ray.data import main as _main  # the package's module, not a second copy as __main__
+
+    sys.exit(_main())

@@ -38,7 +38,7 @@ from .config import Config, ConfigError, config_from_dict
 from .distiller import Distiller, DistillationDiverged
 from .loop import AllReduceSync, run_loop, worker_share
 from .raycluster import ensure_ray
-from .stages import PreparedData, prepare_data
+from .stages import PreparedData, init_pool, prepare_data
 
 __all__ = ["CheckpointError", "FaultInjection", "PreparedSetup", "DistributedRun", "RayTrainCheckpoints",
            "worker_share", "write_checkpoint", "read_checkpoint", "train_loop_per_worker", "make_trainer",
@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict) -> dict:
     fault: FaultInjection | None = config["fault"]
 
     data, store = setup(cfg, rank == 0 and d.eval_every > 0)
-    distiller = Distiller(cfg, store, data.spec, data.train_x, data.train.labels,
+    distiller = Distiller(cfg, store, data.spec, *init_pool(cfg, data),
                           augment=DSA() if d.dsa else None, device=str(device), workers=world)
     if rank == 0:
         print(f"[distill] {distiller.memory_plan.describe()}", flush=True)

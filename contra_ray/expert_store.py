@@ -5,6 +5,12 @@ initialization), ``index.parquet`` (one row per expert: id, seed, test accuracy 
 dataset id and hash, ZCA, sha256), ``store.json`` (store-level meta: model spec, epochs, data identity,
 training recipe) and ``preprocessor.safetensors`` (the ZCA statistics travel with the experts). Every
 file is written with :func:`contra_ray.fileio.atomic_write`. Plain PyTorch/pyarrow, no Ray.
+
+While an expert trains, its finished epochs live in ``expert_XXXX.partial/`` (:class:`PartialExpert`):
+``row_EEEE.pt`` (the flat parameters after epoch E, float32 ``[P]``; row 0 = initialization) and
+``state.pt`` (everything else needed to continue bit-identically: model and optimizer state, the RNG
+states, test accuracies, the number of finished epochs). A killed or retried training task resumes from
+there; :meth:`ExpertStore.add` removes the folder once the finished expert is saved.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +32,10 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from .fileio import atomic_write, sha256_file
 from .models import ModelSpec
 
-__all__ = ["STORE_FORMAT", "ExpertStoreError", "ExpertStore", "make_store_meta"]
+__all__ = ["STORE_FORMAT", "PARTIAL_FORMAT", "ExpertStoreError", "ExpertStore", "PartialExpert", "make_store_meta"]
 
 STORE_FORMAT = "contra_ray.expert_store/1"
+PARTIAL_FORMAT = "contra_ray.expert_partial/1"
 REQUIRED_META = ("model_spec", "epochs", "dataset_id", "content_hash", "zca", "zca_eps",
                  "preprocessor_fingerprint", "classes")
 _INDEX_SCHEMA = pa.schema([
@@ -179,6 +188,10 @@ class ExpertStore:
         """Path of the safetensors file of ``expert_id`` (whether or not it exists)."""
         return self.path / f"expert_{int(expert_id):04d}.safetensors"
 
+    def partial_dir(self, expert_id: int) -> Path:
+        """Folder of ``expert_id``'s finished epochs while it trains (see :class:`PartialExpert`)."""
+        return partial_dir(self.path, expert_id)
+
     def add(self, expert_id: int, seed: int, trajectory: torch.Tensor, test_acc: list[float]) -> None:
         """Save one expert (file first, atomically; then the index, atomically). Replaces an existing entry.
 
@@ -215,6 +228,7 @@ class ExpertStore:
         atomic_write(self.file(expert_id), data)
         self._rows[expert_id] = row
         self._write_index()
+        shutil.rmtree(self.partial_dir(expert_id), ignore_errors=True)  # the finished expert supersedes it
 
     # ------------------------------------------------------------------ reading
     def _row(self, expert_id: int) -> dict:
@@ -335,3 +349,80 @@ class ExpertStore:
                                    f"{needed_epochs} saved epochs, store has {self.epochs}")
 
 
+
+
+# ---------------------------------------------------------------------------------------- partial experts
+
+def partial_dir(store_path: str | os.PathLike, expert_id: int) -> Path:
+    """``<store>/expert_XXXX.partial``: where :class:`PartialExpert` keeps an unfinished expert's epochs."""
+    return Path(store_path) / f"expert_{int(expert_id):04d}.partial"
+
+
+class PartialExpert:
+    """The finished epochs of one expert that is still training, so a killed task resumes (format
+    :data:`PARTIAL_FORMAT`).
+
+    Files in ``folder`` (each written with :func:`atomic_write`; a row before the state that counts it,
+    so ``state.pt`` never points at a missing row):
+
+    * ``row_EEEE.pt``: flat parameters float32 ``[P]`` after epoch ``E`` (``row_0000.pt`` = initialization);
+    * ``state.pt``: ``{"format", "identity", "epoch" (finished epochs), "test_acc" (one per finished
+      epoch), "model" (state_dict), "optimizer" (state_dict, holds the momentum buffers), "rng"
+      (``{name: ByteTensor}``: the sample-order and augmentation generators, torch's global CPU RNG and,
+      on CUDA, the device's global RNG)}``.
+
+    ``identity`` (expert id, seed, model spec, recipe, number of training samples, sample order) must
+    equal the resuming task's: a folder left by another configuration is ignored with a warning, never
+    resumed from. Only the task training the expert writes its folder.
+
+    Args:
+        folder: the folder (``ExpertStore.partial_dir(i)``); created on the first write.
+        identity: JSON-serializable dict describing what is being trained.
+    """
+
+    def __init__(self, folder: str | os.PathLike, identity: dict):
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity, sort_keys=True))
+
+    def _row(self, epoch: int) -> Path:
+        return self.folder / f"row_{int(epoch):04d}.pt"
+
+    def write_init(self, row: torch.Tensor) -> None:
+        """Save the initialization (row 0); called before the first epoch of a fresh start."""
+        atomic_write(self._row(0), lambda tmp: torch.save(row.detach().to("cpu", torch.float32).clone(), tmp))
+
+    def write_epoch(self, epoch: int, row: torch.Tensor, test_acc: list[float], model: dict, optimizer: dict,
+                    rng: dict[str, torch.Tensor]) -> None:
+        """Save finished epoch ``epoch`` (1-based): its row, then the state that counts it."""
+        atomic_write(self._row(epoch), lambda tmp: torch.save(row.detach().to("cpu", torch.float32).clone(), tmp))
+        state = {"format": PARTIAL_FORMAT, "identity": json.dumps(self.identity, sort_keys=True),
+                 "epoch": int(epoch), "test_acc": [float(a) for a in test_acc], "model": model,
+                 "optimizer": optimizer, "rng": rng}
+        atomic_write(self.folder / "state.pt", lambda tmp: torch.save(state, tmp))
+
+    def read(self) -> dict | None:
+        """The saved state plus ``"trajectory"`` float32 ``[epoch + 1, P]``, or ``None`` when there is
+        nothing to resume from (no folder, no ``state.pt``; another identity, an unreadable file or a
+        missing row are reported with a warning naming the folder)."""
+        path = self.folder / "state.pt"
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") != PARTIAL_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {PARTIAL_FORMAT!r}")
+            if json.loads(state["identity"]) != self.identity:
+                warnings.warn(f"partial expert {self.folder} was saved for {state['identity']}, this task trains "
+                              f"{json.dumps(self.identity, sort_keys=True)}; starting from epoch 0")
+                return None
+            rows = [torch.load(self._row(e), map_location="cpu", weights_only=True) for e in range(state["epoch"] + 1)]
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: retrain rather than fail
+            warnings.warn(f"partial expert {self.folder} cannot be resumed ({type(e).__name__}: {e}); "
+                          "starting from epoch 0")
+            return None
+        state["trajectory"] = torch.stack(rows)
+        return state
+
+    def clear(self) -> None:
+        """Remove the folder (nothing to resume)."""
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -11,8 +11,11 @@ Pieces, from the inside out:
   :class:`ShuffledOrder` is the usual reshuffle; :class:`CurriculumOrder` is the easy-to-hard curriculum of
   paper App. B with pacing ``h(e)`` (Eq. 12), ranked by :func:`difficulty_from_first_correct`.
 * **Batch loader** (:class:`BatchLoader`): turns an epoch's indices into ``(x, y)`` batches.
-  :class:`TensorBatchLoader` serves in-memory tensors; a faster loader (FFCV) plugs in at the same seam.
-* :func:`train_expert`: plain PyTorch, one expert, deterministic for a given seed.
+  :class:`TensorBatchLoader` serves in-memory tensors, :class:`StreamingBatchLoader` a lazy on-disk view
+  (ImageNet-scale sets); the FFCV loader (:class:`contra_ray.ffcv_data.FFCVBatchLoader`) plugs in at the
+  same seam.
+* :func:`train_expert`: plain PyTorch, one expert, deterministic for a given seed, resumable after
+  every finished epoch (``resume_dir``, :class:`contra_ray.expert_store.PartialExpert`).
 
 Plain PyTorch, no Ray. The files are :mod:`contra_ray.expert_store`'s; many experts in parallel as Ray
 tasks is :func:`contra_ray.experts_ray.train_experts`.
@@ -21,7 +24,9 @@ tasks is :func:`contra_ray.experts_ray.train_experts`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import time
 from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ExpertConfig
-from .expert_store import ExpertStore, ExpertStoreError, make_store_meta  # noqa: F401  (re-exported)
+from .expert_store import ExpertStore, ExpertStoreError, PartialExpert, make_store_meta  # noqa: F401  (re-exported)
 from .models import ModelSpec, build_model, flat_params, load_flat_params
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "first_correct_epoch",
     "BatchLoader",
     "TensorBatchLoader",
+    "StreamingBatchLoader",
     "EpochStats",
     "train_expert",
     "ExpertStoreError",
@@ -229,6 +235,39 @@ class TensorBatchLoader:
             yield self.x[chunk], self.y[chunk]
 
 
+class StreamingBatchLoader:
+    """:class:`BatchLoader` over a lazy image view that reads each batch when it is needed.
+
+    Nothing but one batch is in memory: ``x[chunk]`` reads and preprocesses those rows (e.g. a
+    :class:`contra_ray.data.PreprocessedImages` over an on-disk uint8 cache), then the batch moves to
+    ``device``. Same batches, in the same order, as :class:`TensorBatchLoader` over the materialized
+    tensor.
+
+    Args:
+        x: indexable ``x[int64 tensor] -> float32 [b, C, H, W]`` with ``len(x) = N``; y: int64 ``[N]``.
+        batch_size: samples per batch; device: training device.
+
+    Raises:
+        ValueError: ``x`` and ``y`` lengths differ, or ``batch_size < 1``.
+    """
+
+    def __init__(self, x, y: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"):
+        if len(x) != len(y):
+            raise ValueError(f"train images and labels differ in length: {len(x)} vs {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"experts.batch_size={batch_size}: must be >= 1")
+        self.x, self.y = x, torch.as_tensor(y).long().cpu()
+        self.batch_size, self.device = int(batch_size), torch.device(device)
+
+    def __len__(self) -> int:
+        """N, the number of training samples."""
+        return len(self.x)
+
+    def batches(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for chunk in indices.cpu().split(self.batch_size):
+            yield self.x[chunk].to(self.device), self.y[chunk].to(self.device)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -269,12 +308,38 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device) 
     return acc
 
 
+def _order_identity(order) -> dict:
+    """What the resume check compares about a sample order (kind, size, curriculum parameters and ranks)."""
+    if isinstance(order, CurriculumOrder):
+        digest = hashlib.sha256(order.easiest_first.numpy().tobytes()).hexdigest()[:16]
+        return {"kind": "curriculum", "n": order.n, "lambda": order.lam, "gamma": order.gamma, "ranks": digest}
+    if isinstance(order, ShuffledOrder):
+        return {"kind": "shuffled", "n": order.n}
+    return {"kind": type(order).__qualname__}
+
+
+def _rng_states(order_gen: torch.Generator, aug_gen: torch.Generator, device: torch.device) -> dict:
+    rng = {"order": order_gen.get_state(), "augment": aug_gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_states(rng: dict, order_gen: torch.Generator, aug_gen: torch.Generator, device: torch.device) -> None:
+    order_gen.set_state(rng["order"])
+    aug_gen.set_state(rng["augment"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
 def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_y: torch.Tensor | None,
                  test_x: torch.Tensor, test_y: torch.Tensor, spec: ModelSpec, cfg: ExpertConfig,
                  order: SampleOrder | None = None, augment: Augment | None = None,
                  device: str | torch.device = "cpu", threads: int = 0,
                  progress: Callable[[EpochStats], None] | None = None,
-                 loader: BatchLoader | None = None) -> tuple[torch.Tensor, list[float]]:
+                 loader: BatchLoader | None = None,
+                 resume_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, list[float]]:
     """Train one expert on real data and record its parameter trajectory (paper Sec. 3; MTT ``buffer.py``).
 
     ``torch.manual_seed(seed)`` then :func:`build_model` (so row 0 is reproducible), SGD with
@@ -284,12 +349,20 @@ def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_
     Sample order and augmentation draw from their own generators seeded from ``seed``, so the result is
     deterministic for a given seed on CPU.
 
+    With ``resume_dir`` every finished epoch is saved there (:class:`contra_ray.expert_store.PartialExpert`:
+    parameters so far, optimizer momentum, the RNG states of the order and augmentation generators and of
+    torch's global RNG, test accuracies) *before* ``progress`` hears of it, and a call that finds a saved
+    state of the same expert (same id, seed, model, recipe, sample count and order) continues after its
+    last saved epoch: the trajectory is ``torch.equal`` to an uninterrupted run's (on CPU). The folder is
+    left in place (the caller removes it once the expert is stored, :meth:`ExpertStore.add` does).
+
     Args:
-        expert_id: only used in progress reports.
+        expert_id: only used in progress reports and the resume identity.
         seed: RNG seed of this expert.
-        train_x: float32 ``[N, C, H, W]``, already preprocessed (ZCA etc.); train_y: int64 ``[N]``.
-            May be ``None`` when ``loader`` is given.
-        test_x: float32 ``[N_test, C, H, W]`` preprocessed; test_y: int64 ``[N_test]``.
+        train_x: float32 ``[N, C, H, W]``, already preprocessed (ZCA etc.), or a lazy
+            :class:`contra_ray.data.PreprocessedImages` view (streamed from disk batch by batch);
+            train_y: int64 ``[N]``. May be ``None`` when ``loader`` is given.
+        test_x: float32 ``[N_test, C, H, W]`` preprocessed (or a lazy view); test_y: int64 ``[N_test]``.
         spec: the network to train.
         cfg: the ``experts`` config section (lr, momentum, weight_decay, batch_size, epochs, dsa, eval_every).
         order: sample order; ``None`` = :class:`ShuffledOrder` over all N samples.
@@ -297,8 +370,11 @@ def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_
             The generator lives on ``device``.
         device: training device, e.g. ``"cpu"`` or ``"cuda"``.
         threads: ``torch.set_num_threads`` for this process if > 0 (process-wide).
-        progress: called with an :class:`EpochStats` after every epoch.
-        loader: batch source; ``None`` = :class:`TensorBatchLoader` over ``train_x``/``train_y``.
+        progress: called with an :class:`EpochStats` after every epoch (after it is saved to ``resume_dir``).
+        loader: batch source; ``None`` = :class:`TensorBatchLoader` over ``train_x``/``train_y``
+            (:class:`StreamingBatchLoader` when ``train_x`` is a lazy view).
+        resume_dir: folder of this expert's finished epochs (``ExpertStore.partial_dir(expert_id)``), or
+            ``None`` (nothing saved, nothing resumed).
 
     Returns:
         ``(trajectory, test_acc)``: trajectory float32 ``[cfg.epochs + 1, P]`` on CPU (row 0 =
@@ -316,9 +392,11 @@ def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_
     if loader is None:
         if train_x is None or train_y is None:
             raise ValueError("train_expert needs train_x and train_y, or a loader")
-        loader = TensorBatchLoader(train_x, train_y, cfg.batch_size, device)
+        loader = (TensorBatchLoader(train_x, train_y, cfg.batch_size, device) if isinstance(train_x, torch.Tensor)
+                  else StreamingBatchLoader(train_x, train_y, cfg.batch_size, device))
     if order is None:
         order = ShuffledOrder(len(loader))
+    device = torch.device(device)
 
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
@@ -330,7 +408,25 @@ def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_
 
     trajectory = [flat_params(model).float().cpu()]
     test_acc: list[float] = []
-    for epoch in range(cfg.epochs):
+    partial = None
+    if resume_dir is not None:
+        identity = {"expert_id": int(expert_id), "seed": int(seed), "model_spec": spec.to_dict(),
+                    "recipe": {f: getattr(cfg, f) for f in ("lr", "momentum", "weight_decay", "batch_size", "dsa")},
+                    "augment": use_aug, "samples": len(loader), "order": _order_identity(order),
+                    "pixels": loader.identity() if hasattr(loader, "identity") else "memory"}
+        partial = PartialExpert(resume_dir, identity)
+        saved = partial.read()
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            _set_rng_states(saved["rng"], order_gen, aug_gen, device)
+            trajectory = list(saved["trajectory"][: cfg.epochs + 1])
+            test_acc = list(saved["test_acc"][: cfg.epochs])
+            print(f"expert {expert_id:04d}: resuming after epoch {saved['epoch']}/{cfg.epochs} from {resume_dir}",
+                  flush=True)
+        else:
+            partial.write_init(trajectory[0])
+    for epoch in range(len(test_acc), cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -351,6 +447,9 @@ def train_expert(expert_id: int, seed: int, train_x: torch.Tensor | None, train_
         done = epoch + 1
         evaluate = done == cfg.epochs or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
         test_acc.append(_accuracy(model, test_x, test_y, device) if evaluate else float("nan"))
+        if partial is not None:  # saved before anyone hears of the epoch: a kill after this loses nothing
+            partial.write_epoch(done, trajectory[-1], test_acc, model.state_dict(), opt.state_dict(),
+                                _rng_states(order_gen, aug_gen, device))
         if progress is not None:
             progress(EpochStats(expert_id, done, cfg.epochs, (loss_sum / max(seen, 1)).item(),
                                 correct.item() / max(seen, 1), test_acc[-1], time.perf_counter() - t0))

@@ -18,7 +18,7 @@ from .experts import Augment, SampleOrder, train_expert
 from .models import ModelSpec
 from .seeds import derive_seed
 
-__all__ = ["train_experts"]
+__all__ = ["train_experts", "choose_loader"]
 
 _RECIPE_FIELDS = ("lr", "momentum", "weight_decay", "batch_size", "dsa", "curriculum", "curriculum_lambda",
                   "curriculum_gamma")
@@ -48,20 +48,62 @@ def _refuse_incompatible(store: ExpertStore, wanted: dict) -> None:
 
 def _expert_task(expert_id: int, seed: int, data: tuple, spec: ModelSpec, cfg: ExpertConfig,
                  order: SampleOrder | None, augment_factory: Callable[[], Augment] | None, device: str,
-                 threads: int) -> tuple[int, torch.Tensor, list[float]]:
-    """Body of one Ray task: train one expert, print one line per epoch (forwarded to the driver)."""
+                 threads: int, resume_dir: str | None = None,
+                 epoch_hook: Callable[[int, int], None] | None = None,
+                 loader_factory: Callable | None = None) -> tuple[int, torch.Tensor, list[float]]:
+    """Body of one Ray task: train one expert (resuming from ``resume_dir``), print one line per epoch
+    (forwarded to the driver), then call ``epoch_hook(expert_id, epoch)`` (tests inject faults there).
+    ``loader_factory(device, num_workers)`` builds the batch source in the task (FFCV, ``threads`` workers)."""
     train_x, train_y, test_x, test_y = data
     augment = augment_factory() if (augment_factory is not None and cfg.dsa) else None
+    loader = loader_factory(device, threads) if loader_factory is not None else None
+
+    def progress(s):
+        print(s.line(), flush=True)
+        if epoch_hook is not None:
+            epoch_hook(expert_id, s.epoch)
+
     traj, acc = train_expert(expert_id, seed, train_x, train_y, test_x, test_y, spec, cfg, order=order,
-                             augment=augment, device=device, threads=threads,
-                             progress=lambda s: print(s.line(), flush=True))
+                             augment=augment, device=device, threads=threads, progress=progress,
+                             resume_dir=resume_dir, loader=loader)
     return expert_id, traj, acc
+
+
+def choose_loader(cfg: ExpertConfig, train_x) -> str:
+    """``memory`` or ``ffcv`` for ``experts.loader`` (``auto``: memory when the preprocessed float32 train set,
+    ``N * C * H * W * 4`` bytes, fits ``experts.memory_budget_gb``, else ffcv)."""
+    if cfg.loader != "auto":
+        return cfg.loader
+    need = 4 * int(torch.Size(train_x.shape).numel())
+    return "memory" if need <= cfg.memory_budget_gb * 2**30 else "ffcv"
+
+
+def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, spec: ModelSpec,
+                  preprocessor_state: dict):
+    """The checked ``.beton`` of this train set as an :class:`~contra_ray.ffcv_data.FFCVLoaderFactory`."""
+    from pathlib import Path
+
+    from .ffcv_data import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
+
+    if not cfg.ffcv_dir:
+        raise ValueError("experts.ffcv_dir=None: the FFCV loader needs the folder of the .beton files "
+                         "(python -m contra_ray.data prepare --out DIR)")
+    if not ffcv_available():
+        raise ValueError(f"experts.loader={cfg.loader!r} chose FFCV but `import ffcv` fails; pip install '.[ffcv]' "
+                         "(needs libturbojpeg0-dev and libopencv-dev, see scripts/setup.sh) or set experts.loader=memory")
+    path = Path(cfg.ffcv_dir).expanduser() / beton_name(store_meta["dataset_id"], cfg.ffcv_mode)
+    check_beton(path, dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
+                resolution=spec.image_size, num_samples=len(train_y))
+    from .data import Preprocessor
+
+    return FFCVLoaderFactory(path, Preprocessor.from_state_dict(preprocessor_state), cfg.batch_size)
 
 
 def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                   test_y: torch.Tensor, spec: ModelSpec, store_meta: dict, preprocessor_state: dict[str, torch.Tensor],
                   augment_factory: Callable[[], Augment] | None = None,
-                  order_factory: Callable[[int], SampleOrder] | None = None) -> ExpertStore:
+                  order_factory: Callable[[int], SampleOrder] | None = None,
+                  epoch_hook: Callable[[int, int], None] | None = None) -> ExpertStore:
     """Train ``cfg.experts.num_experts`` experts in parallel as Ray tasks into ``cfg.expert_store()``.
 
     Each expert ``i`` (ids ``0..num_experts-1``) is :func:`train_expert` with seed
@@ -71,6 +113,13 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     (one ``ray.put``). The driver saves each expert as soon as its task finishes (``ray.wait``), so a crash
     loses only the running experts; a rerun skips experts already saved whose checksum verifies (corrupt
     ones are retrained). Progress: a tqdm bar over experts in the driver, one line per epoch per task.
+
+    Resumable: each task saves every finished epoch in ``<store>/expert_XXXX.partial/``
+    (:class:`~contra_ray.expert_store.PartialExpert`), so a task that dies (worker killed, node lost) and is
+    retried by Ray (``max_retries=cfg.experts.max_retries``), or a rerun of this function after a crash,
+    continues after the expert's last saved epoch with a bit-identical trajectory. Across nodes this needs
+    the store directory on shared storage; otherwise a retried task on another node starts at epoch 0.
+    ``experts.num_experts`` may grow later: only the new ids are trained.
 
     Ray is started only if not initialized (``RAY_ADDRESS`` respected; locally
     :func:`contra_ray.raycluster.ensure_ray`, local CPUs from ``available_cpus()``) and is left running.
@@ -86,6 +135,8 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
             ``None`` and ``cfg.experts.dsa``, ``contra_ray.augment.DSA`` is used.
         order_factory: ``expert_id -> SampleOrder`` called in the driver (``None`` = :class:`ShuffledOrder`).
             Required when ``cfg.experts.curriculum`` (e.g. ``lambda i: CurriculumOrder(rank, λ, γ)``).
+        epoch_hook: ``(expert_id, epoch) -> None`` called inside each task after every saved epoch
+            (fault injection in tests; must be picklable).
 
     Returns:
         The opened :class:`ExpertStore` with all experts.
@@ -113,6 +164,11 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
 
     meta = dict(store_meta)
     meta.update(model_spec=spec.to_dict(), epochs=int(x.epochs), recipe=_recipe(x))
+    loader_factory = None
+    if choose_loader(x, train_x) == "ffcv":  # checked before anything is trained: the .beton must hold this set
+        loader_factory = _ffcv_factory(x, meta, train_y, spec, preprocessor_state)
+        if x.ffcv_mode == "jpeg":
+            meta["recipe"]["pixels"] = "ffcv-jpeg"  # lossy: not the pixels the other loaders serve
     path = cfg.expert_store()
     if (path / "store.json").exists():
         store = ExpertStore.open(path)
@@ -141,10 +197,14 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         warnings.warn(msg + "; tasks wait for the autoscaler")
     threads = max(1, int(x.cpus_per_expert))
     task = ray.remote(_expert_task).options(num_cpus=x.cpus_per_expert, num_gpus=x.gpus_per_expert,
-                                            max_retries=0)
-    data_ref = ray.put((train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long()))
-    pending = {task.remote(i, derive_seed(x.seed, "expert", i), data_ref, spec, x, order_factory(i) if order_factory else None,
-                           augment_factory, cfg.device, threads): i for i in todo}
+                                            max_retries=x.max_retries)
+    if loader_factory is not None:
+        data_ref = ray.put((None, None, test_x.contiguous(), test_y.long()))  # batches come from the .beton
+    else:
+        data_ref = ray.put((train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long()))
+    pending = {task.remote(i, derive_seed(x.seed, "expert", i), data_ref, spec, x,
+                           order_factory(i) if order_factory else None, augment_factory, cfg.device, threads,
+                           str(store.partial_dir(i)), epoch_hook, loader_factory): i for i in todo}
     failures: list[tuple[int, BaseException]] = []
     bar = tqdm(total=x.num_experts, initial=x.num_experts - len(todo), desc="experts", unit="expert")
     try:

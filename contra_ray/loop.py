@@ -323,6 +323,7 @@ def run_distillation(cfg: Config, data, store, logger=None, resume: bool = True,
     """
     from .augment import DSA
     from .checkpoint import LocalCheckpoints
+    from .stages import init_pool
 
     d = cfg.distill
     if cfg.threads:
@@ -335,9 +336,9 @@ def run_distillation(cfg: Config, data, store, logger=None, resume: bool = True,
         expert_ids = [i for i in store.expert_ids if i != ref]
         epochs = d.monitor_epochs or list(range(d.min_start_epoch, d.max_start_epoch + 1))
         monitor = ForgettingMonitor(store, ref, epochs, d.expert_epochs, seed=derive_seed(d.seed, "monitor"))
-    distiller = Distiller(cfg, store, data.spec, data.train_x, data.train.labels,
+    distiller = Distiller(cfg, store, data.spec, *init_pool(cfg, data),
                           augment=DSA() if d.dsa else None, expert_ids=expert_ids, device=cfg.device)
-    line = distiller.init_report.line(list(data.train.classes), d.ipc)
+    line = distiller.init_report.line(data.train.names, d.ipc)
     if progress is not None:
         print(distiller.memory_plan.describe(), flush=True)
         if line:

@@ -12,8 +12,11 @@ role           seed it derives from          what it seeds
 expert         ``experts.seed``, expert id   expert initialization, sample order, DSA (App. B / MTT)
 ranking_expert ``experts.seed``              the curriculum's difficulty-ranking expert (App. B)
 subset         ``data.subset_seed``          the class-balanced train subset
+zca_sample     ``data.subset_seed``          the train images ZCA is fitted on (``data.zca_samples``)
 plan           ``distill.seed``, iteration   the iteration's :class:`~contra_ray.matching.SegmentPlan`
 synthetic_init ``distill.seed``              which real images initialize the synthetic set
+init_pool      ``distill.seed``              the per-class sample of a streamed train set the
+                                             initialization draws from (``stages.init_pool``)
 periodic_eval  ``distill.seed``, iter, run   networks of the evaluations during distillation
 monitor        ``distill.seed``              the forgetting monitor's mini-batches (§4.2)
 eval           ``eval.seed``, run            the final evaluation networks (init, shuffling, DSA)
@@ -30,7 +33,7 @@ import numpy as np
 __all__ = ["ROLES", "derive_seed"]
 
 ROLES = ("expert", "ranking_expert", "subset", "plan", "synthetic_init", "periodic_eval", "monitor", "eval",
-         "baseline")
+         "baseline", "zca_sample", "init_pool")
 
 
 def derive_seed(seed: int, role: str, *index: int) -> int:

@@ -18,18 +18,24 @@ from .models import ModelSpec
 from .seeds import derive_seed
 
 __all__ = ["PreparedData", "prepare_data", "check_memory", "store_meta", "ensure_experts", "curriculum_rank",
-           "log_set_visuals"]
+           "init_pool", "class_names", "log_set_visuals"]
 
 
 @dataclasses.dataclass
 class PreparedData:
-    """Data every stage needs, preprocessed once: float32 images in the model's input space."""
+    """Data every stage needs, preprocessed once: float32 images in the model's input space.
+
+    For a streamed set (``data.in_memory`` false, the ImageNet default) ``train_x`` / ``test_x`` are lazy
+    :class:`contra_ray.disk_images.PreprocessedImages` views: indexing or splitting them reads and
+    preprocesses just those rows, so experts, the distiller's initialization and evaluation stream the set
+    batch by batch through the same code.
+    """
 
     train: object  # data.ImageSet
     test: object  # data.ImageSet
     preprocessor: object  # data.Preprocessor
-    train_x: torch.Tensor  # float32 [N, C, H, W]
-    test_x: torch.Tensor  # float32 [N_test, C, H, W]
+    train_x: torch.Tensor  # float32 [N, C, H, W] (or a lazy view of it)
+    test_x: torch.Tensor  # float32 [N_test, C, H, W] (or a lazy view of it)
     spec: ModelSpec
 
 
@@ -66,10 +72,13 @@ def check_memory(cfg: Config, data: PreparedData, workers: int = 1):
 
 
 def store_meta(cfg: Config, data: PreparedData) -> dict:
-    return {"model_spec": data.spec.to_dict(), "dataset_id": data.train.dataset_id,
+    meta = {"model_spec": data.spec.to_dict(), "dataset_id": data.train.dataset_id,
             "content_hash": data.train.content_hash, "zca": cfg.data.zca, "zca_eps": cfg.data.zca_eps,
             "preprocessor_fingerprint": data.preprocessor.fingerprint(), "classes": list(data.train.classes),
             "epochs": cfg.experts.epochs}
+    if getattr(data.train, "class_names", None) is not None:
+        meta["class_names"] = list(data.train.class_names)  # readable names (words.txt); not compared
+    return meta
 
 
 def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
@@ -132,13 +141,62 @@ def curriculum_rank(cfg: Config, data: PreparedData) -> torch.Tensor:
     return rank
 
 
+def init_pool(cfg: Config, data: PreparedData, per_class: int | None = None) -> tuple:
+    """The real images the synthetic set is initialized from: ``(x, labels)`` for ``Distiller``.
+
+    In memory: the whole train set (``data.train_x``, ``data.train.labels``), as before. Streamed: a
+    per-class sample of ``per_class`` images (default ``max(4 * distill.ipc, 10)``; all of a smaller class)
+    drawn by a generator seeded ``derive_seed(distill.seed, "init_pool")``, as a lazy view, so the
+    initializing expert's logits are ``[C * per_class, C]`` instead of ``[N, C]`` (5 GB for ImageNet-1K).
+
+    Returns:
+        ``(x, y)``: float32 images ``[n, C, H, W]`` (or a lazy view) and int64 labels ``[n]``.
+    """
+    from .disk_images import is_lazy
+
+    if not is_lazy(data.train_x):
+        return data.train_x, data.train.labels
+    k = per_class or max(4 * cfg.distill.ipc, 10)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.distill.seed, "init_pool"))
+    labels = data.train.labels
+    picked = []
+    for c in range(data.spec.num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    idx = torch.cat(picked).sort().values
+    return data.train_x.take(idx), labels[idx].clone()
+
+
+def class_names(cfg: Config, classes: list[str]) -> list[str]:
+    """Readable names of ``classes`` (ids as stored in an artifact): the first synonym in ``words.txt``
+    (or ``LOC_synset_mapping.txt``) under ``data.root`` for ``tiny-imagenet`` / ``imagenet``, else ``classes``."""
+    if cfg.data.dataset not in ("tiny-imagenet", "imagenet") or not cfg.data.root:
+        return list(classes)
+    from pathlib import Path
+
+    from .imagenet_data import read_class_names
+
+    root = Path(cfg.data.root).expanduser()
+    names = next((root / n for n in ("words.txt", "LOC_synset_mapping.txt") if (root / n).is_file()), None)
+    return read_class_names(names, list(classes), required=False) if names else list(classes)
+
+
 def log_set_visuals(cfg: Config, artifact, history: dict, preprocessor, logger) -> None:
-    """Image grid PNG and loss / syn_lr curves next to the artifact, and in MLflow."""
+    """Image grid PNG (with ``distilled_grid_classes.txt``: the class id and readable name of each grid row
+    or column) and loss / syn_lr curves next to the artifact, and in MLflow."""
     from .tracking import save_curves, save_image_grid
 
     grid = cfg.run_dir() / "distilled_grid.png"
-    save_image_grid(preprocessor.to_display(artifact.images), nrow=max(1, cfg.distill.ipc) if cfg.distill.ipc > 1
+    by_row = cfg.distill.ipc > 1
+    save_image_grid(preprocessor.to_display(artifact.images), nrow=max(1, cfg.distill.ipc) if by_row
                     else len(artifact.images), path=str(grid))
+    classes = list(artifact.meta.get("classes") or [])
+    if classes:
+        names = class_names(cfg, classes)
+        where = "row" if by_row else "column"
+        captions = cfg.run_dir() / "distilled_grid_classes.txt"
+        atomic_write(captions, "".join(f"{where} {k}\t{c}\t{n}\n" for k, (c, n) in enumerate(zip(classes, names))))
+        logger.log_artifact(str(captions))
     curves = cfg.run_dir() / "distill_curves.png"
     save_curves({k: v for k, v in history.items() if k.startswith("loss") or k == "syn_lr"}, str(curves),
                 title=f"{cfg.name}: matching loss and syn_lr")

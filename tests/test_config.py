@@ -9,7 +9,7 @@ from contra_ray.config import PRESET_DIR, ConfigError, load_config
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 def test_every_preset_loads_and_segments_fit(preset):
-    over = ["data.root=/some/imagefolder"] if preset.startswith("tiny_ipc") else []
+    over = ["data.root=/some/imagefolder"] if preset.startswith(("tiny_ipc", "imagenet1k")) else []
     cfg = load_config(preset, over)
     d = cfg.distill
     assert d.concurrent_starts()[-1] <= d.max_start_epoch if d.K else True

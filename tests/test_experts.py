@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from contra_ray import expert_store
+from contra_ray import expert_store, experts_ray
 from contra_ray import experts as ex
 from contra_ray import experts_ray
 from contra_ray.config import Config, ExpertConfig

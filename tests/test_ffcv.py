@@ -1,0 +1,199 @@
+"""FFCV for expert training: .beton files from `python -m contra_ray.data prepare`, the same first-epoch
+parameters as the in-memory loader, curriculum epochs that serve exactly the easiest ceil(h(e) N) samples,
+Ray tasks reading the .beton, and refusal of a .beton written for another resolution or data set.
+
+Every FFCV call runs in a subprocess with a timeout (FFCV 1.0.2's Loader constructor can spin forever).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_imagenet_data import make_tiny_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+
+
+def _ffcv_importable() -> bool:
+    try:
+        return subprocess.run([sys.executable, "-c", "import ffcv"], env=ENV, capture_output=True,
+                              timeout=180).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _ffcv_importable(), reason="ffcv is not importable: pip install '.[ffcv]' after "
+                                "apt-get install libturbojpeg0-dev libopencv-dev (scripts/setup.sh does both)")
+
+
+def bounded(args: list[str], timeout: int) -> str:
+    """Run ``python <args>`` with a timeout; its stdout (the test fails naming the command on a timeout)."""
+    try:
+        proc = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"FFCV step did not finish within {timeout} s: {' '.join(args)[:200]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ffcv")
+    root = make_tiny_imagenet(tmp / "tiny-imagenet-200", train_per_class=12, val_per_class=2, size=20)
+    out = bounded(["-m", "contra_ray.data", "prepare", "--dataset", "tiny-imagenet", "--root", str(root),
+                   "--resolution", "16", "--mode", "raw", "--out", str(tmp / "betons"), "--cache-dir",
+                   str(tmp / "cache")], timeout=300)
+    return tmp, root, out
+
+
+def test_prepare_cli_writes_beton_with_dataset_id_and_hash(prepared):
+    tmp, root, out = prepared
+    from contra_ray.config import DataConfig
+    from contra_ray.data import load_split
+
+    beton = tmp / "betons" / "tiny-imagenet@16px-train-raw.beton"
+    meta = json.loads(Path(str(beton) + ".json").read_text())
+    train = load_split(DataConfig(dataset="tiny-imagenet", root=str(root), resolution=16,
+                                  cache_dir=str(tmp / "cache"), zca=False), "train")
+    assert beton.is_file() and str(beton) in out and train.content_hash in out
+    assert meta["format"] == "contra_ray.beton/1" and meta["mode"] == "raw" and meta["resolution"] == 16
+    assert meta["dataset_id"] == "tiny-imagenet@16px/train" and meta["content_hash"] == train.content_hash
+    assert meta["num_samples"] == 36 and meta["classes"] == train.classes
+
+
+SCRIPT = textwrap.dedent("""
+    import json, math, sys, dataclasses
+    import torch
+    torch.set_num_threads(1)
+    from contra_ray.config import Config, DataConfig, ExpertConfig
+    from contra_ray.data import fit_preprocessor, load_split
+    from contra_ray.experts import CurriculumOrder, ShuffledOrder, train_expert
+    from contra_ray.ffcv_data import FFCVBatchLoader, check_beton_for
+    from contra_ray.stages import store_meta
+
+    root, tmp, beton = sys.argv[1:4]
+    dcfg = DataConfig(dataset="tiny-imagenet", root=root, resolution=16, cache_dir=tmp + "/cache", zca=False)
+    train, test = load_split(dcfg, "train"), load_split(dcfg, "test")
+    pre = fit_preprocessor(train, dcfg)
+    check_beton_for(beton, train)
+    cfg = Config()
+    cfg.data = dcfg
+    spec = cfg.model_spec(train.num_classes, train.image_size)
+    spec = dataclasses.replace(spec, width=4)
+    x, tx = pre(train.images), pre(test.images)
+    out = {}
+
+    # 1. shuffled order, two epochs (the second reuses the first's Loader): FFCV (raw) vs the in-memory
+    #    loader, same seed and order
+    ecfg = ExpertConfig(epochs=2, lr=0.05, momentum=0.9, batch_size=8, dsa=False, eval_every=0)
+    ff = FFCVBatchLoader(beton, pre, ecfg.batch_size, num_workers=1, timeout_s=120, record=True)
+    t_ffcv, _ = train_expert(0, 5, None, None, tx, test.labels, spec, ecfg, loader=ff)
+    t_mem, _ = train_expert(0, 5, x, train.labels, tx, test.labels, spec, ecfg)
+    seeds = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(5)).tolist()
+    gen = torch.Generator().manual_seed(seeds[0])
+    expected = [ShuffledOrder(len(x)).epoch_indices(e, gen) for e in range(2)]
+    torch.save({"ffcv": t_ffcv, "memory": t_mem, "served": ff.served, "expected": expected,
+                "loaders": len(ff.construct_s)}, tmp + "/shuffled.pt")
+
+    # 2. curriculum (App. B), 3 epochs: what FFCV serves in epoch e
+    rank = torch.randperm(len(x), generator=torch.Generator().manual_seed(9))
+    order = CurriculumOrder(rank, lam=0.4, gamma=2)
+    ccfg = dataclasses.replace(ecfg, epochs=3)
+    ff = FFCVBatchLoader(beton, pre, ccfg.batch_size, num_workers=2, timeout_s=120, record=True)
+    c_ffcv, _ = train_expert(1, 6, None, None, tx, test.labels, spec, ccfg, order=order, loader=ff)
+    c_mem, _ = train_expert(1, 6, x, train.labels, tx, test.labels, spec, ccfg,
+                            order=CurriculumOrder(rank, lam=0.4, gamma=2))
+    torch.save({"ffcv": c_ffcv, "memory": c_mem, "served": ff.served, "rank": rank,
+                "sizes": [order.size(e) for e in range(3)], "loaders": len(ff.construct_s)}, tmp + "/curriculum.pt")
+
+    # 3. experts as Ray tasks reading the .beton (experts.loader=ffcv), vs the in-memory loader
+    import ray
+    from contra_ray.experts_ray import train_experts
+    from contra_ray.seeds import derive_seed
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg.experts = dataclasses.replace(ecfg, epochs=2, num_experts=1, seed=3, store=tmp + "/experts", loader="ffcv",
+                                      ffcv_dir=str(__import__("pathlib").Path(beton).parent))
+    meta = {k: v for k, v in store_meta(cfg, type("D", (), {"spec": spec, "train": train, "preprocessor": pre})()).items()
+            if k not in ("model_spec", "epochs")}
+    store = train_experts(cfg, x, train.labels, tx, test.labels, spec, meta, pre.state_dict())
+    ref, _ = train_expert(0, derive_seed(3, "expert", 0), x, train.labels, tx, test.labels, spec, cfg.experts, threads=1)
+    ray.shutdown()
+    torch.save({"ray": store.trajectory(0), "memory": ref}, tmp + "/ray.pt")
+    print("ok")
+""")
+
+
+def test_ffcv_expert_matches_memory_loader_serves_curriculum_and_runs_in_ray(prepared):
+    tmp, root, _ = prepared
+    beton = tmp / "betons" / "tiny-imagenet@16px-train-raw.beton"
+    assert bounded(["-c", SCRIPT, str(root), str(tmp), str(beton)], timeout=560).strip().endswith("ok")
+
+    # raw pixels, the same preprocessing arithmetic per element (zca off) and the same order: the first
+    # epoch's parameters are bit-identical in float32 (no tolerance needed)
+    r = torch.load(tmp / "shuffled.pt")
+    assert all(torch.equal(s, e) for s, e in zip(r["served"], r["expected"]))  # exactly our permutations
+    assert len(r["served"]) == 2 and r["loaders"] == 1  # epoch 2 reused epoch 1's Loader
+    assert torch.equal(r["ffcv"][1], r["memory"][1]) and not torch.equal(r["ffcv"][0], r["ffcv"][1])
+    assert torch.equal(r["ffcv"], r["memory"])
+
+    c = torch.load(tmp / "curriculum.pt")
+    n = len(c["rank"])
+    for e, served in enumerate(c["served"]):
+        h = min(1.0, 0.4 + 0.6 * e / 2)
+        k = -(-round(h * n * 1e6) // 1_000_000)  # ceil(h(e) |T|)
+        assert k == c["sizes"][e] and len(served) == k and len(set(served.tolist())) == k
+        assert set(served.tolist()) == set(torch.nonzero(c["rank"] < k).flatten().tolist())  # the k easiest
+    assert [len(s) for s in c["served"]] == [15, 26, 36] and c["loaders"] == 3  # one Loader per pacing stage
+    assert torch.equal(c["ffcv"], c["memory"])
+
+    ray_r = torch.load(tmp / "ray.pt")
+    assert torch.equal(ray_r["ray"], ray_r["memory"])
+
+
+def test_beton_for_another_resolution_or_dataset_is_refused_naming_the_path(prepared, tmp_path):
+    tmp, root, _ = prepared
+    from contra_ray.config import DataConfig
+    from contra_ray.data import load_split
+    from contra_ray.ffcv_data import check_beton_for
+
+    beton = tmp / "betons" / "tiny-imagenet@16px-train-raw.beton"
+    at32 = load_split(DataConfig(dataset="tiny-imagenet", root=str(root), resolution=32,
+                                 cache_dir=str(tmp / "cache"), zca=False), "train")
+    with pytest.raises(ValueError, match=rf"FFCV file {beton} was written for dataset_id='tiny-imagenet@16px/train', "
+                                         r"this run's train set has dataset_id='tiny-imagenet@32px/train'"):
+        check_beton_for(beton, at32)
+    other = tmp_path / "other.beton"  # same bytes, recorded as another data set: refused
+    shutil.copy(beton, other)
+    meta = json.loads(Path(str(beton) + ".json").read_text())
+    Path(str(other) + ".json").write_text(json.dumps({**meta, "dataset_id": "imagenet@16px/train"}))
+    at16 = load_split(DataConfig(dataset="tiny-imagenet", root=str(root), resolution=16,
+                                 cache_dir=str(tmp / "cache"), zca=False), "train")
+    check_beton_for(beton, at16)
+    with pytest.raises(ValueError, match=rf"FFCV file {other} was written for dataset_id='imagenet@16px/train'"):
+        check_beton_for(other, at16)
+    Path(str(other) + ".json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"FFCV file {other} has no other.beton.json beside it"):
+        check_beton_for(other, at16)
+
+    # the expert fan-out refuses it before training anything (experts.loader=ffcv, a .beton of 16 px data)
+    from contra_ray.config import Config, ExpertConfig
+    from contra_ray.experts_ray import train_experts
+
+    cfg = Config()
+    cfg.experts = ExpertConfig(epochs=1, num_experts=1, store=str(tmp_path / "experts"), loader="ffcv",
+                               ffcv_dir=str(tmp / "betons"), dsa=False)
+    spec = cfg.model_spec(3, 32)
+    meta = {"dataset_id": at32.dataset_id, "content_hash": at32.content_hash, "zca": False, "zca_eps": 0.1,
+            "preprocessor_fingerprint": "fp", "classes": at32.classes}
+    x = torch.zeros(36, 3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="tiny-imagenet@32px-train-raw.beton does not exist"):
+        train_experts(cfg, x, at32.labels, x[:2], at32.labels[:2], spec, meta, {})

@@ -102,7 +102,8 @@ def _default_setup(cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
 
 
 class _MetricSink:
-    """Rank 0's per-iteration metrics into the driver's MLflow run (``None`` run id: no-op)."""
+    """Rank 0's per-iteration metrics into the driver's MLflow run (``None`` run id: no-op), under the
+    names of :data:`contra_ray.tracking.METRICS` (``loss/start_<t>`` keeps its ``/``, as in one process)."""
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.run_id = run_id
@@ -117,7 +118,7 @@ class _MetricSink:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k.replace("/", "_"), float(v), ts, int(step)) for k, v in metrics.items()]
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, metrics=items[i:i + 100])
 

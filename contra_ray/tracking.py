@@ -256,8 +256,8 @@ METRICS = {
     "final_acc/<model>": "the same mean for every evaluated model (final_acc_std/<model>: its std)",
     "random_real_acc": "random real images of the same IPC (hard labels), main model: mean (%) over eval.runs "
                        "(random_real_acc_std; random_real_acc/<model>, random_real_acc_std/<model>)",
-    "s_per_iter": "median wall-clock seconds per distillation iteration (logging included, iterations with an "
-                  "evaluation or checkpoint in between excluded); logged when the run ends",
+    "s_per_iter": "median wall-clock seconds per distillation iteration (logging included, periodic "
+                  "evaluations excluded); logged when the run ends",
     "iters_to_plateau": "first iteration whose eval_acc is within PLATEAU_TOLERANCE (0.5) points of the run's "
                         "best eval_acc (needs >= 2 evaluations); logged when the run ends",
 }
@@ -366,18 +366,19 @@ def iteration_metrics(client: Any, run_id: str) -> dict[str, float]:
     """``s_per_iter`` and ``iters_to_plateau`` (see :data:`METRICS`) from a run's logged ``loss`` and
     ``eval_acc`` histories; empty when the run logged no distillation iterations.
 
-    ``s_per_iter``: the median of the differences between the timestamps (ms) of consecutive ``loss``
-    steps, leaving out steps at which ``eval_acc`` was logged (an evaluation ran in between); it reads the
-    store, so it works the same for one process and for Ray Train's rank 0 logging in another process.
+    ``s_per_iter``: the median over iterations s of the time (ms timestamps) from the ``loss`` of step s-1,
+    or from the ``eval_acc`` of step s when an evaluation ran in between (the loop evaluates after
+    iteration s-1 and logs it at step s), to the ``loss`` of step s. It reads the store, so it works the
+    same for one process and for Ray Train's rank 0 logging from another process.
     """
     import statistics
 
     out: dict[str, float] = {}
     loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: (m.step, m.timestamp))
     evals = sorted(client.get_metric_history(run_id, "eval_acc"), key=lambda m: m.step)
-    eval_steps = {m.step for m in evals}
-    deltas = [(b.timestamp - a.timestamp) / 1000 for a, b in zip(loss, loss[1:])
-              if b.step == a.step + 1 and b.step not in eval_steps]
+    eval_at = {m.step: m.timestamp for m in evals}
+    deltas = [(b.timestamp - max(a.timestamp, eval_at.get(b.step, a.timestamp))) / 1000
+              for a, b in zip(loss, loss[1:]) if b.step == a.step + 1]
     if deltas:
         out["s_per_iter"] = statistics.median(deltas)
     if len(evals) >= 2:

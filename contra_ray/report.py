@@ -15,7 +15,9 @@ networks), then the group reports the mean and the standard deviation *over seed
 per-seed means, and the number of seeds (:func:`aggregate_by_seed`). With ``--baseline``, every group is
 compared with the runs matching the baseline params, paired by seed: mean difference, its standard
 deviation over pairs (``ddof=1``) and a 95 % Student-t interval ``mean ± t(0.975, n-1) * sd / sqrt(n)``
-(:func:`paired_differences`). A bar chart with the seed standard deviations (and, with a baseline, the
+(:func:`paired_differences`; ``--within distill.soft_labels`` pairs each group with the baseline of its own
+recipe). ``--metric`` aggregates another per-run metric the same way (``s_per_iter``, ``iters_to_plateau``).
+A bar chart with the seed standard deviations (and, with a baseline, the
 differences with their intervals) is written atomically to ``--plot`` and logged to the parent run when
 there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
 """
@@ -211,7 +213,8 @@ def paired_differences(rows: Sequence[Mapping], group_by: Sequence[str], baselin
     numbers); params of ``group_by`` it does not name are free (e.g. R when K = 0), and its runs of one
     seed are averaged. ``within`` (params of ``group_by``) splits the comparison: a group is compared with
     the baseline runs that share its values of those params (Table 3: ``within=["distill.soft_labels"]``
-    compares MTT+CT with MTT and DATM+CT with DATM, never across recipes). For a group, ``d_s = mean_group(s) - mean_baseline(s)`` over the seeds both have;
+    compares MTT+CT with MTT and DATM+CT with DATM, never across recipes). For a group,
+    ``d_s = mean_group(s) - mean_baseline(s)`` over the seeds both have;
     ``mean`` and ``std`` (``ddof=1``) of the ``d_s``, and ``mean ± t(0.975, n-1) * std / sqrt(n)``.
     The compared groups are formed from the runs that do not match the baseline.
 

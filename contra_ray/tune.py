@@ -961,7 +961,8 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     for f in searched:
         section, key = f.rsplit(".", 1) if "." in f else ("", f)
         setattr(getattr(parent_cfg, section) if section else parent_cfg, key, "<searched>")
-    with RunLogger(parent_cfg, name, enabled=tracking, role="sweep", entry_point="contra_ray.tune", note=note) as parent:
+    with RunLogger(parent_cfg, name, enabled=tracking, role="sweep", entry_point="contra_ray.tune",
+                   note=note) as parent:
         parent.set_tags({"path.sweep.space": str(Path(spec.path).resolve())})
         parent.log_params({"sweep.space": spec.name, "sweep.num_trials": len(points),
                            "sweep.num_dropped": sum(n.startswith("dropped") for n in notes),

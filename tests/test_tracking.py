@@ -158,7 +158,8 @@ def test_run_tags_params_and_iteration_metrics(cfg, tmp_path):
     assert tags["method"] == "mtt" and tags["K"] == "0" and tags["beta"] == "1.0" and tags["ipc"] == "1"
     assert tags["mlflow.note.content"] == "first try" and tags["path.data.root"] == str(tmp_path / "data")
     version, sha = source_version()  # a checkout: git rev-parse HEAD of the package's repository
-    assert tags["git_commit"] == version and (sha is None or (len(sha) == 40 and tags["mlflow.source.git.commit"] == sha))
+    assert tags["git_commit"] == version
+    assert sha is None or (len(sha) == 40 and tags["mlflow.source.git.commit"] == sha)
     with pytest.raises(ValueError, match="method='datm'"):
         run_tags(cfg, "distill", "x", method="datm")
     assert accuracy_metrics({"convnet": (50.0, 1.0), "resnet18": (40.0, 2.0)}, "convnet", "random_real_acc") == {

@@ -362,7 +362,8 @@ def test_smoke_sweep_logs_parent_and_children(sweep, capsys):
     parent = parents[0]
     assert parent.info.run_id == result.parent_run_id and parent.data.metrics["best_final_acc"] > 0
     assert parent.data.params["distill.beta"] == "<searched>" and "K" not in parent.data.tags  # searched
-    assert parent.data.tags["contra_ray.role"] == "sweep" and parent.data.tags["mlflow.source.name"] == "contra_ray.tune"
+    assert parent.data.tags["contra_ray.role"] == "sweep"
+    assert parent.data.tags["mlflow.source.name"] == "contra_ray.tune"
     assert parent.data.tags["best_run_id"] == result.best["run_id"]
     assert parent.data.tags["best_run_name"] == result.best["name"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "best")} == {
@@ -381,7 +382,8 @@ def test_smoke_sweep_logs_parent_and_children(sweep, capsys):
         assert {"distilled.safetensors", "distilled_grid.png", "distill_curves.png"} <= arts
     assert seen == {(0.0, 2, 2), (0.0, 3, 1), (0.5, 2, 2), (0.5, 3, 1)}
     best = load_config(str(out / "smoke" / "best_config.yaml"))  # README: rerun it as a preset
-    assert best.name == "smoke-best" and best.output_dir == str(out.resolve()) and best.tracking.experiment == "contra_ray"
+    assert best.name == "smoke-best" and best.output_dir == str(out.resolve())
+    assert best.tracking.experiment == "contra_ray"
 
     capsys.readouterr()
     assert report_main(["--experiment", "tune-cpu_smoke", "--tracking-uri", result.tracking_uri]) == 0

@@ -563,19 +563,20 @@ def save_image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: lis
             big = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
             y0, x0 = pad + r * (ch + pad), pad + c * (cw + pad)
             canvas[y0:y0 + ch, x0:x0 + cw] = (big.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    more = max((len(i) for i in per_class), default=0) > cols
+    head = title or "distilled set"
+    head += f" ({cols} of {max(len(i) for i in per_class)} per class shown)" if more else ""
     label_w = 12 + 8 * max((len(s) for s in names), default=4)
     title_h = 28
-    width, height = label_w + canvas.shape[1], title_h + canvas.shape[0]
+    width = max(label_w + canvas.shape[1], 7 * len(head) + 16)  # wide enough for the title
+    height = title_h + canvas.shape[0]
     fig = _agg_figure(width, height)
     fig.patch.set_facecolor("white")
     fig.figimage(canvas, xo=label_w, yo=0, origin="upper")
     for r, name in enumerate(names):
         y = height - (title_h + pad + r * (ch + pad) + ch / 2)
         fig.text((label_w - 6) / width, y / height, name, ha="right", va="center", fontsize=10)
-    more = max((len(i) for i in per_class), default=0) > cols
-    head = title or "distilled set"
-    head += f" ({cols} of {max(len(i) for i in per_class)} per class shown)" if more else ""
-    fig.text(0.5, 1 - (title_h / 2) / height, head, ha="center", va="center", fontsize=11)
+    fig.text(0.5, 1 - (title_h / 2) / height, head, ha="center", va="center", fontsize=10)
     _save_figure(fig, path)
     return {"rows": n_cls, "cols": cols, "cell_px": (ch, cw), "size": (width, height),
             "image_box": (label_w, title_h, canvas.shape[1], canvas.shape[0])}

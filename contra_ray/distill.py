@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0,
                    help="Ray Train workers sharing the students (0: run in this process)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--note", default=None, help="description of the MLflow run (tag mlflow.note.content)")
     return p
 
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import run_distributed
 
         return run_distributed(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                               resume=not args.no_resume, train_missing=not args.no_train_experts)
+                               resume=not args.no_resume, train_missing=not args.no_train_experts, note=args.note)
     from .distiller import DistillationDiverged
     from .expert_store import ExpertStoreError
     from .loop import run_distillation
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.tracking.enabled:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
     try:
-        with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled) as logger:
+        with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=args.note) as logger:
             artifact, history = run_distillation(cfg, data, store, logger, resume=not args.no_resume)
             out = cfg.run_dir() / "distilled.safetensors"
             artifact.save(out)

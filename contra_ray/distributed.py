@@ -102,7 +102,8 @@ def _default_setup(cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
 
 
 class _MetricSink:
-    """Rank 0's per-iteration metrics into the driver's MLflow run (``None`` run id: no-op)."""
+    """Rank 0's per-iteration metrics into the driver's MLflow run (``None`` run id: no-op), under the
+    names of :data:`contra_ray.tracking.METRICS` (``loss/start_<t>`` keeps its ``/``, as in one process)."""
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.run_id = run_id
@@ -117,7 +118,7 @@ class _MetricSink:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k.replace("/", "_"), float(v), ts, int(step)) for k, v in metrics.items()]
+        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, metrics=items[i:i + 100])
 
@@ -337,7 +338,8 @@ def fit_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
 
 
 def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True,
-                    max_failures: int = DEFAULT_MAX_FAILURES, train_missing: bool = True) -> int:
+                    max_failures: int = DEFAULT_MAX_FAILURES, train_missing: bool = True,
+                    note: str | None = None) -> int:
     """The ``--num-workers W`` path of ``python -m contra_ray.distill``; returns the exit code.
 
     Prepares the data, trains missing experts (Ray tasks), opens an MLflow run, runs
@@ -370,7 +372,7 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
     if cfg.tracking.enabled:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
     try:
-        with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled) as logger:
+        with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=note) as logger:
             try:
                 run = fit_distributed(cfg, num_workers, use_gpu, resume, max_failures=max_failures,
                                       tracking_run_id=logger.run_id)

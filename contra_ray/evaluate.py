@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the config's, sqlite:///<output_dir>/mlflow.db)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (default: log)")
+    p.add_argument("--note", default=None, help="description of the MLflow run (tag mlflow.note.content)")
     p.add_argument("--inline", action="store_true",
                    help="run sequentially in this process instead of as Ray tasks (default: Ray)")
     p.add_argument("--seed", type=int, default=None,
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     from . import data
     from .config import config_from_dict
-    from .tracking import RunLogger
+    from .tracking import RunLogger, accuracy_metrics, main_model
 
     if "config" not in art.meta:
         raise ConfigError(f"{args.artifact}: artifact meta has no 'config' (cannot rebuild the data config)")
@@ -449,9 +450,11 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     results: dict = {}
     rows = []
     name = f"eval-{Path(args.artifact).stem}"
-    with RunLogger(cfg, name, enabled=cfg.tracking.enabled) as log:
-        log.log_params({"eval_cli.artifact": str(Path(args.artifact).resolve()), "eval_cli.seed": ecfg.seed,
-                        "eval_cli.baseline": args.baseline, "eval_cli.syn_lr": art.syn_lr})
+    summary: dict[str, dict] = {}  # metric name -> model -> (mean, std)
+    set_method = sets[0][0] if sets[0][0] in ("contra", "mtt") else None  # tag (None: from the config's K)
+    with RunLogger(cfg, name, enabled=cfg.tracking.enabled, method=set_method, note=args.note) as log:
+        log.log_params({"eval_cli.seed": ecfg.seed, "eval_cli.baseline": args.baseline, "eval_cli.syn_lr": art.syn_lr})
+        log.set_tags({"path.artifact": str(Path(args.artifact).resolve())})
         for method, x, t, lr in sets:
             for model in ecfg.models:
                 accs = evaluate_runs(x, t, lr, _spec_for(model, base), ecfg, test_x, test.labels, seeds,
@@ -460,9 +463,14 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
                 results[(method, model)] = accs
                 rows.append({"method": method, "model": model, "ipc": art.ipc, "runs": len(accs),
                              "mean": mean, "std": std})
-                for i, a in enumerate(accs):
-                    log.log_metrics({f"{method}.{model}.acc": a}, step=i)
-                log.log_metrics({f"{method}.{model}.acc_mean": mean, f"{method}.{model}.acc_std": std}, step=0)
+                metric = "random_real_acc" if method == "random_real" else "final_acc"
+                summary.setdefault(metric, {})[model] = (mean, std)
+        main = main_model(cfg)
+        log.log_metrics({k: v for metric, per_model in summary.items()
+                         for k, v in accuracy_metrics(per_model, main, metric).items()},
+                        step=int(art.meta.get("iteration", 0)))
+        log.log_dict({"rows": rows, "accs": {f"{m}/{model}": a for (m, model), a in results.items()}},
+                     "eval_results.json")
         table = format_table(rows)
         print(table)
     return results

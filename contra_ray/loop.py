@@ -274,7 +274,7 @@ def run_loop(distiller: Distiller, cfg: Config, data=None, *, sync: GradientSync
             for k, v in m.items():
                 history.setdefault(k, []).append(v)
             if logger is not None:
-                logger.log_metrics({k.replace("/", "_"): v for k, v in m.items()}, step=it)
+                logger.log_metrics(m, step=it)  # names of contra_ray.tracking.METRICS
             done = distiller.iteration
             bar.update(done, m, times[-1])
             if monitor is not None and chief and d.monitor_every and done % d.monitor_every == 0:

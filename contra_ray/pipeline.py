@@ -8,7 +8,9 @@ Stages (each reusable on its own: ``contra_ray.distill``, ``contra_ray.evaluate`
 3. distillation: ``distill.iterations`` ConTra iterations (resumes from its checkpoint);
 4. evaluation: ``eval.runs`` fresh networks per model on the distilled set, and on a random real subset
    of the same IPC (hard labels, lr = experts.lr), as Ray tasks; prints the table and writes
-   ``<run dir>/results.json``. Everything is one MLflow run.
+   ``<run dir>/results.json``. Everything is one MLflow run, in the vocabulary of
+   :data:`contra_ray.tracking.METRICS`: ``final_acc``/``final_acc_std`` (the distilled set on the main
+   model), ``final_acc/<model>``, ``random_real_acc``/``random_real_acc/<model>`` (the baseline).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the random-real baseline")
+    p.add_argument("--note", default=None, help="description of the MLflow run (tag mlflow.note.content)")
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -36,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_pipeline(cfg, baseline=not args.skip_baseline)
+    return run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note)
 
 
-def run_pipeline(cfg, baseline: bool = True) -> int:
+def run_pipeline(cfg, baseline: bool = True, note: str | None = None) -> int:
     import torch
 
     from .augment import DSA
@@ -47,7 +50,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
     from .stages import check_memory, ensure_experts, log_set_visuals, prepare_data
     from .evaluate import evaluate_runs, evaluation_seeds, format_table, random_real_set, summarize
     from .seeds import derive_seed
-    from .tracking import RunLogger, init_tracking
+    from .tracking import RunLogger, accuracy_metrics, init_tracking, main_model
 
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -70,7 +73,7 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
           f"ZCA {'on' if cfg.data.zca else 'off'}", flush=True)
     if cfg.tracking.enabled:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
-    with RunLogger(cfg, f"{cfg.name}-pipeline", enabled=cfg.tracking.enabled) as logger:
+    with RunLogger(cfg, f"{cfg.name}-pipeline", enabled=cfg.tracking.enabled, note=note) as logger:
         t0 = time.time()
         store = ensure_experts(cfg, data)
         stage("experts", t0)
@@ -87,22 +90,27 @@ def run_pipeline(cfg, baseline: bool = True) -> int:
         seeds = evaluation_seeds(e.seed, e.runs)
         dsa = DSA() if e.dsa else None
         rows, results = [], {}
+        summary: dict[str, dict] = {"final_acc": {}, "random_real_acc": {}}  # metric name -> model -> (mean, std)
         for model_name in e.models:
             spec = data.spec.for_network(model_name)
-            sets = [("ConTra" if cfg.distill.K else "MTT", artifact.images, artifact.targets(), artifact.syn_lr)]
+            sets = [("ConTra" if cfg.distill.K else "MTT", "final_acc", artifact.images, artifact.targets(),
+                     artifact.syn_lr)]
             if baseline:
                 imgs, tg = random_real_set(data.train_x, data.train.labels, cfg.distill.ipc, data.spec.num_classes,
                                            seed=derive_seed(e.seed, "baseline"))
-                sets.insert(0, ("random real", imgs, tg, cfg.experts.lr))
-            for method, imgs, tg, lr in sets:
+                sets.insert(0, ("random real", "random_real_acc", imgs, tg, cfg.experts.lr))
+            for method, metric, imgs, tg, lr in sets:
                 accs = evaluate_runs(imgs, tg, e.lr or lr, spec, e, data.test_x, data.test.labels, seeds,
                                      augment=dsa, device=cfg.device)
                 mean, std = summarize(accs)
                 rows.append({"method": method, "model": model_name, "ipc": cfg.distill.ipc, "runs": len(accs),
                              "mean": mean, "std": std})
                 results[f"{method}/{model_name}"] = {"accs": accs, "mean": mean, "std": std}
-                key = method.replace(" ", "_")
-                logger.log_metrics({f"acc_{key}_{model_name}_mean": mean, f"acc_{key}_{model_name}_std": std})
+                summary[metric][model_name] = (mean, std)
+        main = main_model(cfg)
+        logger.log_metrics({**accuracy_metrics(summary["final_acc"], main),
+                            **accuracy_metrics(summary["random_real_acc"], main, "random_real_acc"),
+                            "total_minutes": (time.time() - t_start) / 60}, step=cfg.distill.iterations)
         stage("evaluate", t0)
         table = format_table(rows)
         total = time.time() - t_start

@@ -15,7 +15,9 @@ networks), then the group reports the mean and the standard deviation *over seed
 per-seed means, and the number of seeds (:func:`aggregate_by_seed`). With ``--baseline``, every group is
 compared with the runs matching the baseline params, paired by seed: mean difference, its standard
 deviation over pairs (``ddof=1``) and a 95 % Student-t interval ``mean ± t(0.975, n-1) * sd / sqrt(n)``
-(:func:`paired_differences`). A bar chart with the seed standard deviations (and, with a baseline, the
+(:func:`paired_differences`; ``--within distill.soft_labels`` pairs each group with the baseline of its own
+recipe). ``--metric`` aggregates another per-run metric the same way (``s_per_iter``, ``iters_to_plateau``).
+A bar chart with the seed standard deviations (and, with a baseline, the
 differences with their intervals) is written atomically to ``--plot`` and logged to the parent run when
 there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
 """
@@ -109,7 +111,10 @@ def t_quantile_975(df: int) -> float:
 
 
 def _key(value: Any) -> Any:
-    """Param values compare as numbers when they parse as one ("1" == "1.0"), else as strings."""
+    """Param values compare as numbers when they parse as one ("1" == "1.0"), booleans case-insensitively
+    ("True" == "true"), else as strings."""
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower()
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -200,12 +205,16 @@ def aggregate_by_seed(rows: Sequence[Mapping], group_by: Sequence[str], metric: 
 
 
 def paired_differences(rows: Sequence[Mapping], group_by: Sequence[str], baseline: Mapping[str, Any],
-                       metric: str = "final_acc", seed_key: str = "distill.seed") -> list[dict]:
+                       metric: str = "final_acc", seed_key: str = "distill.seed",
+                       within: Sequence[str] = ()) -> list[dict]:
     """Each group minus the baseline, paired by distillation seed, with a 95 % t interval.
 
     The baseline is every run whose params match all of ``baseline`` (numerically when they parse as
     numbers); params of ``group_by`` it does not name are free (e.g. R when K = 0), and its runs of one
-    seed are averaged. For a group, ``d_s = mean_group(s) - mean_baseline(s)`` over the seeds both have;
+    seed are averaged. ``within`` (params of ``group_by``) splits the comparison: a group is compared with
+    the baseline runs that share its values of those params (Table 3: ``within=["distill.soft_labels"]``
+    compares MTT+CT with MTT and DATM+CT with DATM, never across recipes). For a group,
+    ``d_s = mean_group(s) - mean_baseline(s)`` over the seeds both have;
     ``mean`` and ``std`` (``ddof=1``) of the ``d_s``, and ``mean ± t(0.975, n-1) * std / sqrt(n)``.
     The compared groups are formed from the runs that do not match the baseline.
 
@@ -215,17 +224,24 @@ def paired_differences(rows: Sequence[Mapping], group_by: Sequence[str], baselin
         ``ci_low``, ``ci_high`` (``None`` below 2 pairs; ``mean`` too with no pair).
 
     Raises:
-        ValueError: no run matches ``baseline``.
+        ValueError: no run matches ``baseline`` (or, with ``within``, none shares a group's values), or a
+            ``within`` param is not in ``group_by``.
     """
+    for k in within:
+        if k not in group_by:
+            raise ValueError(f"--within {k}: not one of the --group-by params {', '.join(group_by)}")
     usable = _usable(rows, metric, seed_key)
     want = {k: _key(v) for k, v in baseline.items()}
     is_base = [all(k in r and _key(r[k]) == v for k, v in want.items()) for r in usable]
     base_rows = [r for r, b in zip(usable, is_base) if b]
     if not base_rows:
         raise ValueError(f"no run with {metric} matches the baseline {dict(baseline)}")
-    base = _per_seed(base_rows, metric, seed_key)
     out = []
     for agg in aggregate_by_seed([r for r, b in zip(usable, is_base) if not b], group_by, metric, seed_key):
+        same = [r for r in base_rows if all(k in r and _key(r[k]) == _key(agg["group"][k]) for k in within)]
+        if not same:
+            raise ValueError(f"no baseline run {dict(baseline)} has {_label({k: agg['group'][k] for k in within})}")
+        base = _per_seed(same, metric, seed_key)
         diffs = {s: v - base[s] for s, v in agg["seeds"].items() if s in base}
         n = len(diffs)
         mean, std = _mean_std(list(diffs.values())) if n else (None, None)
@@ -242,10 +258,10 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
-                     baseline: Mapping[str, Any] | None = None) -> str:
+                     baseline: Mapping[str, Any] | None = None, metric: str = "final_acc") -> str:
     """Table: group, seeds, runs, mean ± std over seeds; with ``diffs`` also Δ vs baseline and its 95 % CI."""
     by_label = {d["label"]: d for d in diffs or []}
-    head = ["group", "seeds", "runs", "acc (%) mean ± std over seeds"]
+    head = ["group", "seeds", "runs", f"{'acc (%)' if metric == 'final_acc' else metric} mean ± std over seeds"]
     if diffs is not None:
         head += ["pairs", "Δ vs baseline", "95% CI (t)"]
     body = []
@@ -263,7 +279,7 @@ def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(row, widths))).rstrip()
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(b) for b in body]
-    lines.append("std: over distillation seeds of the per-seed mean final_acc (ddof=1)")
+    lines.append(f"std: over distillation seeds of the per-seed mean {metric} (ddof=1)")
     if diffs is not None and baseline:
         lines.append(f"Δ: minus the baseline runs ({_label(baseline)}), paired by seed; mean ± std (ddof=1); "
                      "CI = mean ± t(0.975, n-1)·std/√n")
@@ -271,7 +287,7 @@ def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
 
 
 def plot_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None, path: str | os.PathLike,
-                   title: str) -> Path:
+                   title: str, metric: str = "final_acc") -> Path:
     """Bar chart of the per-group mean with ± std-over-seeds error bars (and the per-seed means as dots);
     with ``diffs`` a second panel of the paired differences with their 95 % t intervals. Written
     atomically (temporary file + ``os.replace``) with matplotlib's Agg canvas; returns the path."""
@@ -288,7 +304,7 @@ def plot_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None, path: str
     for x, a in zip(xs, aggs):
         ax.plot([x] * a["n_seeds"], list(a["seeds"].values()), "k.", markersize=4)
     ax.set_xticks(list(xs), [f"{a['label']}\n(n={a['n_seeds']})" for a in aggs], fontsize=7)
-    ax.set_ylabel("final acc (%)")
+    ax.set_ylabel("final acc (%)" if metric == "final_acc" else metric)
     ax.set_title(f"{title}: mean ± std over distillation seeds")
     if diffs:
         ax2 = fig.add_subplot(2, 1, 2)
@@ -298,7 +314,7 @@ def plot_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None, path: str
         ax2.bar(range(len(ok)), [d["mean"] for d in ok], yerr=[lo, hi], capsize=4, color="tab:orange", alpha=0.7)
         ax2.axhline(0.0, color="k", linewidth=0.8)
         ax2.set_xticks(list(range(len(ok))), [f"{d['label']}\n(pairs={d['n_pairs']})" for d in ok], fontsize=7)
-        ax2.set_ylabel("Δ final acc (pp)")
+        ax2.set_ylabel("Δ final acc (pp)" if metric == "final_acc" else f"Δ {metric}")
         ax2.set_title("paired difference vs baseline, 95% t interval")
     fig.tight_layout()
     path = Path(path)
@@ -336,7 +352,10 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
     rows = run_rows(client, exp.experiment_id, args.parent_run)
     try:
         aggs = aggregate_by_seed(rows, group_by, args.metric, args.seed_key)
-        diffs = paired_differences(rows, group_by, baseline, args.metric, args.seed_key) if baseline else None
+        within = [w.strip() for w in (args.within or "").split(",") if w.strip()]
+        if within and not baseline:
+            raise ValueError("--within needs --baseline")
+        diffs = paired_differences(rows, group_by, baseline, args.metric, args.seed_key, within) if baseline else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -348,14 +367,14 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
         return 0
     print(f"{args.experiment}: {sum(a['n_runs'] for a in aggs)} run(s) in {len(aggs)} group(s) of "
           f"{', '.join(group_by)}")
-    print(format_aggregate(aggs, diffs, baseline))
+    print(format_aggregate(aggs, diffs, baseline, args.metric))
     if min(a["n_seeds"] for a in aggs) < 3:
         print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
               "uncertainty (docs/EXPERIMENTS.md)")
     from .config import Config
 
     plot = Path(args.plot or Path(Config().output_dir) / f"report-{args.experiment}.png")
-    plot_aggregate(aggs, diffs, plot, args.experiment)
+    plot_aggregate(aggs, diffs, plot, args.experiment, args.metric)
     parents = {r["parent"] for r in rows if r.get(args.metric) is not None}
     parent = args.parent_run or (next(iter(parents)) if len(parents) == 1 else None)
     if parent:
@@ -381,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default=None,
                    help='with --group-by: params of the baseline runs, e.g. "distill.beta=1.0,distill.K=0"; '
                         "adds paired differences by seed with 95%% t intervals (default: none)")
-    p.add_argument("--metric", default="final_acc", help="per-run metric to aggregate (default: final_acc)")
+    p.add_argument("--within", default=None,
+                   help="with --baseline: comma-separated --group-by params; each group is compared with the "
+                        "baseline runs that share its values of them, e.g. distill.soft_labels (default: none)")
+    p.add_argument("--metric", default="final_acc",
+                   help="per-run metric to aggregate, e.g. s_per_iter or iters_to_plateau (default: final_acc)")
     p.add_argument("--seed-key", default="distill.seed", help="param holding the distillation seed "
                    "(default: distill.seed)")
     p.add_argument("--plot", default=None,

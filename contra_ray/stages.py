@@ -181,24 +181,30 @@ def class_names(cfg: Config, classes: list[str]) -> list[str]:
     return read_class_names(names, list(classes), required=False) if names else list(classes)
 
 
-def log_set_visuals(cfg: Config, artifact, history: dict, preprocessor, logger) -> None:
-    """Image grid PNG (with ``distilled_grid_classes.txt``: the class id and readable name of each grid row
-    or column) and loss / syn_lr curves next to the artifact, and in MLflow."""
+def log_set_visuals(cfg: Config, artifact, history: dict, preprocessor, logger, eval_every: int | None = None) -> None:
+    """``distilled_grid.png`` (one row per class, class names, images upscaled to >= 64 px) and
+    ``distill_curves.png`` (matching losses, syn_lr and, when evaluated, eval_acc on separate axes) next to
+    the artifact, and in MLflow.
+
+    Args:
+        history: the loop's metric history (``loss``, ``loss/...``, ``syn_lr`` per iteration; ``eval_acc``
+            every ``eval_every`` iterations).
+        eval_every: period of ``history["eval_acc"]`` (default ``cfg.distill.eval_every``; a Tune trial
+            passes its proxy period).
+    """
     from .tracking import save_curves, save_image_grid
 
     grid = cfg.run_dir() / "distilled_grid.png"
-    by_row = cfg.distill.ipc > 1
-    save_image_grid(preprocessor.to_display(artifact.images), nrow=max(1, cfg.distill.ipc) if by_row
-                    else len(artifact.images), path=str(grid))
     classes = list(artifact.meta.get("classes") or [])
-    if classes:
-        names = class_names(cfg, classes)
-        where = "row" if by_row else "column"
-        captions = cfg.run_dir() / "distilled_grid_classes.txt"
-        atomic_write(captions, "".join(f"{where} {k}\t{c}\t{n}\n" for k, (c, n) in enumerate(zip(classes, names))))
-        logger.log_artifact(str(captions))
+    names = artifact.meta.get("class_names") or (class_names(cfg, classes) if classes else None)
+    save_image_grid(preprocessor.to_display(artifact.images), artifact.hard_labels, names, grid,
+                    title=f"{cfg.name}: IPC {artifact.ipc}, iteration {artifact.meta.get('iteration', '?')}")
+    every = eval_every if eval_every is not None else cfg.distill.eval_every
+    accs = history.get("eval_acc", [])
+    panels = {"matching loss": {k: v for k, v in history.items() if k == "loss" or k.startswith("loss/")},
+              "syn_lr": {"syn_lr": history.get("syn_lr", [])},
+              "eval_acc (%)": {"eval_acc": ([every * (i + 1) for i in range(len(accs))], accs)} if every else {}}
     curves = cfg.run_dir() / "distill_curves.png"
-    save_curves({k: v for k, v in history.items() if k.startswith("loss") or k == "syn_lr"}, str(curves),
-                title=f"{cfg.name}: matching loss and syn_lr")
+    save_curves(panels, curves, title=f"{cfg.name}: K={cfg.distill.K}, β={cfg.distill.beta}")
     logger.log_artifact(str(grid))
     logger.log_artifact(str(curves))

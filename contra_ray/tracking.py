@@ -13,15 +13,24 @@ and the tracking store reachable within a few seconds.
 
 :class:`RunLogger` is a context manager whose methods are no-ops when tracking is disabled, so calling
 code needs no ``if``. Plots and grids are written atomically (temporary file + ``os.replace``).
+
+**One vocabulary for every run kind** (pipeline, distill, distill ``--num-workers``, Tune trial, evaluate
+CLI), so their runs share charts: the metrics of :data:`METRICS` (``loss``, ``syn_lr``, ``eval_acc`` per
+iteration; ``final_acc``/``final_acc_std`` for the main model, ``final_acc/<model>`` for every model,
+``random_real_acc*`` for the baseline; ``s_per_iter``, ``iters_to_plateau``), the tags of
+:func:`run_tags` (role, method, dataset, ipc, K, beta, git commit, entry point, paths, note), and as
+params the flattened config without its paths (:data:`PATH_FIELDS`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -35,7 +44,9 @@ from .config import ConfigError
 from .fileio import atomic_write, ensure_writable_dir
 
 __all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger",
-           "save_image_grid", "save_curves", "MAX_PARAM_VALUE_LENGTH"]
+           "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of",
+           "source_version", "run_tags", "iteration_metrics", "save_image_grid", "save_curves",
+           "MAX_PARAM_VALUE_LENGTH"]
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_PER_BATCH = 100  # params (and metrics, conservatively) per log_batch call
@@ -107,7 +118,9 @@ def init_tracking(uri: str, experiment: str) -> str:
     For ``sqlite:///PATH`` URIs the parent directory is created and the database (schema included) is
     created here, in the calling process, under :func:`store_lock` (the store's creation, migration and
     the experiment's creation), so any number of processes may call this at once on a fresh database;
-    new experiments get the artifact location ``<PATH's directory>/mlartifacts``.
+    new experiments get the artifact location ``<PATH's directory>/mlartifacts``. Experiments are tagged
+    ``mlflow.experimentKind = custom_model_development`` (MLflow 3's UI then opens them on their runs, in
+    its "Model training" view, instead of the GenAI traces view).
 
     Raises:
         mlflow.exceptions.MlflowException: the store cannot be opened or the experiment is deleted.
@@ -128,7 +141,8 @@ def init_tracking(uri: str, experiment: str) -> str:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             try:
-                return client.create_experiment(experiment, artifact_location=artifact_location)
+                return client.create_experiment(experiment, artifact_location=artifact_location,
+                                                tags={"mlflow.experimentKind": EXPERIMENT_KIND})
             except MlflowException:
                 exp = client.get_experiment_by_name(experiment)  # created by a process on another host
                 if exp is None:
@@ -136,6 +150,8 @@ def init_tracking(uri: str, experiment: str) -> str:
     if exp.lifecycle_stage != "active":
         raise MlflowException(f"tracking.experiment={experiment!r} is deleted in {uri}; restore it or pick "
                               "another name")
+    if "mlflow.experimentKind" not in exp.tags:  # made before contra_ray tagged its experiments
+        client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -223,15 +239,170 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return out
 
 
+# ---------------------------------------------------------------------------------------------- vocabulary
+
+#: The metric names every run kind shares (pipeline, distill, distill --num-workers, Tune trial, evaluate
+#: CLI), so runs of any kind share one chart in the MLflow UI. Accuracies are in percent.
+METRICS = {
+    "loss": "Eq. 8 matching loss, per distillation iteration (step = iteration)",
+    "loss/sampled": "Eq. 2 loss of the sampled segment, per iteration (when β > 0)",
+    "loss/start_<t>": "Eq. 2 loss of the concurrent segment starting at epoch t, per iteration",
+    "syn_lr": "learned student step size α, per iteration",
+    "eval_acc": "test accuracy (%) of the periodic evaluation at iteration `step` (distill.eval_every; in a "
+                "Tune trial the proxy recipe, proxy.eval_every)",
+    "final_acc": "final evaluation of the distilled set: mean test accuracy (%) over eval.runs networks of the "
+                 "main model (model.name if evaluated, else the first of eval.models)",
+    "final_acc_std": "population standard deviation (%) of those eval.runs accuracies",
+    "final_acc/<model>": "the same mean for every evaluated model (final_acc_std/<model>: its std)",
+    "random_real_acc": "random real images of the same IPC (hard labels), main model: mean (%) over eval.runs "
+                       "(random_real_acc_std; random_real_acc/<model>, random_real_acc_std/<model>)",
+    "s_per_iter": "median wall-clock seconds per distillation iteration (logging included, periodic "
+                  "evaluations excluded); logged when the run ends",
+    "iters_to_plateau": "first iteration whose eval_acc is within PLATEAU_TOLERANCE (0.5) points of the run's "
+                        "best eval_acc (needs >= 2 evaluations); logged when the run ends",
+}
+PLATEAU_TOLERANCE = 0.5  # accuracy points, see iters_to_plateau
+#: Config fields that are paths: tags ``path.<field>``, never params (they differ between machines and
+#: sweeps, and would show as "differences" in the UI's run comparison).
+PATH_FIELDS = ("output_dir", "data.cache_dir", "data.root", "experts.store", "tracking.uri")
+METHODS = ("contra", "mtt", "random_real")
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: open the experiment in its "Model training" view
+_ROLES = {"contra_ray.pipeline": "pipeline", "contra_ray.distill": "distill", "contra_ray.distributed": "distill",
+          "contra_ray.evaluate": "evaluate", "contra_ray.tune": "trial"}
+_ENTRY_POINTS = {"contra_ray.distributed": "contra_ray.distill"}  # the --num-workers path of the distill CLI
+
+
+def main_model(cfg: Any) -> str:
+    """The model whose accuracy is ``final_acc``: the distillation network ``model.name`` when it is among
+    ``eval.models``, else the first of ``eval.models``."""
+    return cfg.model.name if cfg.model.name in cfg.eval.models else cfg.eval.models[0]
+
+
+def accuracy_metrics(per_model: Mapping[str, tuple[float, float]], main: str,
+                     name: str = "final_acc") -> dict[str, float]:
+    """``{model: (mean, std)}`` -> ``{name: mean(main), name_std: std(main), name/<model>: mean,
+    name_std/<model>: std}`` (``name`` = ``final_acc`` for the distilled set, ``random_real_acc`` for the
+    baseline); accuracies in percent. ``main`` missing from ``per_model``: only the per-model names."""
+    out: dict[str, float] = {}
+    if main in per_model:
+        out[name], out[f"{name}_std"] = (float(v) for v in per_model[main])
+    for model, (mean, std) in per_model.items():
+        out[f"{name}/{model}"], out[f"{name}_std/{model}"] = float(mean), float(std)
+    return out
+
+
+def method_of(cfg: Any) -> str | None:
+    """``contra`` (K > 0 concurrent segments) or ``mtt`` (K = 0: sampling-based matching only, MTT/DATM);
+    ``None`` when K is not a number (a sweep parent, where K is searched)."""
+    K = cfg.distill.K
+    if isinstance(K, bool) or not isinstance(K, int):
+        return None
+    return "contra" if K > 0 else "mtt"
+
+
+@functools.lru_cache(maxsize=1)
+def source_version() -> tuple[str, str | None]:
+    """(version tag value, git commit or ``None``): ``git rev-parse HEAD`` of the repository holding this
+    package when there is one (a checkout, ``pip install -e``), else ``contra_ray <installed version>``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    if len(sha) == 40:
+        return sha, sha
+    try:
+        from importlib.metadata import version
+
+        return f"contra_ray {version('contra_ray')}", None
+    except Exception:  # noqa: BLE001 - not installed: the package's own version string
+        from . import __version__
+
+        return f"contra_ray {__version__}", None
+
+
+def run_tags(cfg: Any, role: str, entry_point: str, method: str | None = None,
+             note: str | None = None) -> dict[str, str]:
+    """The tags of every run (one place, used by :class:`RunLogger`).
+
+    ``contra_ray.role`` (pipeline | distill | trial | sweep | evaluate | ...), ``method`` (contra | mtt |
+    random_real; default :func:`method_of`), ``dataset``, ``ipc``, ``K``, ``beta`` (left out when not a
+    concrete value, e.g. searched in a sweep parent), ``git_commit`` (:func:`source_version`; also
+    ``mlflow.source.git.commit`` when it is a commit), ``mlflow.source.name`` = ``entry_point`` (e.g.
+    ``contra_ray.pipeline``: MLflow would otherwise record Ray's worker script for a Tune trial),
+    ``mlflow.source.type`` = LOCAL, ``path.<field>`` for the config's :data:`PATH_FIELDS` that are set,
+    and ``mlflow.note.content`` (the run's description in the UI) when ``note`` is given.
+
+    Raises:
+        ValueError: ``method`` not in :data:`METHODS`.
+    """
+    method = method or method_of(cfg)
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    version, sha = source_version()
+    d = cfg.distill
+    tags = {"contra_ray.role": role, "mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL",
+            "dataset": str(cfg.data.dataset), "git_commit": version}
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    if method:
+        tags["method"] = method
+    for key, value in (("ipc", d.ipc), ("K", d.K), ("beta", d.beta)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            tags[key] = str(value)
+    flat = flatten_params(cfg.to_dict())
+    for field in PATH_FIELDS:
+        if flat.get(field) not in (None, "None", ""):
+            tags[f"path.{field}"] = flat[field]
+    if note:
+        tags["mlflow.note.content"] = str(note)
+    return tags
+
+
+def iteration_metrics(client: Any, run_id: str) -> dict[str, float]:
+    """``s_per_iter`` and ``iters_to_plateau`` (see :data:`METRICS`) from a run's logged ``loss`` and
+    ``eval_acc`` histories; empty when the run logged no distillation iterations.
+
+    ``s_per_iter``: the median over iterations s of the time (ms timestamps) from the ``loss`` of step s-1,
+    or from the ``eval_acc`` of step s when an evaluation ran in between (the loop evaluates after
+    iteration s-1 and logs it at step s), to the ``loss`` of step s. It reads the store, so it works the
+    same for one process and for Ray Train's rank 0 logging from another process.
+    """
+    import statistics
+
+    out: dict[str, float] = {}
+    loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    evals = sorted(client.get_metric_history(run_id, "eval_acc"), key=lambda m: m.step)
+    eval_at = {m.step: m.timestamp for m in evals}
+    deltas = [(b.timestamp - max(a.timestamp, eval_at.get(b.step, a.timestamp))) / 1000
+              for a, b in zip(loss, loss[1:]) if b.step == a.step + 1]
+    if deltas:
+        out["s_per_iter"] = statistics.median(deltas)
+    if len(evals) >= 2:
+        best = max(m.value for m in evals)
+        out["iters_to_plateau"] = float(next(m.step for m in evals if m.value >= best - PLATEAU_TOLERANCE))
+    return out
+
+
 class RunLogger:
     """One MLflow run as a context manager; every method is a no-op when disabled.
 
     ``RunLogger(cfg, "distill", nested=False, enabled=True)``: on enter, calls :func:`init_tracking`
-    with ``cfg.tracking_uri()`` and ``cfg.tracking.experiment``, starts a run named ``run_name`` and
-    logs the flattened config as params; on exit ends it as FINISHED (FAILED if an exception escapes).
-    ``nested=True`` makes it a child of the active run in this process (tag ``mlflow.parentRunId``);
-    ``parent_run_id`` names the parent explicitly (e.g. from another process). Disabled when
-    ``enabled`` is false or ``cfg.tracking.enabled`` is false; then ``run_id`` is ``None``.
+    with ``cfg.tracking_uri()`` and ``cfg.tracking.experiment``, starts a run named ``run_name`` with the
+    tags of :func:`run_tags` and logs the flattened config as params, except the paths
+    (:data:`PATH_FIELDS`, tags ``path.<field>`` instead); on exit logs :func:`iteration_metrics`
+    (``s_per_iter``, ``iters_to_plateau``) when the run distilled, and ends it as FINISHED (FAILED if an
+    exception escapes). ``nested=True`` makes it a child of the active run in this process (tag
+    ``mlflow.parentRunId``); ``parent_run_id`` names the parent explicitly (e.g. from another process).
+    Disabled when ``enabled`` is false or ``cfg.tracking.enabled`` is false; then ``run_id`` is ``None``.
+
+    ``entry_point`` (tag ``mlflow.source.name``) defaults to the ``contra_ray`` module that creates the
+    logger (``contra_ray.distributed`` counts as ``contra_ray.distill``); ``role`` (tag ``contra_ray.role``)
+    defaults from it (pipeline, distill, evaluate, trial for ``contra_ray.tune``, else the module's last
+    name); ``method`` and ``note``: see :func:`run_tags`.
 
     Attributes:
         run_id: MLflow run id once entered (``None`` when disabled).
@@ -239,12 +410,18 @@ class RunLogger:
     """
 
     def __init__(self, cfg: Any, run_name: str, nested: bool = False, enabled: bool = True,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, *, role: str | None = None, entry_point: str | None = None,
+                 method: str | None = None, note: str | None = None):
         self.cfg = cfg
         self.run_name = run_name
         self.nested = nested
         self.parent_run_id = parent_run_id
         self.enabled = bool(enabled and cfg.tracking.enabled)
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        module = entry_point or (caller if caller.startswith("contra_ray.") else "contra_ray")
+        self.entry_point = _ENTRY_POINTS.get(module, module)
+        self.role = role or _ROLES.get(module, module.rsplit(".", 1)[-1])
+        self.method, self.note = method, note
         self.run_id: str | None = None
         self._client = None
 
@@ -257,9 +434,11 @@ class RunLogger:
         exp_id = init_tracking(uri, self.cfg.tracking.experiment)
         self._client = tracking_client(uri)
         run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, nested=self.nested,
-                               parent_run_id=self.parent_run_id)
+                               parent_run_id=self.parent_run_id,
+                               tags=run_tags(self.cfg, self.role, self.entry_point, self.method, self.note))
         self.run_id = run.info.run_id
-        self.log_params(self.cfg.to_dict())
+        params = flatten_params(self.cfg.to_dict())
+        self.log_params({k: v for k, v in params.items() if k not in PATH_FIELDS})
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -268,6 +447,8 @@ class RunLogger:
         import mlflow
 
         status = "FINISHED" if exc_type is None else "FAILED"
+        if exc_type is None:
+            self.log_metrics(iteration_metrics(self._client, self.run_id), step=0)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status)
@@ -285,9 +466,19 @@ class RunLogger:
         for i in range(0, len(items), _MAX_PER_BATCH):
             self._client.log_batch(self.run_id, params=items[i:i + _MAX_PER_BATCH])
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values ``str()``-ed; tags, unlike params, may be overwritten)."""
+        if self.run_id is None:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), _MAX_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i:i + _MAX_PER_BATCH])
+
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log scalar metrics (Python numbers or 0-d tensors) at integer ``step``."""
-        if self.run_id is None:
+        if self.run_id is None or not metrics:
             return
         from mlflow.entities import Metric
 
@@ -302,6 +493,12 @@ class RunLogger:
             return
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dict(self, obj: Any, name: str) -> None:
+        """Save a JSON-serializable object as run artifact ``name`` (``.json`` or ``.yaml``)."""
+        if self.run_id is None:
+            return
+        self._client.log_dict(self.run_id, obj, name)
+
     def log_figure(self, fig: Any, name: str) -> None:
         """Save a matplotlib figure as run artifact ``name`` (e.g. ``"curves/loss.png"``)."""
         if self.run_id is None:
@@ -309,39 +506,120 @@ class RunLogger:
         self._client.log_figure(self.run_id, fig, name)
 
 
-def save_image_grid(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> None:
-    """Write images as one grid picture (``torchvision.utils.save_image``, padding 2) atomically.
+# ---------------------------------------------------------------------------------------------- pictures
 
-    Args:
-        images: float ``[n, C, H, W]`` display images in [0, 1] (values outside are clamped), C = 1 or 3.
-        nrow: images per grid row.
-        path: output file; the format follows the suffix (``.png`` recommended).
-
-    The picture is ``min(n, nrow) * (W + 2) + 2`` pixels wide and ``ceil(n / nrow) * (H + 2) + 2`` high.
-    """
-    from torchvision.utils import save_image
-
-    fmt = Path(path).suffix.lstrip(".") or "png"
-    atomic_write(path, lambda tmp: save_image(images.detach().float().cpu().clamp(0, 1), str(tmp), nrow=nrow,
-                                              format=fmt))
-
-
-def save_curves(series: Mapping[str, list[float]], path: str | os.PathLike, title: str) -> None:
-    """Plot each named series against its index (one line each, with legend) and save atomically.
-
-    Uses matplotlib's Agg canvas directly (no pyplot global state, safe in worker threads).
-    """
+def _agg_figure(width_px: int, height_px: int, dpi: int = 100):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, values in series.items():
-        ax.plot(range(len(values)), list(values), label=name)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    if series:
-        ax.legend()
+    return fig
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> None:
     fmt = Path(path).suffix.lstrip(".") or "png"
-    atomic_write(path, lambda tmp: fig.savefig(str(tmp), format=fmt))
+    atomic_write(path, lambda tmp: fig.savefig(str(tmp), format=fmt, dpi=fig.dpi))
+
+
+def save_image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None,
+                    path: str | os.PathLike, *, min_px: int = 64, max_per_class: int = 10,
+                    title: str | None = None) -> dict:
+    """Write a distilled set as a picture: one row per class, the class name at the row's start.
+
+    Every image is upscaled by the integer factor ``ceil(min_px / H)`` with nearest-neighbour (no
+    smoothing: each synthetic pixel stays a visible block), so a 32 px CIFAR image is shown at 64 px.
+    Row ``c`` holds the first ``max_per_class`` images with ``labels == c`` (a title says when more were
+    left out). Drawn with matplotlib's Agg canvas (``figimage``: pixels copied 1:1, no resampling) and
+    written atomically.
+
+    Args:
+        images: float ``[n, C, H, W]`` display images in [0, 1] (clamped), C = 1 or 3.
+        labels: int ``[n]`` class of each image (``hard_labels``: the class it was initialized from).
+        class_names: name of each class (``None``: ``class 0``, ``class 1``, ...); one row per entry.
+        path: output file (``.png`` recommended).
+
+    Returns:
+        ``{"rows", "cols", "cell_px", "size": (width, height), "image_box": (left, top, width, height)}``
+        in pixels of the written picture.
+    """
+    import numpy as np
+
+    x = images.detach().float().cpu().clamp(0, 1)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected [n, 1 or 3, H, W], got {tuple(x.shape)}")
+    labels = labels.detach().cpu().long()
+    n_cls = len(class_names) if class_names is not None else int(labels.max()) + 1 if len(labels) else 0
+    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(n_cls)]
+    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(n_cls)]
+    cols = max(1, min(max_per_class, max((len(i) for i in per_class), default=1)))
+    h, w = x.shape[2], x.shape[3]
+    scale = max(1, -(-min_px // min(h, w)))
+    ch, cw, pad = h * scale, w * scale, 4
+    canvas = np.full((n_cls * (ch + pad) + pad, cols * (cw + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, idx in enumerate(per_class):
+        for c, i in enumerate(idx[:cols]):
+            img = x[i].repeat(3, 1, 1) if x.shape[1] == 1 else x[i]
+            big = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+            y0, x0 = pad + r * (ch + pad), pad + c * (cw + pad)
+            canvas[y0:y0 + ch, x0:x0 + cw] = (big.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    more = max((len(i) for i in per_class), default=0) > cols
+    head = title or "distilled set"
+    head += f" ({cols} of {max(len(i) for i in per_class)} per class shown)" if more else ""
+    label_w = 12 + 8 * max((len(s) for s in names), default=4)
+    title_h = 28
+    width = max(label_w + canvas.shape[1], 7 * len(head) + 16)  # wide enough for the title
+    height = title_h + canvas.shape[0]
+    fig = _agg_figure(width, height)
+    fig.patch.set_facecolor("white")
+    fig.figimage(canvas, xo=label_w, yo=0, origin="upper")
+    for r, name in enumerate(names):
+        y = height - (title_h + pad + r * (ch + pad) + ch / 2)
+        fig.text((label_w - 6) / width, y / height, name, ha="right", va="center", fontsize=10)
+    fig.text(0.5, 1 - (title_h / 2) / height, head, ha="center", va="center", fontsize=10)
+    _save_figure(fig, path)
+    return {"rows": n_cls, "cols": cols, "cell_px": (ch, cw), "size": (width, height),
+            "image_box": (label_w, title_h, canvas.shape[1], canvas.shape[0])}
+
+
+def save_curves(panels: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str,
+                xlabel: str = "iteration") -> int:
+    """One subplot per panel (stacked, shared x axis), so quantities of different scale (the matching
+    loss ~1, syn_lr ~0.01, accuracy ~50 %) each get their own y axis; saved atomically.
+
+    Args:
+        panels: ``{panel y label: {series name: values or (steps, values)}}``; plain values are drawn at
+            steps 0, 1, 2, ...; empty panels are left out.
+        title: figure title; xlabel: label of the shared x axis.
+
+    Returns:
+        The number of subplots (axes) drawn.
+
+    Uses matplotlib's Agg canvas directly (no pyplot global state, safe in worker threads).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = {k: v for k, v in panels.items() if v and any(len(_xy(s)[1]) for s in v.values())}
+    n = max(1, len(drawn))
+    fig = _agg_figure(700, 80 + 200 * n)
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, series) in zip(axes, drawn.items()):
+        for name, s in series.items():
+            xs, ys = _xy(s)
+            ax.plot(xs, ys, label=name, marker="o" if len(ys) < 30 else None, markersize=3)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    axes[-1].set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return len(drawn)
+
+
+def _xy(series: Any) -> tuple[list, list]:
+    if isinstance(series, tuple) and len(series) == 2:
+        return list(series[0]), list(series[1])
+    return list(range(len(series))), list(series)

@@ -11,11 +11,19 @@ Search space YAML (``tune_spaces/*.yaml``)::
       distill.beta: {grid: [0.0, 0.5]}
       distill.K: {grid: [2, 3]}
       distill.R: {choice: [1, 2]}
+      method:                         # a bundle axis: each value sets several fields together
+        grid: [{distill.K: 0, distill.beta: 1.0}, {distill.K: 3, distill.beta: 0.2}]
     num_samples: 1                    # draws of the random axes (choice/uniform) per grid point
     metric: proxy_acc                 # early-stopping metric (mode max)
     proxy: {eval_every: 2, epochs: 2, runs: 1}
     scheduler: {asha: {grace_period: 2, reduction_factor: 2}}
     seed: 0                           # seeds the sampler of the random axes
+
+**Bundle axes** (a name without a dot whose values are mappings, ``grid`` or ``choice``) set several fields
+at once, for comparisons a product cannot express: K = 0 needs β = 1, and at equal wall-clock the
+sequential arm gets more iterations (``{distill.K: 0, distill.beta: 1.0, distill.iterations: 3400}``).
+Every value sets the same fields; a field is searched by one axis only. ``distill.seed`` is an ordinary
+axis (``{grid: [0, 1, 2]}``): seeds change only the distillation, never the experts.
 
 **The space is expanded in the driver, before any trial starts** (:func:`expand_space`): grid axes form a
 Cartesian product, random axes are drawn with a seeded ``random.Random`` ``num_samples`` times per grid
@@ -30,7 +38,9 @@ configuration left is an error. When ``distill.R`` is neither searched nor fixed
 integer is what every trial logs. The trials are then Tune's ``grid_search`` over their names
 (``t03-beta0.5-K3-R1``, the ``trial`` column of the live table); trial ``t03`` writes into
 ``<output_dir>/<sweep name>/t03-.../`` and shares the expert store of the preset
-(``<output_dir>/<preset name>/experts``, trained once by the driver).
+(``<output_dir>/<preset name>/experts``, trained once by the driver). A space that searches a setting the
+experts depend on (``experts.curriculum``, ``experts.seed``, ``model.width``, ...) gets one store per
+value, ``experts-<searched values>`` beside it (:func:`expert_store_resolver`), each trained once.
 
 **Early stopping** (ASHA, ``ray.tune.schedulers.ASHAScheduler``, ``time_attr="iteration"``) acts on a
 *proxy accuracy*: every ``proxy.eval_every`` distillation iterations one network is trained for
@@ -54,10 +64,13 @@ evaluation as Ray tasks outside its placement group. ``--max-concurrent`` bounds
 trials (the Ray Train docs' advice: at most as many as the cluster can give a full worker group).
 
 **MLflow** (SQLite store, created by the driver before any trial, see :func:`contra_ray.tracking.init_tracking`):
-one parent run per sweep (the space, the expanded configurations, the best config, the best synthetic set)
-and one child run per trial (tag ``mlflow.parentRunId``) with the full flattened config as params
-(``tune.searched`` lists the searched fields), the curves ``loss``, ``syn_lr``, ``eval_acc`` (the proxy),
-``final_acc``/``final_acc_std``, and the trial's ``distilled.safetensors`` and image grid.
+one parent run per sweep (tag ``contra_ray.role=sweep``; the space, the expanded configurations,
+``best_final_acc``, tags ``best_run_id``/``best_run_name``, and under ``best/`` the best config, synthetic
+set and grid) and one child run per trial (tag ``mlflow.parentRunId``, ``contra_ray.role=trial``) with
+the tags of :func:`contra_ray.tracking.run_tags`, the flattened config as params (paths as tags;
+``tune.searched`` lists the searched fields), the metrics every run kind logs (``loss``, ``syn_lr``,
+``eval_acc`` = the proxy, ``final_acc``/``final_acc_std``, ``s_per_iter``, ``iters_to_plateau``), and the
+trial's ``distilled.safetensors``, image grid and curves.
 ``python -m contra_ray.report --experiment NAME`` ranks the trials of a sweep; ``--dry-run`` prints the
 expanded configurations without running anything.
 """
@@ -72,6 +85,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -108,7 +122,8 @@ class SweepSpec:
     name: str
     preset: str
     overrides: dict
-    space: dict[str, tuple[str, list]]  # field -> (kind, values); uniform: [low, high]
+    space: dict[str, tuple[str, list]]  # field -> (kind, values); uniform: [low, high]; bundle axis: values are
+    #                                     {"section.field": value} mappings, all setting the same fields
     num_samples: int = 1
     metric: str = "proxy_acc"
     mode: str = "max"
@@ -180,6 +195,52 @@ def space_path(space: str | os.PathLike) -> Path:
     raise SweepError(f"--space {space!r}: no such file or space name (known in {SPACE_DIR}: {known})")
 
 
+def _dotted(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"distill": {"K": 0}, "eval.runs": 1}`` -> ``{"distill.K": 0, "eval.runs": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _bundles(axis: str, kind: str, values: list) -> list[dict[str, Any]]:
+    """The values of a bundle axis, each a ``{"section.field": value}`` mapping (all the same fields).
+
+    Raises:
+        SweepError: a uniform bundle axis, a value that is not a mapping, an empty mapping, mappings that
+            set different fields, or an axis name with a dot (it would read as a config field).
+    """
+    where = f"space.{axis}.{kind}"
+    if kind == "uniform":
+        raise SweepError(f"{where}: a bundle axis (values are mappings of fields) takes grid or choice")
+    if "." in axis:
+        raise SweepError(f"space.{axis}: a bundle axis is named without a dot (e.g. 'method'); its values "
+                         "name the fields")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, dict) or not v:
+            raise SweepError(f"{where}[{i}]={v!r}: every value of a bundle axis is a non-empty mapping of "
+                             "section.field: value")
+        out.append(_dotted(v))
+        if set(out[-1]) != set(out[0]):
+            raise SweepError(f"{where}[{i}] sets {sorted(out[-1])}, {where}[0] sets {sorted(out[0])}: every value "
+                             "of a bundle axis sets the same fields")
+    return out
+
+
+def axis_fields(axis: str, values: list) -> list[str]:
+    """The config fields an axis searches: its name, or a bundle axis's fields."""
+    return list(values[0]) if values and isinstance(values[0], dict) else [axis]
+
+
+def searched_fields(spec: SweepSpec) -> list[str]:
+    """Every config field the space searches, bundle axes expanded, in the file's order."""
+    return [f for axis, (_, values) in spec.space.items() for f in axis_fields(axis, values)]
+
+
 def load_space(space: str | os.PathLike) -> SweepSpec:
     """Parse a search-space YAML.
 
@@ -210,12 +271,20 @@ def load_space(space: str | os.PathLike) -> SweepSpec:
         kind, values = next(iter(spec.items()))
         if not isinstance(values, list) or not values:
             raise SweepError(f"space.{field}.{kind}={values!r}: expected a non-empty list")
-        if kind == "uniform" and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
-                                  or values[0] > values[1]):
+        if any(isinstance(v, dict) for v in values):
+            values = _bundles(field, kind, values)
+        elif kind == "uniform" and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+                                    or values[0] > values[1]):
             raise SweepError(f"space.{field}.uniform={values!r}: expected [low, high] with low <= high")
         axes[field] = (kind, list(values))
     if not axes:
         raise SweepError(f"{path}: 'space' lists no searched field")
+    owner: dict[str, str] = {}
+    for axis, fields in ((a, axis_fields(a, v)) for a, (_, v) in axes.items()):
+        for f in fields:
+            if f in owner:
+                raise SweepError(f"space.{axis}: field {f} is already searched by space.{owner[f]}")
+            owner[f] = axis
     proxy = {**DEFAULT_PROXY, **(raw.get("proxy") or {})}
     for k, v in proxy.items():
         if k not in DEFAULT_PROXY or not isinstance(v, int) or v < 1:
@@ -345,6 +414,14 @@ def _get_path(d: dict, dotted: str) -> Any:
     return d
 
 
+def _flat_point(point: dict[str, Any]) -> dict[str, Any]:
+    """Axis values -> ``{"section.field": value}``: a bundle axis's mapping sets its fields."""
+    out: dict[str, Any] = {}
+    for axis, value in point.items():
+        out.update(value if isinstance(value, dict) else {axis: value})
+    return out
+
+
 def _draw(rng: random.Random, kind: str, values: list) -> Any:
     if kind == "choice":
         return rng.choice(values)
@@ -394,11 +471,11 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
         return None
 
     for combo in itertools.product(*[v for _, v in grid]) if grid else [()]:
-        fixed = dict(zip([f for f, _ in grid], combo))
+        fixed = _flat_point(dict(zip([f for f, _ in grid], combo)))
         for _ in range(n if rand else 1):
             reason, cfg, searched = None, None, None
             for attempt in range(MAX_DRAWS if rand else 1):
-                point = {**fixed, **{f: _draw(rng, k, v) for f, k, v in rand}}
+                point = {**fixed, **_flat_point({f: _draw(rng, k, v) for f, k, v in rand})}
                 cfg, searched = _materialize(spec, base, point)
                 reason = why_invalid(cfg)
                 label = " ".join(f"{f}={v!r}" for f, v in searched.items())
@@ -428,6 +505,51 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
     return points, notes
 
 
+# ---------------------------------------------------------------------------------------------- expert stores
+
+#: Settings that do not change what an expert store holds (paths, resources, how often experts are tested).
+EXPERT_KEY_IGNORED = ("data.cache_dir", "data.download", "experts.store", "experts.cpus_per_expert",
+                      "experts.gpus_per_expert", "experts.eval_every")
+
+
+def expert_key(config: dict) -> str:
+    """What an expert store depends on: the ``data``, ``model`` and ``experts`` settings of a config dict
+    (without :data:`EXPERT_KEY_IGNORED`), as canonical JSON. ``distill.*`` (``distill.seed`` included)
+    never enters: trials differing only there distil from the same experts."""
+    flat = _dotted({k: config[k] for k in ("data", "model", "experts")})
+    return json.dumps({k: v for k, v in flat.items() if k not in EXPERT_KEY_IGNORED}, sort_keys=True, default=str)
+
+
+def expert_store_resolver(spec: SweepSpec, base_overrides: dict | None, default_store: str):
+    """``store(config dict) -> expert store directory`` for the trials of a sweep.
+
+    Trials whose data, model and experts settings (:func:`expert_key`) equal those of the space's
+    unsearched configuration (preset + ``overrides``) use ``default_store`` (shared with every other run
+    of the preset); a trial that searches such a setting (``experts.curriculum``, ``experts.seed``,
+    ``model.width``...) to another value uses ``<default_store>-<searched values>`` (e.g.
+    ``experts-curriculumTrue``), trained once by the driver. So both arms of a curriculum on/off sweep
+    never share one store, while every ``distill.seed`` of a configuration does.
+    """
+    unsearched = load_config(spec.preset, _merge(copy.deepcopy(spec.overrides), copy.deepcopy(base_overrides or {})),
+                             validate=False).to_dict()
+    base_key = expert_key(unsearched)
+    relevant = [f for f in searched_fields(spec)
+                if f.split(".", 1)[0] in ("data", "model", "experts") and f not in EXPERT_KEY_IGNORED]
+
+    def store(config: dict) -> str:
+        key = expert_key(config)
+        if key == base_key:
+            return default_store
+        suffix = "-".join(_short(f, _get_path(config, f)) for f in relevant)
+        if not suffix:  # not reachable from a space file; a stable name all the same
+            import hashlib
+
+            suffix = hashlib.sha256(key.encode()).hexdigest()[:8]
+        return f"{default_store}-{re.sub(r'[^A-Za-z0-9_.=+-]', '_', suffix)}"
+
+    return store
+
+
 # ---------------------------------------------------------------------------------------------- trial side
 
 @dataclasses.dataclass
@@ -441,6 +563,7 @@ class SweepContext:
     threads: int
     parent_run_id: str | None
     tracking: bool
+    note: str | None = None
 
 
 class _TrialLogger:
@@ -554,7 +677,7 @@ def _trial(config: dict, ctx: SweepContext) -> None:
     from .loop import run_distillation
     from .stages import ensure_experts, log_set_visuals, prepare_data
     from .evaluate import summarize
-    from .tracking import RunLogger, tracking_client
+    from .tracking import RunLogger, accuracy_metrics
 
     point = next(p for p in ctx.points if p.name == config["trial"])
     cfg = config_from_dict(point.config)  # logged as is; its eval recipe is the final evaluation's
@@ -568,13 +691,12 @@ def _trial(config: dict, ctx: SweepContext) -> None:
         torch.set_num_threads(ctx.threads)
     t0 = time.time()
     data = prepare_data(cfg)
-    with RunLogger(cfg, point.name, parent_run_id=ctx.parent_run_id, enabled=ctx.tracking) as logger:
+    with RunLogger(cfg, point.name, parent_run_id=ctx.parent_run_id, enabled=ctx.tracking, role="trial",
+                   entry_point="contra_ray.tune", note=ctx.note) as logger:
         logger.log_params({"tune.trial_index": point.index, "tune.searched": json.dumps(list(point.searched)),
                            "tune.trial_id": tune.get_context().get_trial_id(),
                            "tune.workers_per_trial": ctx.workers_per_trial,
                            **{f"tune.proxy.{k}": v for k, v in ctx.proxy.items()}})
-        if logger.run_id is not None:
-            tracking_client(cfg.tracking_uri()).set_tag(logger.run_id, "contra_ray.role", "trial")
         if ctx.workers_per_trial == 0:
             store = ensure_experts(cfg, data, train_missing=False)
             artifact, history = run_distillation(run_cfg, data, store, _TrialLogger(logger), resume=True,
@@ -587,10 +709,11 @@ def _trial(config: dict, ctx: SweepContext) -> None:
         accs = _final_accuracies(artifact, data, final_eval, str(cfg.device), ctx.threads,
                                  as_tasks=ctx.workers_per_trial > 0)
         mean, std = summarize(accs)
-        logger.log_metrics({"final_acc": mean, "final_acc_std": std, "trial_minutes": (time.time() - t0) / 60},
-                           step=cfg.distill.iterations)
+        # the trial evaluates the distillation network only: it is final_acc's main model
+        logger.log_metrics({**accuracy_metrics({cfg.model.name: (mean, std)}, cfg.model.name),
+                            "total_minutes": (time.time() - t0) / 60}, step=cfg.distill.iterations)
         logger.log_artifact(str(out))
-        log_set_visuals(cfg, artifact, history, data.preprocessor, logger)
+        log_set_visuals(cfg, artifact, history, data.preprocessor, logger, eval_every=run_cfg.distill.eval_every)
     proxy = history.get("eval_acc", [])
     tune.report({"iteration": cfg.distill.iterations, "final_acc": mean, "final_acc_std": std,
                  "proxy_acc": float(proxy[-1]) if proxy else mean,
@@ -608,7 +731,8 @@ class SweepResult:
         rows: one dict per trial, ranked (best first): index, name, searched values, status,
             final_acc, final_acc_std, proxy_acc, iteration, run_id.
         best: the best row (highest ``final_acc``), or ``None`` if no trial finished.
-        best_config: the best trial's full config dict.
+        best_config: the best trial's full config dict as written to ``best_config.yaml`` (renamed
+            ``<sweep>-best`` for a rerun, see :func:`_rerun_config`).
         notes: dropped / redrawn combinations.
         parent_run_id, experiment_id, tracking_uri: where the sweep is in MLflow.
         result_grid: Tune's ``ResultGrid``.
@@ -703,19 +827,33 @@ def _collect_rows(grid, points: list[TrialPoint]) -> list[dict]:
     return sorted(rows, key=_rank_key)
 
 
-def _log_best(parent, run_dir: Path, best: dict, best_config: dict) -> None:
-    """Write ``best_config.yaml``; log it, the best set and its grid to the parent run; print them."""
+def _rerun_config(trial_config: dict, sweep: str, output_dir: str) -> dict:
+    """The best trial's config for a rerun (``python -m contra_ray.pipeline --preset best_config.yaml``):
+    the same fields, named ``<sweep>-best`` under the sweep's output directory (not the trial's directory,
+    whose set it would overwrite) and logged to the default experiment ``contra_ray`` (not the sweep's,
+    whose seed aggregation it would join)."""
+    out = copy.deepcopy(trial_config)
+    out["name"], out["output_dir"] = f"{sweep}-best", str(output_dir)
+    out["tracking"]["experiment"] = Config().tracking.experiment
+    return out
+
+
+def _log_best(parent, run_dir: Path, best: dict, best_config: dict, trial_config: dict) -> None:
+    """Write ``best_config.yaml``; log it, the best set and its grid to the parent run under ``best/``,
+    tag the parent with the best child's run id and name; print them."""
     (run_dir / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
-    best_dir = Path(best_config["output_dir"]) / best_config["name"]
+    best_dir = Path(trial_config["output_dir"]) / trial_config["name"]
     parent.log_metrics({"best_final_acc": best["final_acc"], "best_final_acc_std": best["final_acc_std"]})
     parent.log_params({"best.trial": best["name"], **{f"best.{f}": v for f, v in best["searched"].items()}})
-    parent.log_artifact(str(run_dir / "best_config.yaml"))
+    parent.set_tags({"best_run_name": best["name"], **({"best_run_id": best["run_id"]} if best.get("run_id") else {})})
+    parent.log_artifact(str(run_dir / "best_config.yaml"), "best")
     for f in ("distilled.safetensors", "distilled_grid.png"):
         if (best_dir / f).exists():
             parent.log_artifact(str(best_dir / f), "best")
     print(f"[tune] best: {best['name']}  " + "  ".join(f"{f}={v}" for f, v in best["searched"].items()) +
           f"  final acc {best['final_acc']:.2f} ± {best['final_acc_std']:.2f}%\n[tune] best config "
-          f"({run_dir / 'best_config.yaml'}; distilled set {best_dir / 'distilled.safetensors'}):\n"
+          f"({run_dir / 'best_config.yaml'}: rerun with python -m contra_ray.pipeline --preset "
+          f"{run_dir / 'best_config.yaml'}; distilled set {best_dir / 'distilled.safetensors'}):\n"
           + yaml.safe_dump({"distill": best_config["distill"]}, sort_keys=False), flush=True)
 
 
@@ -723,7 +861,8 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
               workers_per_trial: int = 0, use_gpu: bool = False, cpus_per_trial: int | None = None,
               gpus_per_trial: float | None = None, tracking_uri: str | None = None, output_dir: str | None = None,
               experiment: str | None = None, name: str | None = None, strict: bool = False,
-              overrides: list[str] | None = None, tracking: bool = True, verbose: int = 1) -> SweepResult:
+              overrides: list[str] | None = None, tracking: bool = True, verbose: int = 1,
+              note: str | None = None) -> SweepResult:
     """Expand, validate and run a sweep; log it to MLflow; return the ranked trials.
 
     Args:
@@ -742,6 +881,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         overrides: extra ``section.field=value`` overrides (after the file's).
         tracking: log to MLflow.
         verbose: Tune verbosity (0 silent, 1 live table, 2 more).
+        note: description of the parent and child runs (tag ``mlflow.note.content``).
 
     Raises:
         SweepError, ConfigError: malformed space, no valid configuration, ASHA settings that do not fit a
@@ -751,7 +891,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     from .config import config_from_dict
     from .stages import ensure_experts, prepare_data
     from .evaluate import ensure_ray
-    from .tracking import RunLogger, check_destinations, init_tracking, tracking_client
+    from .tracking import RunLogger, check_destinations, init_tracking
 
     spec = load_space(space_path)
     if workers_per_trial < 0:
@@ -777,14 +917,26 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     base_cfg.threads = threads
     check_destinations(base_cfg.output_dir, base_cfg.tracking.uri if tracking else None)  # before any work
 
-    print(f"[tune] data and experts for {spec.preset} (store {base_cfg.experts.store})", flush=True)
     if str(base_cfg.device).startswith("cuda") and not use_gpu:
         raise SweepError(f"device={base_cfg.device!r} (preset {spec.preset}): pass --use-gpu (or override device=cpu)")
     ensure_ray()
-    data = prepare_data(base_cfg)  # fills the cache every trial reads
-    store = ensure_experts(base_cfg, data, train_missing=True)
+    store_of = expert_store_resolver(spec, base, base_cfg.experts.store)
+    prepared: dict[str, tuple] = {}  # store directory -> (data, expert store): trained once per setting
+
+    def setup(cfg: Config) -> tuple:
+        path = store_of(cfg.to_dict())
+        if path not in prepared:
+            scfg = copy.deepcopy(cfg)
+            scfg.experts.store = path
+            print(f"[tune] data and experts for {spec.preset} (store {path})", flush=True)
+            data = prepare_data(scfg)  # fills the cache every trial reads
+            prepared[path] = (data, ensure_experts(scfg, data, train_missing=True))
+        return prepared[path]
+
+    setup(base_cfg)
 
     def check(cfg: Config) -> None:
+        data, store = setup(cfg)
         cfg.validate_data(data.spec.num_classes, int(data.train.class_counts().min()))
         d = cfg.distill
         store.check_compatible(cfg.model_spec(data.spec.num_classes, data.spec.image_size, data.spec.channels),
@@ -793,7 +945,8 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
 
     points, notes = expand_space(spec, base, "error" if strict else "drop", check=check, num_samples=num_samples)
     run_dir = Path(base_cfg.output_dir) / name
-    for p in points:  # trial run directories <output_dir>/<sweep>/<trial>
+    for p in points:  # trial run directories <output_dir>/<sweep>/<trial>, the expert store of its setting
+        p.config["experts"]["store"] = store_of(p.config)
         p.config["output_dir"], p.config["name"] = str(run_dir), p.name
     for note in notes:
         print(f"[tune] {note}", flush=True)
@@ -808,8 +961,10 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     for f in searched:
         section, key = f.rsplit(".", 1) if "." in f else ("", f)
         setattr(getattr(parent_cfg, section) if section else parent_cfg, key, "<searched>")
-    with RunLogger(parent_cfg, name, enabled=tracking) as parent:
-        parent.log_params({"sweep.space": str(Path(spec.path).resolve()), "sweep.num_trials": len(points),
+    with RunLogger(parent_cfg, name, enabled=tracking, role="sweep", entry_point="contra_ray.tune",
+                   note=note) as parent:
+        parent.set_tags({"path.sweep.space": str(Path(spec.path).resolve())})
+        parent.log_params({"sweep.space": spec.name, "sweep.num_trials": len(points),
                            "sweep.num_dropped": sum(n.startswith("dropped") for n in notes),
                            "sweep.searched": json.dumps(searched), "sweep.workers_per_trial": workers_per_trial,
                            "sweep.max_concurrent": max_concurrent, "sweep.metric": spec.metric,
@@ -818,11 +973,10 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         (run_dir / "trials.json").write_text(json.dumps(
             {"space": spec.path, "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}, indent=2))
         if parent.run_id is not None:
-            tracking_client(base_cfg.tracking.uri).set_tag(parent.run_id, "contra_ray.role", "sweep")
             parent.log_artifact(spec.path)
             parent.log_artifact(str(run_dir / "trials.json"))
 
-        ctx = SweepContext(points, spec.proxy, workers_per_trial, use_gpu, threads, parent.run_id, tracking)
+        ctx = SweepContext(points, spec.proxy, workers_per_trial, use_gpu, threads, parent.run_id, tracking, note)
         tuner = _make_tuner(spec, ctx, name, Path(base_cfg.output_dir) / "tune", max_concurrent, gpus_per_trial,
                             verbose)
         grid = tuner.fit()
@@ -838,8 +992,8 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
             _close_child_runs(base_cfg.tracking.uri, experiment_id, parent.run_id, rows)
             parent.log_artifact(str(run_dir / "results.txt"))
         if best is not None:
-            best_config = points[best["index"]].config
-            _log_best(parent, run_dir, best, best_config)
+            best_config = _rerun_config(points[best["index"]].config, name, base_cfg.output_dir)
+            _log_best(parent, run_dir, best, best_config, points[best["index"]].config)
         else:
             print("[tune] no trial finished", flush=True)
         if parent.run_id is not None:
@@ -895,6 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on an invalid combination instead of dropping it with a note")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--note", default=None, help="description of the sweep's MLflow runs (tag mlflow.note.content)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the expanded, validated configurations (no data, experts or trials) and exit")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune output level (default: 1)")
@@ -912,13 +1067,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(note)
             for p in points:
                 print(p.name, json.dumps(p.searched))
+            store_of = expert_store_resolver(spec, parse_overrides(args.set), "experts")
+            stores: dict[str, int] = {}
+            for p in points:
+                stores[store_of(p.config)] = stores.get(store_of(p.config), 0) + 1
+            print("expert stores (under the preset's run directory): " +
+                  ", ".join(f"{k} ({v} trial(s))" for k, v in stores.items()))
             return 0
         result = run_sweep(args.space, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                            workers_per_trial=args.workers_per_trial, use_gpu=args.use_gpu,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                            tracking_uri=args.tracking_uri, output_dir=args.output_dir, experiment=args.experiment,
                            name=args.name, strict=args.strict, overrides=args.set, tracking=not args.no_tracking,
-                           verbose=args.verbose)
+                           verbose=args.verbose, note=args.note)
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -173,6 +173,30 @@ def test_rerun_falls_back_from_a_torn_newest_checkpoint(runs, capfd):
     assert len(skipped) == 1 and newest.name in skipped[0]
 
 
+def test_num_workers_run_logs_the_shared_vocabulary(ray_local, tmp_path):
+    """`distill --num-workers 2` (run_distributed): rank 0's metrics and the driver's run read back from the
+    store under the names and tags every run kind shares."""
+    from mlflow.tracking import MlflowClient
+    from test_data import make_tree
+
+    from conftest import assert_shared_vocabulary
+    from contra_ray.distributed import run_distributed
+
+    make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
+    cfg = load_config("tiny_cpu", {"name": "w2", "output_dir": str(tmp_path / "out"), "threads": 1,
+                                   "data": {"dataset": "imagefolder", "root": str(tmp_path / "ds"),
+                                            "cache_dir": str(tmp_path / "cache"), "train_per_class": None},
+                                   "model": {"width": 4}, "experts": {"epochs": 3, "dsa": False},
+                                   "distill": {"batch_syn": None, "iterations": 3, "lr_img": 1, "lr_lr": 1e-8}})
+    assert run_distributed(cfg, num_workers=2) == 0
+    client = MlflowClient(tracking_uri=cfg.tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id])
+    assert_shared_vocabulary(client, run, role="distill", entry_point="contra_ray.distill", method="contra",
+                             final=False, iterations=3)
+    assert "loss/sampled" in run.data.metrics  # rank 0 keeps the '/' names, as in one process
+    assert {"distilled_grid.png", "distill_curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_torn_checkpoint_is_rejected(tmp_path):
     state = {"distiller": {"iteration": 4, "images": torch.randn(3, 3, 8, 8)}, "history": {"loss": [1.0]},
              "config": {}}

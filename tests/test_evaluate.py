@@ -1,5 +1,7 @@
+import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from contra_ray import evaluate as ev
 from contra_ray.artifact import ArtifactMismatchError, DistilledSet
 from contra_ray.config import Config, EvalConfig
 from contra_ray.models import ModelSpec
+from conftest import assert_shared_vocabulary
 
 SPEC = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
 ECFG = EvalConfig(epochs=6, batch_size=8, dsa=False, test_batch_size=32)
@@ -228,10 +231,14 @@ def test_cli_end_to_end_with_tracking(tmp_path, fake_modules, capsys):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("contra_ray")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.data.metrics["contra.convnet.acc_mean"] == 100.0
+    assert_shared_vocabulary(client, run, role="evaluate", entry_point="contra_ray.evaluate", method="contra")
+    m = run.data.metrics
+    assert m["final_acc"] == m["final_acc/convnet"] == 100.0 and m["final_acc_std"] == 0.0
+    assert 0 <= m["random_real_acc"] == m["random_real_acc/convnet"] <= 100 and "random_real_acc_std" in m
     assert run.data.params["eval.epochs"] == "6" and run.data.params["eval_cli.seed"] == "3"
-    hist = client.get_metric_history(run.info.run_id, "contra.convnet.acc")
-    assert [(m.step, m.value) for m in hist] == [(0, 1.0), (1, 1.0)]
+    assert run.data.tags["path.data.root"] == "/somewhere/else" and run.data.tags["path.artifact"] == str(p)
+    saved = json.loads((Path(client.download_artifacts(run.info.run_id, "eval_results.json"))).read_text())
+    assert saved["accs"]["contra/convnet"] == [1.0, 1.0]
 
 
 def test_cli_mismatch_exits_1(tmp_path, fake_modules, capsys):

@@ -10,7 +10,7 @@ from contra_ray.config import load_config
 from contra_ray.distill import main as distill_main
 from contra_ray.expert_store import ExpertStore
 from contra_ray.pipeline import run_pipeline
-from conftest import CIFAR_TARBALL
+from conftest import CIFAR_TARBALL, assert_shared_vocabulary
 
 pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")
 
@@ -54,10 +54,27 @@ def test_mlflow_run_logged(pipeline_run):
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
-    hist = client.get_metric_history(runs[0].info.run_id, "loss")
-    assert len(hist) == cfg.distill.iterations
-    assert "acc_ConTra_convnet_mean" in runs[0].data.metrics
-    assert runs[0].data.params["distill.K"] == str(cfg.distill.K)
+    run = runs[0]
+    assert_shared_vocabulary(client, run, role="pipeline", entry_point="contra_ray.pipeline", method="contra",
+                             iterations=cfg.distill.iterations)
+    m = run.data.metrics
+    res = json.loads((cfg.run_dir() / "results.json").read_text())["results"]
+    assert m["final_acc"] == pytest.approx(res["ConTra/convnet"]["mean"])
+    assert m["random_real_acc"] == m["random_real_acc/convnet"] == pytest.approx(res["random real/convnet"]["mean"])
+    assert run.data.params["distill.K"] == str(cfg.distill.K) and m["total_minutes"] > 0
+    assert "loss/sampled" in m  # β > 0: the sampled segment's Eq. 2 loss, under its own section
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"distilled.safetensors", "distilled_grid.png", "distill_curves.png", "results.json"} <= arts
+
+
+def test_grid_picture_has_one_row_per_class(pipeline_run):
+    from PIL import Image
+
+    cfg = pipeline_run
+    with Image.open(cfg.run_dir() / "distilled_grid.png") as im:
+        w, h = im.size
+    # tiny_cpu: IPC 1, 10 classes of 32 px images -> rows of 64 px (+ 4 px gaps), a title and a name column
+    assert h == 28 + 10 * (64 + 4) + 4 and w > 64 + 8
 
 
 def test_distill_cli_resumes_and_continues(pipeline_run, capsys):
@@ -66,10 +83,17 @@ def test_distill_cli_resumes_and_continues(pipeline_run, capsys):
     rc = distill_main(["--preset", "tiny_cpu", "--set", f"output_dir={cfg.output_dir}", "--set",
                        f"data.cache_dir={cfg.data.cache_dir}", "--set", "experts.curriculum=true",
                        "--set", "experts.curriculum_gamma=2", "--set", "distill.checkpoint_every=2",
-                       "--iterations", "6", "--no-tracking", "--no-train-experts"])
+                       "--iterations", "6", "--set", "tracking.experiment=distill-cli", "--no-train-experts"])
     assert rc == 0
     assert f"resumed from {cfg.run_dir() / 'checkpoints' / 'iter_00000004'} at iteration 4" in capsys.readouterr().out
     assert DistilledSet.load(cfg.run_dir() / "distilled.safetensors").meta["iteration"] == 6
+    from mlflow.tracking import MlflowClient  # the distill run kind: the shared names and tags
+
+    client = MlflowClient(cfg.tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("distill-cli").experiment_id])
+    assert_shared_vocabulary(client, run, role="distill", entry_point="contra_ray.distill", method="contra",
+                             final=False)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4, 5]  # resumed at 4
 
 
 def test_distill_cli_bad_input_exits_2(tmp_path, capsys):

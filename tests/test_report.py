@@ -125,3 +125,22 @@ def test_cli_group_by_with_mlflow(tmp_path, capsys):
     assert plot.is_file() and any(line.startswith("plot:") and parent in line for line in out)
     assert [a.path for a in client.list_artifacts(parent, "report")] == ["report/agg.png"]
     assert report.main(["--experiment", "tune-demo", "--tracking-uri", uri, "--baseline", "distill.K=0"]) == 2
+
+
+def test_within_pairs_each_group_with_its_own_baseline():
+    """Table 3: MTT+CT - MTT and DATM+CT - DATM, never across recipes; booleans compare case-insensitively."""
+    def run(soft, K, seed, acc):
+        return {"distill.soft_labels": soft, "distill.K": K, "distill.seed": seed, "final_acc": acc, "name": "r"}
+
+    rows = [run("False", "0", s, 40.0 + s) for s in (0, 1)] + [run("False", "3", s, 43.0 + s) for s in (0, 1)] + \
+           [run("True", "0", s, 50.0 + s) for s in (0, 1)] + [run("True", "3", s, 51.0 + 2 * s) for s in (0, 1)]
+    group_by = ["distill.soft_labels", "distill.K"]
+    mtt_ct, datm_ct = report.paired_differences(rows, group_by, {"distill.K": "0"}, within=["distill.soft_labels"])
+    assert mtt_ct["label"] == "soft_labels=False,K=3" and mtt_ct["diffs"] == {0.0: 3.0, 1.0: 3.0}
+    assert datm_ct["label"] == "soft_labels=True,K=3" and datm_ct["diffs"] == {0.0: 1.0, 1.0: 2.0}
+    pooled = report.paired_differences(rows, group_by, {"distill.K": "0"})  # without: the two recipes pooled
+    assert pooled[0]["diffs"] == {0.0: -2.0, 1.0: -2.0}
+    datm = report.paired_differences(rows, group_by, {"distill.K": "0", "distill.soft_labels": "true"})[-1]
+    assert datm["diffs"] == {0.0: 1.0, 1.0: 2.0}
+    with pytest.raises(ValueError, match="--within distill.init: not one of the --group-by"):
+        report.paired_differences(rows, group_by, {"distill.K": "0"}, within=["distill.init"])

@@ -106,29 +106,80 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])  # width, height
 
 
-def test_save_image_grid_png_size(tmp_path):
-    imgs = torch.rand(5, 3, 8, 6)
-    p = tmp_path / "g" / "grid.png"
-    save_image_grid(imgs, nrow=3, path=p)
-    assert png_size(p) == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)
+def test_image_grid_one_row_per_class_upscaled_with_names(tmp_path):
     import numpy as np
     from PIL import Image
 
-    with Image.open(p) as im:
-        px = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
-    assert px.shape == (22, 26, 3)
-    # first image sits at offset (2, 2); save_image rounds x*255+0.5
-    expected = (imgs[0].permute(1, 2, 0) * 255 + 0.5).clamp(0, 255).floor()
-    assert torch.equal(px[2:10, 2:8], expected)
-    assert sorted(x.name for x in p.parent.iterdir()) == ["grid.png"]
-
-
-def test_save_curves(tmp_path):
-    p = tmp_path / "curves.png"
-    save_curves({"loss": [3.0, 2.0, 1.5], "syn_lr": [0.01, 0.012]}, p, "matching")
+    imgs = torch.rand(6, 3, 32, 32)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    p = tmp_path / "g" / "grid.png"
+    lay = save_image_grid(imgs, labels, ["airplane", "automobile", "bird"], p, title="IPC 2")
+    assert lay["rows"] == 3 and lay["cols"] == 2 and lay["cell_px"] == (64, 64)  # nearest x2: >= 64 px
     w, h = png_size(p)
-    assert (w, h) == (600, 400)
+    assert (w, h) == lay["size"] and w >= 2 * 64 and h >= 3 * 64
+    left, top, bw, bh = lay["image_box"]
+    assert left > 0 and bh == 3 * (64 + 4) + 4  # one row per class; the class names sit left of the images
+    with Image.open(p) as im:
+        px = np.asarray(im.convert("RGB")).astype(np.int64)
+    for r, i in ((0, 0), (1, 3), (2, 5)):  # row r starts with the first image of class r, 2x2 pixel blocks
+        y0, x0 = top + 4 + r * 68, left + 4 + (i % 2) * 68
+        block = px[y0:y0 + 64, x0:x0 + 64]
+        expected = (imgs[i].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.int64)
+        assert np.array_equal(block[::2, ::2], expected) and np.array_equal(block[1::2, 1::2], expected)
+    assert px[:, :left].min() < 128  # dark text in the label column
+    assert sorted(x.name for x in p.parent.iterdir()) == ["grid.png"]  # atomic: no temporary left
+
+
+def test_image_grid_caps_columns_and_handles_grayscale(tmp_path):
+    lay = save_image_grid(torch.rand(30, 1, 28, 28), torch.arange(2).repeat_interleave(15), None,
+                          tmp_path / "g.png", max_per_class=4)
+    assert lay["rows"] == 2 and lay["cols"] == 4 and lay["cell_px"] == (84, 84)  # ceil(64 / 28) = 3
+
+
+def test_save_curves_puts_each_quantity_on_its_own_axis(tmp_path):
+    p = tmp_path / "curves.png"
+    n = save_curves({"matching loss": {"loss": [3.0, 2.0, 1.5], "loss/sampled": [2.0, 1.0, 1.0]},
+                     "syn_lr": {"syn_lr": [0.01, 0.012, 0.011]}, "eval_acc (%)": {}}, p, "matching")
+    assert n == 2  # loss and syn_lr on separate axes; the empty eval_acc panel is left out
+    assert png_size(p)[1] == 80 + 200 * 2
+    assert save_curves({"loss": {"loss": [1.0]}, "syn_lr": {"syn_lr": [0.01]},
+                        "eval_acc (%)": {"eval_acc": ([2, 4], [10.0, 12.0])}}, p, "t") == 3
     assert sorted(x.name for x in tmp_path.iterdir()) == ["curves.png"]
+
+
+def test_run_tags_params_and_iteration_metrics(cfg, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from contra_ray.tracking import PATH_FIELDS, accuracy_metrics, run_tags, source_version
+
+    cfg.distill.K, cfg.distill.beta = 0, 1.0
+    cfg.data.root = str(tmp_path / "data")
+    tags = run_tags(cfg, "distill", "contra_ray.distill", note="first try")
+    assert tags["method"] == "mtt" and tags["K"] == "0" and tags["beta"] == "1.0" and tags["ipc"] == "1"
+    assert tags["mlflow.note.content"] == "first try" and tags["path.data.root"] == str(tmp_path / "data")
+    version, sha = source_version()  # a checkout: git rev-parse HEAD of the package's repository
+    assert tags["git_commit"] == version
+    assert sha is None or (len(sha) == 40 and tags["mlflow.source.git.commit"] == sha)
+    with pytest.raises(ValueError, match="method='datm'"):
+        run_tags(cfg, "distill", "x", method="datm")
+    assert accuracy_metrics({"convnet": (50.0, 1.0), "resnet18": (40.0, 2.0)}, "convnet", "random_real_acc") == {
+        "random_real_acc": 50.0, "random_real_acc_std": 1.0, "random_real_acc/convnet": 50.0,
+        "random_real_acc_std/convnet": 1.0, "random_real_acc/resnet18": 40.0, "random_real_acc_std/resnet18": 2.0}
+
+    with RunLogger(cfg, "r", note="n") as log:  # created outside contra_ray: entry point "contra_ray"
+        for it in range(6):
+            log.log_metrics({"loss": 1.0 / (it + 1), "loss/start_2": 0.5, "syn_lr": 0.01}, step=it)
+            if it in (1, 3, 5):
+                log.log_metrics({"eval_acc": {1: 20.0, 3: 30.2, 5: 30.5}[it]}, step=it + 1)
+    client = MlflowClient(cfg.tracking_uri())
+    run = client.get_run(log.run_id)
+    assert not set(PATH_FIELDS) & set(run.data.params) and run.data.params["distill.K"] == "0"
+    assert run.data.tags["path.output_dir"] == cfg.output_dir and run.data.tags["mlflow.note.content"] == "n"
+    assert run.data.tags["mlflow.source.name"] == "contra_ray" and "loss/start_2" in run.data.metrics
+    assert run.data.metrics["iters_to_plateau"] == 4.0  # first eval within 0.5 points of the best (30.5)
+    assert run.data.metrics["s_per_iter"] >= 0
+    exp = client.get_experiment_by_name("unit")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" view
 
 
 # ------------------------------------------------------------------------------------ concurrent first use
@@ -264,7 +315,7 @@ def test_clis_check_destinations_before_any_work(tmp_path, monkeypatch, capsys, 
     def work(*a, **k):
         raise AssertionError("work started before the destinations were checked")
 
-    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)  # every CLI imports it from stages when it runs
     main = importlib.import_module(f"contra_ray.{cli}").main
     head = ["correlation"] if cli == "analyze" else []
     (tmp_path / "file").write_text("")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from contra_ray.config import ConfigError
-from contra_ray.tune import SweepError, asha_settings, expand_space, load_space, main
+from conftest import assert_shared_vocabulary
+from contra_ray.config import ConfigError, load_config
+from contra_ray.tune import (SweepError, asha_settings, expand_space, expert_key, expert_store_resolver, load_space,
+                             main, searched_fields)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "cpu_smoke.yaml"
@@ -104,8 +106,8 @@ def test_space_with_a_key_given_twice_is_refused(tmp_path):
 
 def _no_work(monkeypatch):
     """Make any start of real work (Ray, data, experts) fail the test loudly."""
-    import contra_ray.stages
     import contra_ray.evaluate
+    import contra_ray.stages
 
     def work(*a, **k):
         raise AssertionError("work started before the inputs were checked")
@@ -207,28 +209,138 @@ def test_stopped_trials_end_killed_in_mlflow(tmp_path):
     assert [row["run_id"] for row in rows] == ids
 
 
+def test_bundle_axes_set_fields_together_and_seeds_share_experts(tmp_path):
+    space = write_space(tmp_path, """
+preset: tiny_cpu
+space:
+  distill.seed: {grid: [0, 1, 2]}
+  method:
+    grid:
+      - {distill.K: 0, distill.beta: 1.0, distill.iterations: 6}
+      - {distill: {K: 2, beta: 0.2}, distill.iterations: 2}
+""")
+    spec = load_space(space)
+    assert searched_fields(spec) == ["distill.seed", "distill.K", "distill.beta", "distill.iterations"]
+    points, notes = expand_space(spec)
+    got = [(p.searched["distill.seed"], p.searched["distill.K"], p.searched["distill.beta"],
+            p.config["distill"]["iterations"]) for p in points]
+    assert got == [(0, 0, 1.0, 6), (0, 2, 0.2, 2), (1, 0, 1.0, 6), (1, 2, 0.2, 2), (2, 0, 1.0, 6), (2, 2, 0.2, 2)]
+    assert not notes  # K=0 with beta=0.2 is never formed: the bundle keeps them together
+    store = expert_store_resolver(spec, {}, "/x/experts")
+    assert {store(p.config) for p in points} == {"/x/experts"}  # distill.seed never changes the experts
+    assert len({expert_key(p.config) for p in points}) == 1
+
+
+def test_searching_an_expert_setting_gives_each_value_its_store(tmp_path):
+    spec = load_space(ROOT / "tune_spaces" / "ablation_curriculum_cpu.yaml")
+    points, _ = expand_space(spec)
+    store = expert_store_resolver(spec, {}, "/r/ablation_cpu/experts")
+    by_arm = {p.config["experts"]["curriculum"]: store(p.config) for p in points}
+    assert by_arm == {False: "/r/ablation_cpu/experts", True: "/r/ablation_cpu/experts-curriculumTrue"}
+    other = load_space(ROOT / "tune_spaces" / "ablation_K_cpu.yaml")  # the other CPU ablations share it
+    assert {expert_key(p.config) for p in expand_space(other)[0]} == {
+        expert_key(p.config) for p in points if not p.config["experts"]["curriculum"]}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("  m: {uniform: [{distill.K: 0}, {distill.K: 2}]}\n", "a bundle axis .* takes grid or choice"),
+    ("  m: {grid: [{distill.K: 0}, {distill.beta: 1.0}]}\n", "every value of a bundle axis sets the same fields"),
+    ("  m: {grid: [{distill.K: 0}, 3]}\n", r"space.m.grid\[1\]=3"),
+    ("  a.b: {grid: [{distill.K: 0}]}\n", "named without a dot"),
+    ("  distill.K: {grid: [0]}\n  m: {grid: [{distill.K: 2}]}\n", "field distill.K is already searched"),
+])
+def test_malformed_bundle_axes_are_refused(tmp_path, bad, match):
+    with pytest.raises(SweepError, match=match):
+        load_space(write_space(tmp_path, "preset: tiny_cpu\nspace:\n" + bad))
+
+
+SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_every_space_dry_runs(path, capsys):
+    assert main(["--space", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "expert stores" in out and "Traceback" not in out
+
+
+def test_ablation_spaces_come_in_cpu_gpu_pairs_with_seeds_and_no_early_stopping():
+    names = {p.stem for p in SPACES if p.stem.startswith("ablation_")}
+    assert {n.rsplit("_", 1)[0] for n in names} == {"ablation_table3", "ablation_equal_time", "ablation_K",
+                                                     "ablation_curriculum", "ablation_recipe"}
+    for n in names:
+        assert n.endswith(("_cpu", "_gpu")) and f"{n[:-4]}_cpu" in names and f"{n[:-4]}_gpu" in names
+        spec = load_space(ROOT / "tune_spaces" / f"{n}.yaml")
+        assert spec.scheduler is None  # every seed runs to its final evaluation
+        kind, seeds = spec.space["distill.seed"]
+        assert kind == "grid" and len(seeds) >= 3
+        points, notes = expand_space(spec)
+        assert not [x for x in notes if x.startswith("dropped")]
+        groups = {json.dumps({k: v for k, v in p.searched.items() if k != "distill.seed"}) for p in points}
+        assert len(points) == len(groups) * len(seeds) and len(groups) >= 2  # every group has every seed
+        cpu = n.endswith("_cpu")
+        assert (points[0].config["device"] == "cpu") == cpu
+    equal_time = {p.searched["distill.K"]: p.config["distill"]["iterations"]
+                  for p in expand_space(load_space(ROOT / "tune_spaces" / "ablation_equal_time_gpu.yaml"))[0]}
+    assert equal_time[0] == round(equal_time[4] * 1.10 / 0.32, -2)  # paper Table 4 right: r = 3.44
+
+
 # ---------------------------------------------------------------------------------------------- (b) a sweep
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, cache_dir):
-    """The 4-trial cpu_smoke sweep on real CIFAR-10 (tiny_cpu preset), 2 trials at a time."""
+def local_ray():
     import ray
-
-    from contra_ray.tune import run_sweep
 
     started = not ray.is_initialized()
     if started:  # a private local instance, never someone else's `ray start` cluster on this host
         ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sweep(local_ray, tmp_path_factory, cache_dir):
+    """The 4-trial cpu_smoke sweep on real CIFAR-10 (tiny_cpu preset), 2 trials at a time."""
+    from contra_ray.tune import run_sweep
+
     out = tmp_path_factory.mktemp("sweep")
     t0 = time.time()
-    try:
-        result = run_sweep(SMOKE, output_dir=str(out), max_concurrent=2, name="smoke",
-                           overrides=[f"data.cache_dir={cache_dir}"], verbose=0)
-    finally:
-        if started:
-            ray.shutdown()
+    result = run_sweep(SMOKE, output_dir=str(out), max_concurrent=2, name="smoke",
+                       overrides=[f"data.cache_dir={cache_dir}"], verbose=0)
     print(f"cpu_smoke sweep: {time.time() - t0:.0f} s")
     return result, out
+
+
+SEEDS_SPACE = """
+preset: tiny_cpu
+overrides:
+  eval: {runs: 1}
+  distill: {iterations: 3, checkpoint_every: 0}
+space:
+  distill.seed: {grid: [0, 1]}
+  method:
+    grid:
+      - {distill.K: 0, distill.beta: 1.0}
+      - {distill.K: 2, distill.beta: 0.2}
+proxy: {eval_every: 1, epochs: 1, runs: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(sweep, tmp_path_factory, cache_dir):
+    """2 distillation seeds x 2 groups (sequential K=0 vs concurrent K=2) on tiny_cpu, 3 iterations, in
+    the smoke sweep's output directory (same data cache and expert store) and MLflow store."""
+    from contra_ray.tune import run_sweep
+
+    result, out = sweep
+    space = tmp_path_factory.mktemp("space") / "seeds.yaml"
+    space.write_text(SEEDS_SPACE)
+    t0 = time.time()
+    seeds = run_sweep(space, output_dir=str(out), max_concurrent=2, name="seeds", verbose=0,
+                      overrides=[f"data.cache_dir={cache_dir}"])
+    print(f"seeds sweep: {time.time() - t0:.0f} s")
+    return seeds, out
 
 
 @pytest.mark.slow
@@ -247,27 +359,73 @@ def test_smoke_sweep_logs_parent_and_children(sweep, capsys):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
     assert len(runs) == 5 and len(parents) == 1 and len(children) == 4
-    assert parents[0].info.run_id == result.parent_run_id and parents[0].data.metrics["best_final_acc"] > 0
-    assert parents[0].data.params["distill.beta"] == "<searched>"
+    parent = parents[0]
+    assert parent.info.run_id == result.parent_run_id and parent.data.metrics["best_final_acc"] > 0
+    assert parent.data.params["distill.beta"] == "<searched>" and "K" not in parent.data.tags  # searched
+    assert parent.data.tags["contra_ray.role"] == "sweep"
+    assert parent.data.tags["mlflow.source.name"] == "contra_ray.tune"
+    assert parent.data.tags["best_run_id"] == result.best["run_id"]
+    assert parent.data.tags["best_run_name"] == result.best["name"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "best")} == {
+        "best/best_config.yaml", "best/distilled.safetensors", "best/distilled_grid.png"}  # README: best/
     seen = set()
     for run in children:
         p, m = run.data.params, run.data.metrics
         assert run.info.status == "FINISHED"
+        assert_shared_vocabulary(client, run, role="trial", entry_point="contra_ray.tune", method="contra",
+                                 iterations=4)
         assert json.loads(p["tune.searched"]) == ["distill.beta", "distill.K", "distill.R"]
         seen.add((float(p["distill.beta"]), int(p["distill.K"]), int(p["distill.R"])))
         assert p["model.width"] == "8" and p["data.train_per_class"] == "20"  # the full flattened config
-        assert 0 < m["final_acc"] <= 100 and 0 < m["eval_acc"] <= 100 and "loss" in m
-        assert len(client.get_metric_history(run.info.run_id, "loss")) == 4  # one per iteration
+        assert 0 < m["eval_acc"] <= 100 and "iters_to_plateau" not in m  # one proxy evaluation (iteration 2)
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"distilled.safetensors", "distilled_grid.png"} <= arts
+        assert {"distilled.safetensors", "distilled_grid.png", "distill_curves.png"} <= arts
     assert seen == {(0.0, 2, 2), (0.0, 3, 1), (0.5, 2, 2), (0.5, 3, 1)}
-    assert (out / "smoke" / "best_config.yaml").is_file()
+    best = load_config(str(out / "smoke" / "best_config.yaml"))  # README: rerun it as a preset
+    assert best.name == "smoke-best" and best.output_dir == str(out.resolve())
+    assert best.tracking.experiment == "contra_ray"
 
     capsys.readouterr()
     assert report_main(["--experiment", "tune-cpu_smoke", "--tracking-uri", result.tracking_uri]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("sweep smoke") and len(lines) == 3 + 4
     assert lines[3].split()[1] == result.best["name"]
+
+
+@pytest.mark.slow
+def test_seed_sweep_logs_the_shared_vocabulary_and_the_report_aggregates_it(seed_sweep, tmp_path, capsys):
+    """The report command of docs/EXPERIMENTS.md on a real sweep over seeds, read back from the store."""
+    from mlflow import MlflowClient
+
+    from contra_ray.report import main as report_main
+
+    result, out = seed_sweep
+    assert [r["status"] for r in result.rows] == ["DONE"] * 4
+    client = MlflowClient(result.tracking_uri)
+    children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted((r.data.params["distill.seed"], r.data.tags["method"]) for r in children) == [
+        ("0", "contra"), ("0", "mtt"), ("1", "contra"), ("1", "mtt")]
+    for run in children:
+        assert_shared_vocabulary(client, run, role="trial", entry_point="contra_ray.tune",
+                                 method=run.data.tags["method"], iterations=3)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_acc")] == [1, 2]
+        assert run.data.metrics["iters_to_plateau"] in (1.0, 2.0)
+        assert run.data.tags["path.experts.store"] == str(out.resolve() / "tiny_cpu" / "experts")  # one store
+    capsys.readouterr()
+    argv = ["--experiment", "tune-seeds", "--tracking-uri", result.tracking_uri, "--plot", str(tmp_path / "r.png")]
+    assert report_main(argv + ["--group-by", "distill.beta,distill.K,distill.R",
+                               "--baseline", "distill.beta=1.0,distill.K=0"]) == 0
+    text = capsys.readouterr().out
+    assert "tune-seeds: 4 run(s) in 2 group(s)" in text and "baseline" in text and (tmp_path / "r.png").is_file()
+    assert report_main(argv + ["--group-by", "distill.beta,distill.K,distill.R", "--json",
+                               "--baseline", "distill.beta=1.0,distill.K=0"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [(g["label"], g["n_seeds"], g["n_runs"]) for g in got["groups"]] == [
+        ("beta=0.2,K=2,R=1", 2, 2), ("beta=1.0,K=0,R=None", 2, 2)]
+    (diff,) = got["differences"]
+    assert diff["label"] == "beta=0.2,K=2,R=1" and diff["n_pairs"] == 2 and diff["ci_low"] is not None
+    assert report_main(argv + ["--group-by", "distill.K", "--metric", "s_per_iter"]) == 0
+    assert "s_per_iter mean ± std over seeds" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- (c) REST

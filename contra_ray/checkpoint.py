@@ -130,13 +130,17 @@ def resume_mismatches(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def check_resumable(saved_config: dict | None, cfg: Config, where: str | os.PathLike) -> None:
+def check_resumable(saved_config: dict | None, cfg: Config, where: str | os.PathLike,
+                    iteration: int | None = None) -> None:
     """Refuse to continue a checkpoint made with a config that gives another result.
 
     Raises:
-        ConfigError: naming every changed field with both values, the checkpoint, and the two ways out.
+        ConfigError: naming every changed field with both values (and a checkpoint ``iteration`` beyond
+            ``distill.iterations``), the checkpoint, and the two ways out.
     """
     diff = resume_mismatches(saved_config or {}, cfg.to_dict())
+    if iteration is not None and iteration > cfg.distill.iterations:
+        diff.append(f"the checkpoint is at iteration {iteration}, beyond distill.iterations={cfg.distill.iterations}")
     if diff:
         raise ConfigError(f"cannot resume run {cfg.name!r} from checkpoint {where}: " + "; ".join(diff) +
                           " (run with --no-resume to start over, or use another --name)")

@@ -9,6 +9,7 @@ store (enough saved epochs for T+ + M, same model/dataset/ZCA) live in :mod:`con
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -229,8 +230,10 @@ class Config:
             bad("experts.epochs", x.epochs, "must be >= 1")
         if x.batch_size < 1:
             bad("experts.batch_size", x.batch_size, "must be >= 1")
-        if x.lr <= 0:
-            bad("experts.lr", x.lr, "must be > 0")
+        if not (x.lr > 0 and math.isfinite(x.lr)):
+            bad("experts.lr", x.lr, "must be a finite number > 0")
+        if self.threads < 0:
+            bad("threads", self.threads, "must be >= 0 (0 = torch's default)")
         if not 0 < x.curriculum_lambda <= 1:
             bad("experts.curriculum_lambda", x.curriculum_lambda, "must be in (0, 1]")
         if x.curriculum_gamma < 1:
@@ -276,8 +279,13 @@ class Config:
         if d.iterations < 0:
             bad("distill.iterations", d.iterations, "must be >= 0")
         for f in ("lr_img", "lr_label", "lr_lr", "syn_lr_init"):
-            if not getattr(d, f) > 0:
-                bad(f"distill.{f}", getattr(d, f), "must be > 0")
+            if not (getattr(d, f) > 0 and math.isfinite(getattr(d, f))):
+                bad(f"distill.{f}", getattr(d, f), "must be a finite number > 0")
+        for f in ("checkpoint_every", "eval_every"):
+            if getattr(d, f) < 0:
+                bad(f"distill.{f}", getattr(d, f), "must be >= 0 (0 = never)")
+        if d.eval_runs_periodic < 1:
+            bad("distill.eval_runs_periodic", d.eval_runs_periodic, "must be >= 1")
         if d.init not in ("real_correct", "real", "noise"):
             bad("distill.init", d.init, "must be one of real_correct, real, noise")
         if d.dtype not in ("float32", "float64"):
@@ -292,6 +300,9 @@ class Config:
             bad("distill.monitor_epochs", d.monitor_epochs, "epochs must be >= 0")
         if d.reference_expert is not None and d.reference_expert < 0:
             bad("distill.reference_expert", d.reference_expert, "must be an expert id >= 0 or null")
+        for f in ("batch_size", "test_batch_size"):
+            if getattr(e, f) < 1:
+                bad(f"eval.{f}", getattr(e, f), "must be >= 1")
         if e.runs < 1:
             bad("eval.runs", e.runs, "must be >= 1")
         if e.epochs < 1:

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 def precheck_resume(cfg: Config, distributed: bool) -> None:
     """Before any work: refuse to resume a checkpoint made with a config that gives another result.
 
-    Looks at the newest valid checkpoint of the run (``<run dir>/checkpoints`` in one process,
-    ``<output_dir>/ray_train/<name>`` for Ray Train).
+    Looks at the newest valid checkpoint of the run in both places a run of this name keeps them
+    (``<run dir>/checkpoints`` in one process, ``<output_dir>/ray_train/<name>`` for Ray Train): the result
+    does not depend on the worker count, so switching ``--num-workers`` must not bypass the check.
 
     Raises:
         ConfigError: naming the changed fields (see :func:`contra_ray.checkpoint.check_resumable`).
@@ -102,10 +103,10 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
 
     from .checkpoint import check_resumable, checkpoint_dirs, newest_valid
 
-    root = Path(cfg.output_dir) / "ray_train" / cfg.name if distributed else cfg.run_dir() / "checkpoints"
-    found = newest_valid(checkpoint_dirs(root), log=lambda line: print(line, file=sys.stderr))
-    if found is not None:
-        check_resumable(found[1].get("config"), cfg, found[0])
+    for root in (cfg.run_dir() / "checkpoints", Path(cfg.output_dir) / "ray_train" / cfg.name):
+        found = newest_valid(checkpoint_dirs(root), log=lambda line: print(line, file=sys.stderr))
+        if found is not None:
+            check_resumable(found[1].get("config"), cfg, found[0], int(found[1]["distiller"]["iteration"]))
 
 
 def main(argv: list[str] | None = None) -> int:

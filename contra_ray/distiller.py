@@ -242,6 +242,9 @@ class Distiller:
         if not torch.isfinite(self.images.detach()).all():
             raise DistillationDiverged(f"iteration {iteration}: synthetic images became non-finite; "
                                        f"lower distill.lr_img (now {self.d.lr_img})")
+        if not torch.isfinite(self.label_logits.detach()).all():
+            raise DistillationDiverged(f"iteration {iteration}: soft-label logits became non-finite; "
+                                       f"lower distill.lr_label (now {self.d.lr_label})")
         self.iteration = iteration + 1
 
     def step(self) -> dict[str, float]:

@@ -362,6 +362,17 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
               "that request none)", file=sys.stderr)
         return 2
     cfg = _with_absolute_paths(cfg)
+    import ray
+
+    ensure_ray()
+    need, cpus = num_workers * max(1, cfg.threads), ray.cluster_resources().get("CPU", 0.0)
+    if need > cpus:
+        msg = (f"--num-workers={num_workers} with threads={max(1, cfg.threads)} needs {need} CPUs, the Ray cluster "
+               f"has {cpus:g}")
+        if not os.environ.get("RAY_ADDRESS"):  # a private local instance cannot grow: the workers would wait forever
+            print(f"error: {msg}; use fewer workers or threads", file=sys.stderr)
+            return 2
+        print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)
     try:
         data = prepare_data(cfg)  # fills the cache the workers read
         check_memory(cfg, data, workers=num_workers)

@@ -240,7 +240,8 @@ def run_loop(distiller: Distiller, cfg: Config, data=None, *, sync: GradientSync
     if checkpoints is not None and resume:
         state = checkpoints.load()
         if state is not None:
-            check_resumable(state.get("config"), cfg, state.get("path", "(checkpoint)"))
+            check_resumable(state.get("config"), cfg, state.get("path", "(checkpoint)"),
+                            int(state["distiller"]["iteration"]))
             distiller.load_state_dict(state["distiller"])
             history, loaded_at = state["history"], distiller.iteration
             resumed_from = state.get("path", "checkpoint")

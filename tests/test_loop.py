@@ -154,3 +154,36 @@ def test_the_core_imports_neither_ray_nor_mlflow():
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_lowering_iterations_below_the_checkpoint_is_refused(tmp_path):
+    """A user finding: resuming at iteration 4 with distill.iterations=2 saved the 4-iteration set."""
+    cfg, d = make(tmp_path, ["distill.iterations=4"])
+    ck = LocalCheckpoints(tmp_path / "ck")
+    run_loop(d, cfg, checkpoints=ck, progress=None)
+    cfg2, d2 = make(tmp_path, ["distill.iterations=2"])
+    with pytest.raises(ConfigError, match="iteration 4, beyond distill.iterations=2"):
+        run_loop(d2, cfg2, checkpoints=ck, progress=None)
+
+
+@pytest.mark.parametrize("override, field", [("distill.lr_label=.inf", "distill.lr_label"),
+                                             ("experts.lr=.nan", "experts.lr"),
+                                             ("threads=-1", "threads"),
+                                             ("distill.checkpoint_every=-1", "distill.checkpoint_every"),
+                                             ("eval.batch_size=0", "eval.batch_size")])
+def test_non_finite_and_negative_settings_are_refused_by_name(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config("tiny_cpu", [override])
+
+
+def test_switching_num_workers_does_not_bypass_the_resume_check(tmp_path):
+    """A Ray Train checkpoint of a run name also guards the in-process run of that name (and vice versa)."""
+    from contra_ray.checkpoint import write_checkpoint
+    from contra_ray.distill import precheck_resume
+
+    cfg, d = make(tmp_path, ["distill.iterations=2", "name=nw2"])
+    write_checkpoint(tmp_path / "ray_train" / "nw2" / "checkpoint_x",
+                     {"distiller": d.state_dict(), "history": {}, "config": cfg.to_dict()})
+    cfg2, _ = make(tmp_path, ["distill.iterations=2", "name=nw2", "distill.beta=0.2"])
+    with pytest.raises(ConfigError, match="distill.beta=0.5 in the checkpoint, 0.2 now"):
+        precheck_resume(cfg2, distributed=False)

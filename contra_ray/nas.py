@@ -312,11 +312,7 @@ def _nonneg_int(s: str) -> int:
     return v
 
 
-def _positive_int(s: str) -> int:
-    v = _nonneg_int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+from .evaluate import _positive_int  # noqa: E402  (the one "positive integer" flag type)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
             data(tmp)
         else:
             tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would: some writers (safetensors) create files 0600
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -54,6 +55,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | Path) -> str:

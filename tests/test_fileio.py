@@ -50,3 +50,25 @@ def test_ensure_writable_dir(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(OSError, match=rf"directory {tmp_path / 'f' / 'x'} cannot be created"):
         ensure_writable_dir(tmp_path / "f" / "x")
+
+
+def test_atomic_write_gives_files_the_umask_mode_even_from_writers_that_create_0600(tmp_path):
+    """safetensors' writer creates its file 0600; the renamed result must have the mode open() gives
+    (0666 & ~umask), like every other file of the run directory."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from contra_ray.fileio import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        a = atomic_write(tmp_path / "a.safetensors", lambda t: save_file({"x": torch.zeros(2)}, str(t)))
+        b = atomic_write(tmp_path / "b.txt", "text")
+        os.umask(0o027)
+        c = atomic_write(tmp_path / "c.txt", b"bytes")
+    finally:
+        os.umask(old)
+    assert (a.stat().st_mode & 0o777, b.stat().st_mode & 0o777, c.stat().st_mode & 0o777) == (0o644, 0o644, 0o640)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.txt", "c.txt"]  # no temp file left

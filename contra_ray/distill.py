@@ -5,7 +5,8 @@ in this process (default) or sharded over ``--num-workers W`` Ray Train workers 
 Both run the one loop :func:`contra_ray.loop.run_loop`. Overrides: ``--set section.field=value`` or the
 ``--ipc/--K/--beta/--R/--syn-steps/...`` flags. A re-run with the same ``--name`` and ``--output-dir``
 resumes from the newest valid checkpoint; a changed field that alters the result is refused by name
-(``--no-resume`` starts over). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input.
+(``--no-resume`` starts over). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input (or the run directory in use by another
+process), 130 interrupted (Ctrl-C; the newest checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 from .config import Config, ConfigError, DistillConfig, load_config
 
-__all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume", "main"]
+__all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume", "interrupted_message", "main"]
 
 
 # ---------------------------------------------------------------------- CLI
@@ -104,9 +105,18 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
     from .checkpoint import check_resumable, checkpoint_dirs, newest_valid
 
     for root in (cfg.run_dir() / "checkpoints", Path(cfg.output_dir) / "ray_train" / cfg.name):
-        found = newest_valid(checkpoint_dirs(root), log=lambda line: print(line, file=sys.stderr))
+        found = newest_valid(checkpoint_dirs(root), log=lambda line: None)  # the loop reports a torn one
         if found is not None:
             check_resumable(found[1].get("config"), cfg, found[0], int(found[1]["distiller"]["iteration"]))
+
+
+def interrupted_message(cfg: Config) -> str:
+    """What a user reads after Ctrl-C: where the run stands and how to go on."""
+    every = cfg.distill.checkpoint_every
+    if every:
+        return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
+                "iterations); rerun the same command to resume from it")
+    return "interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts over"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .fileio import RunInUse, run_lock
+
+    try:
+        with run_lock(cfg.run_dir()):  # one process per run directory
+            return _run(cfg, args)
+    except RunInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(cfg)}", file=sys.stderr)
+        return 130
+
+
+def _run(cfg: Config, args: argparse.Namespace) -> int:
     if args.num_workers > 0:
         from .distributed import run_distributed
 

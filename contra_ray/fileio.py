@@ -8,16 +8,18 @@ never half a file, and an interrupted write leaves no temporary file behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
-__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir"]
+__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir", "RunInUse", "run_lock"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], None], *,
@@ -169,3 +171,45 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"directory {p} cannot be created or written ({e.strerror or e})") from None
     return p
+
+
+# ---------------------------------------------------------------------------------------- run lock
+
+class RunInUse(RuntimeError):
+    """Another live process holds the run directory's lock; the message names the directory and its pid."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``<run_dir>/.lock`` (an exclusive, non-blocking ``fcntl.flock``) while a run writes there.
+
+    Two processes distilling into one run directory (the same ``--name`` and ``--output-dir``) would
+    interleave checkpoints and overwrite each other's artifact. The second one is refused at once. The
+    lock file keeps the holder's pid for the message; the kernel releases the lock when the process ends,
+    however it ends, so a crashed run never leaves a stale lock.
+
+    Raises:
+        RunInUse: the lock is held (names the run directory and the holder's pid).
+        OSError: the directory cannot be created.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunInUse(f"run directory {run_dir} is in use by another process (pid {holder}): wait for it to "
+                           f"finish, or choose another --name / --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield lock
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

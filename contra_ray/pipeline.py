@@ -5,7 +5,8 @@
 Stages (each reusable on its own: ``contra_ray.distill``, ``contra_ray.evaluate``):
 1. data: train split (class-balanced subset), test split, mean/std + ZCA preprocessor (cached);
 2. experts: ``experts.num_experts`` trajectories trained in parallel as Ray tasks (skipped if stored);
-3. distillation: ``distill.iterations`` ConTra iterations (resumes from its checkpoint);
+3. distillation: ``distill.iterations`` ConTra iterations (resumes from its checkpoint; ``--no-resume``
+   starts over; a changed result field is refused before any work, exit 2);
 4. evaluation: ``eval.runs`` fresh networks per model on the distilled set, and on a random real subset
    of the same IPC (hard labels, lr = experts.lr), as Ray tasks; prints the table and writes
    ``<run dir>/results.json``. Everything is one MLflow run, in the vocabulary of
@@ -25,27 +26,43 @@ from .config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distill import add_common_args, config_from_args
+    from .distill import add_common_args, config_from_args, interrupted_message, precheck_resume
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the random-real baseline")
     p.add_argument("--note", default=None, help="description of the MLflow run (tag mlflow.note.content)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start the distillation over instead of resuming from the run's checkpoint")
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if not args.no_resume:
+            precheck_resume(cfg, distributed=False)
         from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note)
+    from .fileio import RunInUse, run_lock
+
+    try:
+        with run_lock(cfg.run_dir()):  # one process per run directory
+            return run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note, resume=not args.no_resume)
+    except RunInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(cfg)}", file=sys.stderr)
+        return 130
 
 
-def run_pipeline(cfg, baseline: bool = True, note: str | None = None) -> int:
+def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bool = True) -> int:
     import torch
 
     from .augment import DSA
+    from .distiller import DistillationDiverged
+    from .expert_store import ExpertStoreError
     from .loop import run_distillation
     from .stages import check_memory, ensure_experts, log_set_visuals, prepare_data
     from .evaluate import evaluate_runs, evaluation_seeds, format_table, random_real_set, summarize
@@ -75,10 +92,18 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None) -> int:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
     with RunLogger(cfg, f"{cfg.name}-pipeline", enabled=cfg.tracking.enabled, note=note) as logger:
         t0 = time.time()
-        store = ensure_experts(cfg, data)
+        try:
+            store = ensure_experts(cfg, data)
+        except ExpertStoreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         stage("experts", t0)
         t0 = time.time()
-        artifact, history = run_distillation(cfg, data, store, logger)
+        try:
+            artifact, history = run_distillation(cfg, data, store, logger, resume=resume)
+        except DistillationDiverged as e:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         out = cfg.run_dir() / "distilled.safetensors"
         artifact.save(out)
         logger.log_artifact(str(out))

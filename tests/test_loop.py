@@ -187,3 +187,72 @@ def test_switching_num_workers_does_not_bypass_the_resume_check(tmp_path):
     cfg2, _ = make(tmp_path, ["distill.iterations=2", "name=nw2", "distill.beta=0.2"])
     with pytest.raises(ConfigError, match="distill.beta=0.5 in the checkpoint, 0.2 now"):
         precheck_resume(cfg2, distributed=False)
+
+
+def _checkpointed_run(tmp_path, name):
+    """A run directory holding one valid local checkpoint of ``make``'s config (beta 0.5)."""
+    from contra_ray.checkpoint import write_checkpoint
+
+    cfg, d = make(tmp_path, ["distill.iterations=2", f"name={name}"])
+    write_checkpoint(cfg.run_dir() / "checkpoints" / "iter_00000002",
+                     {"distiller": d.state_dict(), "history": {}, "config": cfg.to_dict()})
+    return cfg
+
+
+@pytest.mark.parametrize("module", ["distill", "pipeline"])
+def test_cli_resume_refusal_is_one_line_exit_2_and_no_resume_passes_the_check(tmp_path, module, capsys,
+                                                                              monkeypatch):
+    """A user finding: the pipeline had no --no-resume and printed a traceback after data preparation."""
+    import importlib
+
+    cli = importlib.import_module(f"contra_ray.{module}")
+    cfg = _checkpointed_run(tmp_path, "cli")
+    args = ["--preset", "tiny_cpu", "--name", "cli", "--output-dir", str(tmp_path), "--no-tracking",
+            "--set", "model.width=4", "--set", "model.depth=2", "--set", "distill.beta=0.2",
+            "--set", "distill.K=2", "--set", "distill.R=1", "--set", "distill.max_start_epoch=2",
+            "--set", "distill.expert_epochs=1", "--set", "experts.epochs=6", "--set", "distill.ipc=2"]
+    started = []
+    monkeypatch.setattr("contra_ray.stages.prepare_data", lambda *a, **k: started.append(1) or 1 / 0)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "distill.beta=0.5 in the checkpoint, 0.2 now" in err and "Traceback" not in err and not started
+    with pytest.raises(ZeroDivisionError):  # --no-resume: past the check, into the (stubbed) data stage
+        cli.main(args + ["--no-resume"])
+    assert started == [1] and (cfg.run_dir() / ".lock").read_text() == ""  # lock released after the run
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    from contra_ray.fileio import RunInUse, run_lock
+
+    with run_lock(tmp_path / "run"):
+        code = ("import sys; from contra_ray.fileio import run_lock\n"
+                f"with run_lock({str(tmp_path / 'run')!r}): pass")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 1 and "RunInUse" in out.stderr
+        assert f"run directory {tmp_path / 'run'} is in use by another process (pid {__import__('os').getpid()})" \
+            in out.stderr
+        with pytest.raises(RunInUse, match="choose another --name"):  # also within one process
+            with run_lock(tmp_path / "run"):
+                pass
+    with run_lock(tmp_path / "run"):  # released: free again
+        pass
+
+
+@pytest.mark.parametrize("module", ["distill", "pipeline"])
+def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, module, capsys, monkeypatch):
+    import importlib
+
+    cli = importlib.import_module(f"contra_ray.{module}")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("contra_ray.stages.prepare_data", interrupted)
+    base = ["--preset", "tiny_cpu", "--name", "c", "--output-dir", str(tmp_path), "--no-tracking"]
+    rc = cli.main(base + ["--set", "distill.checkpoint_every=5"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err
+    assert f"interrupted: {tmp_path / 'c'} keeps the newest checkpoint (every distill.checkpoint_every=5" in err
+    assert "rerun the same command to resume" in err
+    assert cli.main(base) == 130  # tiny_cpu keeps no checkpoint: the message says a rerun starts over
+    assert "distill.checkpoint_every=0 keeps no checkpoint" in capsys.readouterr().err

@@ -168,6 +168,10 @@ class DistilledSet:
                 format version); the message names ``path``.
         """
         path = Path(path)
+        if path.is_dir():
+            hint = path / "distilled.safetensors"
+            raise ArtifactError(f"distilled set {path}: is a directory, expected a .safetensors file"
+                                + (f" (e.g. {hint})" if hint.is_file() else ""))
         if not path.is_file():
             raise ArtifactError(f"distilled set {path}: no such file")
         try:

@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns ``{(method, model): [accs]}``.
 
-    Exits with status 2 (argparse usage error, no traceback) for bad flags or a missing/corrupt
-    artifact (preprocessor state included), and 1 with a one-line error for a preprocessing/config
-    mismatch or missing data.
+    Exits with status 2 and a one-line error (no traceback), as ``contra_ray.distill`` does for invalid
+    input: bad flags or a missing/corrupt artifact (preprocessor state included) as an argparse usage
+    error; a preprocessing/config mismatch, an unreachable tracking store or missing data as ``error: ...``.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--artifact: {e}")
     except (ArtifactMismatchError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
 
 
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:

@@ -241,17 +241,17 @@ def test_cli_end_to_end_with_tracking(tmp_path, fake_modules, capsys):
     assert saved["accs"]["contra/convnet"] == [1.0, 1.0]
 
 
-def test_cli_mismatch_exits_1(tmp_path, fake_modules, capsys):
+def test_cli_mismatch_exits_2(tmp_path, fake_modules, capsys):
     p = tmp_path / "set.safetensors"
     artifact_for(cfg=_cfg()).save(p)
     fake_modules["zca"] = False
     with pytest.raises(SystemExit) as e:
         ev.main(["--artifact", str(p), "--inline", "--no-tracking", "--data-root", "/somewhere/else"])
-    assert e.value.code == 1
+    assert e.value.code == 2
     assert "zca: artifact has True but the test data has False" in capsys.readouterr().err
 
 
-def test_cli_unreachable_tracking_store_exits_1_before_loading_data(tmp_path, fake_modules, capsys, monkeypatch):
+def test_cli_unreachable_tracking_store_exits_2_before_loading_data(tmp_path, fake_modules, capsys, monkeypatch):
     import socket
 
     p = tmp_path / "set.safetensors"
@@ -266,7 +266,7 @@ def test_cli_unreachable_tracking_store_exits_1_before_loading_data(tmp_path, fa
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(SystemExit) as e:
         ev.main(["--artifact", str(p), "--inline", "--data-root", "/somewhere/else", "--tracking-uri", uri])
-    assert e.value.code == 1
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"error: tracking.uri='{uri}': tracking store not reachable" in err and "Traceback" not in err
 
@@ -278,6 +278,12 @@ def test_cli_missing_artifact_and_bad_flags(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"{missing}: no such file" in err and "Traceback" not in err
+    artifact_for(cfg=_cfg()).save(tmp_path / "run" / "distilled.safetensors")
+    with pytest.raises(SystemExit) as e:  # a run directory instead of its artifact
+        ev.main(["--artifact", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert (f"{tmp_path / 'run'}: is a directory, expected a .safetensors file "
+            f"(e.g. {tmp_path / 'run' / 'distilled.safetensors'})") in capsys.readouterr().err
     for bad in (["--runs", "0"], ["--models", "convnet,lenet"], ["--epochs", "x"], ["--baseline", "dm"]):
         with pytest.raises(SystemExit) as e:
             ev.main(["--artifact", str(missing), *bad])

@@ -31,7 +31,8 @@ def parse_epoch_range(text: str) -> tuple[int, int]:
     """``"i0:i1"`` -> ``(i0, i1)``, epochs i0..i1-1 (Python slice semantics).
 
     Raises:
-        ConfigError: not of the form ``i0:i1`` with 0 <= i0 < i1.
+        ConfigError: not of the form ``i0:i1`` with 0 <= i0 and i1 >= i0 + 2 (a heatmap of one epoch has
+            no off-diagonal correlation to report).
     """
     try:
         a, b = (int(x) for x in text.split(":"))
@@ -39,6 +40,8 @@ def parse_epoch_range(text: str) -> tuple[int, int]:
         raise ConfigError(f"--epochs={text!r}: expected i0:i1 (epochs i0..i1-1), e.g. 0:8") from None
     if not 0 <= a < b:
         raise ConfigError(f"--epochs={text!r}: need 0 <= i0 < i1")
+    if b - a < 2:
+        raise ConfigError(f"--epochs={text!r}: one epoch has no pair to correlate; give at least two (e.g. {a}:{a + 2})")
     return a, b
 
 
@@ -143,7 +146,19 @@ def format_summary(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_3(s: str) -> int:
+    """``--Z``: Pearson's r over fewer than 3 iterations is undefined (1) or always +-1 (2)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 3, got {s!r}") from None
+    if v < 3:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 3 (Pearson's r over Z iterations), got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .argtypes import non_negative_int
     from .distill import add_common_args
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.analyze", description=__doc__.split("\n")[0])
@@ -158,11 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", default=None, metavar="I0:I1",
                    help="matched and monitored epochs i0..i1-1 (default: every start whose segment of "
                         "distill.expert_epochs fits in the store)")
-    c.add_argument("--Z", type=int, default=20, help="distillation iterations per matched epoch (default: %(default)s)")
-    c.add_argument("--warmup", type=int, default=0,
+    c.add_argument("--Z", type=_at_least_3, default=20, help="distillation iterations per matched epoch (default: %(default)s)")
+    c.add_argument("--warmup", type=non_negative_int, default=0,
                    help="ordinary distillation iterations before the fixed-epoch phase, shared by all rows of a "
                         "mode (0: start from the initial real images; default: %(default)s)")
-    c.add_argument("--reference-expert", type=int, default=None,
+    c.add_argument("--reference-expert", type=non_negative_int, default=None,
                    help="expert id held out as τ_o (default: distill.reference_expert, else the highest id)")
     c.add_argument("--experts", help="expert store directory (default: <run dir>/experts)")
     c.add_argument("--no-train-experts", action="store_true", help="fail instead of training missing experts")

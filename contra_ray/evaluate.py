@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .artifact import ArtifactError, ArtifactMismatchError, DistilledSet
+from .argtypes import positive_float, positive_int
 from .config import ConfigError, EvalConfig
 from .models import MODEL_NAMES, ModelSpec, build_model
 from .seeds import derive_seed
@@ -297,26 +298,6 @@ def _spec_for(name: str, base: ModelSpec) -> ModelSpec:
     return base.for_network(name)
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
-
-
 def _model_list(s: str) -> list[str]:
     names = [n.strip() for n in s.split(",") if n.strip()]
     bad = [n for n in names if n not in MODEL_NAMES]
@@ -341,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_model_list, default=None,
                    help=f"comma-separated evaluation models from {', '.join(MODEL_NAMES)} "
                         "(default: the artifact's eval recipe, e.g. convnet)")
-    p.add_argument("--runs", type=_positive_int, default=None,
+    p.add_argument("--runs", type=positive_int, default=None,
                    help="training runs per model (default: the artifact's eval recipe, e.g. 5)")
-    p.add_argument("--epochs", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="training epochs per run (default: the artifact's eval recipe, e.g. 300)")
-    p.add_argument("--lr", type=_positive_float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="evaluation learning rate (default: eval.lr of the recipe, else the learned syn_lr; "
                         "the random-real baseline uses eval.lr, else experts.lr)")
     p.add_argument("--baseline", choices=["none", "random-real"], default="none",

@@ -38,6 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .argtypes import non_negative_int, positive_int
 from .models import ModelSpec
 
 __all__ = [
@@ -302,17 +303,6 @@ def write_csv(result: NasResult, path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------- command line
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
-
-
-from .evaluate import _positive_int  # noqa: E402  (the one "positive integer" flag type)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,16 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", choices=sorted(SPACES), default="small",
                    help="search space: dc720 = the paper's 720 ConvNets, small = 16 of them for a CPU "
                         "(default: small)")
-    p.add_argument("--top-k", type=_positive_int, default=10,
+    p.add_argument("--top-k", type=positive_int, default=10,
                    help="Spearman correlation over the k best architectures by real accuracy (default: 10, "
                         "the paper's; DC used the top 5%%)")
-    p.add_argument("--epochs", type=_positive_int, default=100,
+    p.add_argument("--epochs", type=positive_int, default=100,
                    help="training epochs on the distilled set (default: 100, the paper's)")
-    p.add_argument("--real-epochs", type=_positive_int, default=20,
+    p.add_argument("--real-epochs", type=positive_int, default=20,
                    help="training epochs on the real images (default: 20)")
-    p.add_argument("--real-per-class", type=_positive_int, default=None,
+    p.add_argument("--real-per-class", type=positive_int, default=None,
                    help="real training images per class (default: all training images not held out)")
-    p.add_argument("--val-per-class", type=_nonneg_int, default=100,
+    p.add_argument("--val-per-class", type=non_negative_int, default=100,
                    help="training images per class held out to score the proxy; 0 scores it on the test set "
                         "(default: 100)")
     p.add_argument("--lr", type=float, default=None,
@@ -346,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset location overriding the artifact config's data.root")
     p.add_argument("--cache-dir", default=None, help="cache directory overriding data.cache_dir")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--show", type=_positive_int, default=20, help="table rows to print (default: 20)")
+    p.add_argument("--show", type=positive_int, default=20, help="table rows to print (default: 20)")
     p.add_argument("--out", default=None,
                    help="directory for nas.csv (default: runs/nas-<artifact stem>-<space>)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's)")

@@ -1027,18 +1027,20 @@ def _close_child_runs(uri: str, experiment_id: str, parent_run_id: str, rows: li
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
+    from .argtypes import non_negative_float, non_negative_int, positive_int
+
     p = argparse.ArgumentParser(prog="python -m contra_ray.tune", description=__doc__.split("\n")[0])
     p.add_argument("--space", required=True, help="search-space YAML, a path or a name in tune_spaces/")
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=None,
                    help="draws of the random axes per grid point (default: the file's num_samples)")
-    p.add_argument("--max-concurrent", type=int, default=None,
+    p.add_argument("--max-concurrent", type=positive_int, default=None,
                    help="concurrent trials (default: as many as the Ray resources allow)")
-    p.add_argument("--workers-per-trial", type=int, default=0,
+    p.add_argument("--workers-per-trial", type=non_negative_int, default=0,
                    help="Ray Train workers per trial; 0 = distill inside the trial process (default: 0)")
     p.add_argument("--use-gpu", action="store_true", help="GPUs for the Train workers (or the W=0 trials)")
-    p.add_argument("--cpus-per-trial", type=int, default=None,
+    p.add_argument("--cpus-per-trial", type=positive_int, default=None,
                    help="CPUs and torch threads of a W=0 trial / of each Train worker (default: config threads or 1)")
-    p.add_argument("--gpus-per-trial", type=float, default=None,
+    p.add_argument("--gpus-per-trial", type=non_negative_float, default=None,
                    help="GPUs of a W=0 trial (default: 1 with --use-gpu, else 0)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db)")
     p.add_argument("--output-dir", default=None, help="root of run directories (default: the preset's, runs)")

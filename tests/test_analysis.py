@@ -302,3 +302,22 @@ def test_cli_correlation_end_to_end(setup, tmp_path, capsys):
     names = {f.path for f in client.list_artifacts(run.info.run_id, "correlation")}
     assert {f"correlation/correlation_{m}.{e}" for m in ("sequential", "concurrent")
             for e in ("csv", "png", "json")} <= names
+
+
+@pytest.mark.parametrize("flags, message", [(["--epochs", "0:1"], "--epochs='0:1': one epoch has no pair to correlate"),
+                                            (["--epochs", "3:2"], "need 0 <= i0 < i1"),
+                                            (["--Z", "2"], "expected an integer >= 3"),
+                                            (["--warmup", "-1"], "expected a non-negative integer, got -1"),
+                                            (["--reference-expert", "-2"], "expected a non-negative integer")])
+def test_cli_correlation_refuses_spans_and_counts_that_give_no_correlation(tmp_path, capsys, monkeypatch, flags,
+                                                                            message):
+    """A user finding: --epochs 0:1 ran 83 s, then printed NaN; each is now refused before any work."""
+    from contra_ray import analyze
+
+    monkeypatch.setattr("contra_ray.stages.prepare_data", lambda *a, **k: pytest.fail("work started"))
+    try:
+        rc = analyze.main(["correlation", "--preset", "tiny_cpu", "--output-dir", str(tmp_path), "--no-tracking",
+                           *flags])
+    except SystemExit as e:  # argparse type errors
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err

@@ -484,3 +484,18 @@ def test_mlflow_server_serves_the_sweep(sweep, tmp_path):
             proc.wait(timeout=30)
         log.close()
     assert proc.returncode is not None
+
+
+@pytest.mark.parametrize("flag, value, message", [("--workers-per-trial", "-1", "expected a non-negative integer"),
+                                                  ("--max-concurrent", "0", "expected a positive integer"),
+                                                  ("--num-samples", "0", "expected a positive integer"),
+                                                  ("--cpus-per-trial", "0", "expected a positive integer"),
+                                                  ("--gpus-per-trial", "nan", "expected a non-negative number")])
+def test_cli_refuses_counts_that_cannot_run_also_in_dry_run(flag, value, message, capsys):
+    """A user finding: --dry-run accepted --workers-per-trial -1, and --max-concurrent 0 was ignored."""
+    from contra_ray import tune as tune_cli
+
+    with pytest.raises(SystemExit) as e:
+        tune_cli.main(["--space", "cpu_smoke", "--dry-run", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: {message}" in err

@@ -87,9 +87,11 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
 
     Raises:
         ExpertStoreError: store missing (and ``train_missing`` false) or built for another model,
-            dataset, ZCA setting, or with too few epochs for T+ + M.
+            dataset, ZCA setting, or with too few epochs for T+ + M; without ``train_missing``, a store
+            with fewer experts than ``experts.num_experts`` or other than ``experts.epochs`` epochs (the
+            run would record settings it did not use).
     """
-    from .expert_store import ExpertStore
+    from .expert_store import ExpertStore, ExpertStoreError
     from .experts_ray import train_experts
 
     path = cfg.expert_store()
@@ -109,6 +111,17 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
                               order_factory=order_factory)
     else:
         store = ExpertStore.open(path)
+        x, ids = cfg.experts, store.expert_ids
+        if len(ids) < x.num_experts:
+            raise ExpertStoreError(f"experts.num_experts={x.num_experts}: the store {path} holds {len(ids)} expert(s) "
+                                   f"(ids {ids}); train the missing ones (without --no-train-experts) or set "
+                                   f"experts.num_experts={len(ids)}")
+        if store.epochs != x.epochs:
+            raise ExpertStoreError(f"experts.epochs={x.epochs}: the store {path} holds {store.epochs}-epoch "
+                                   f"trajectories; set experts.epochs={store.epochs}")
+    if len(store.expert_ids) > cfg.experts.num_experts:
+        print(f"experts: the store holds {len(store.expert_ids)} experts, more than experts.num_experts="
+              f"{cfg.experts.num_experts}; the distillation samples from all of them", flush=True)
     d = cfg.distill
     store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
                            data.preprocessor.fingerprint())

@@ -339,3 +339,24 @@ def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
     cfg.experts.lr = 0.1
     with pytest.raises(ExpertStoreError, match="experts.lr=0.05, config asks for 0.1"):
         train_experts(cfg, *data, SPEC, meta, {}, order_factory=order_factory)
+
+
+@pytest.mark.parametrize("experts, message", [({"num_experts": 3, "epochs": 8},
+                                               r"experts.num_experts=3: the store .* holds 2 expert\(s\) \(ids \[0, 1\]\)"),
+                                              ({"num_experts": 2, "epochs": 4},
+                                               "experts.epochs=4: the store .* holds 8-epoch trajectories; "
+                                               "set experts.epochs=8")])
+def test_an_existing_store_that_differs_from_the_config_is_refused_without_training(tmp_path, monkeypatch, experts,
+                                                                                    message):
+    """A user finding: num_experts / epochs above the store's were recorded in the run but never used."""
+    from contra_ray import stages
+    from contra_ray.config import load_config
+    from contra_ray.expert_store import ExpertStoreError
+
+    class Stored:
+        expert_ids, epochs = [0, 1], 8
+
+    monkeypatch.setattr("contra_ray.expert_store.ExpertStore.open", lambda path: Stored())
+    cfg = load_config("tiny_cpu", {"experts": experts, "output_dir": str(tmp_path)})
+    with pytest.raises(ExpertStoreError, match=message):
+        stages.ensure_experts(cfg, data=None, train_missing=False)

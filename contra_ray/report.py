@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .config import ConfigError
+
 __all__ = ["sweep_rows", "format_report", "parse_baseline", "t_quantile_975", "aggregate_by_seed",
            "paired_differences", "format_aggregate", "plot_aggregate", "main"]
 
@@ -385,6 +387,24 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
     return 0
 
 
+def _check_readable_store(uri: str) -> None:
+    """Before any query: a report only reads, so a missing SQLite file is an error (MLflow would create an
+    empty store) and an HTTP server must answer within seconds (MLflow's client retries for minutes).
+
+    Raises:
+        ConfigError: naming ``--tracking-uri`` and why.
+    """
+    from .tracking import _sqlite_path, check_destinations
+
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
+    if scheme.startswith("sqlite"):
+        db = _sqlite_path(uri)
+        if db is not None and not db.is_file():
+            raise ConfigError(f"--tracking-uri={uri!r}: no such SQLite store ({db})")
+    elif scheme in ("http", "https"):
+        check_destinations(None, uri)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import Config
     from .tracking import tracking_client
@@ -411,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --group-by: PNG path of the bar chart (default: runs/report-<experiment>.png)")
     args = p.parse_args(argv)
     uri = args.tracking_uri or Config().tracking_uri()
+    try:
+        _check_readable_store(uri)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:

@@ -144,3 +144,21 @@ def test_within_pairs_each_group_with_its_own_baseline():
     assert datm["diffs"] == {0.0: 1.0, 1.0: 2.0}
     with pytest.raises(ValueError, match="--within distill.init: not one of the --group-by"):
         report.paired_differences(rows, group_by, {"distill.K": "0"}, within=["distill.init"])
+
+
+def test_cli_unreadable_store_is_one_line_exit_2_in_seconds(tmp_path, capsys):
+    """A user finding: a report against a server that does not answer retried for minutes; a missing
+    SQLite file silently became a new empty store."""
+    import socket
+
+    from contra_ray.report import main
+
+    missing = tmp_path / "nope.db"
+    assert main(["--experiment", "x", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert f"no such SQLite store ({missing})" in capsys.readouterr().err and not missing.exists()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main(["--experiment", "x", "--tracking-uri", uri]) == 2  # check_destinations' one GET, no MLflow retries
+    err = capsys.readouterr().err
+    assert f"tracking.uri='{uri}': tracking store not reachable" in err and "Traceback" not in err

@@ -14,7 +14,6 @@ The training function is plain PyTorch; :func:`evaluate_runs` fans the runs out 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -65,6 +64,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
     from .expert_store import ExpertStoreError
     from .loop import run_distillation
     from .stages import check_memory, ensure_experts, log_set_visuals, prepare_data
+    from .fileio import atomic_write
     from .evaluate import evaluate_runs, evaluation_seeds, format_table, random_real_set, summarize
     from .seeds import derive_seed
     from .tracking import RunLogger, accuracy_metrics, init_tracking, main_model
@@ -143,11 +143,9 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
               f"(K={cfg.distill.K}, β={cfg.distill.beta}, N={cfg.distill.syn_steps}, "
               f"{cfg.distill.iterations} iterations)\n{table}\ntotal {total / 60:.1f} min "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})", flush=True)
-        res_path = cfg.run_dir() / "results.json"
-        tmp = res_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "results": results, "timings_s": timings,
-                                   "total_s": total, "artifact": str(out)}, indent=2))
-        os.replace(tmp, res_path)
+        res_path = atomic_write(cfg.run_dir() / "results.json",
+                                json.dumps({"rows": rows, "results": results, "timings_s": timings,
+                                            "total_s": total, "artifact": str(out)}, indent=2))
         logger.log_artifact(str(res_path))
     return 0
 

@@ -841,7 +841,9 @@ def _rerun_config(trial_config: dict, sweep: str, output_dir: str) -> dict:
 def _log_best(parent, run_dir: Path, best: dict, best_config: dict, trial_config: dict) -> None:
     """Write ``best_config.yaml``; log it, the best set and its grid to the parent run under ``best/``,
     tag the parent with the best child's run id and name; print them."""
-    (run_dir / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
+    from .fileio import atomic_write
+
+    atomic_write(run_dir / "best_config.yaml", yaml.safe_dump(best_config, sort_keys=False))
     best_dir = Path(trial_config["output_dir"]) / trial_config["name"]
     parent.log_metrics({"best_final_acc": best["final_acc"], "best_final_acc_std": best["final_acc_std"]})
     parent.log_params({"best.trial": best["name"], **{f"best.{f}": v for f, v in best["searched"].items()}})
@@ -891,6 +893,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     from .config import config_from_dict
     from .stages import ensure_experts, prepare_data
     from .evaluate import ensure_ray
+    from .fileio import atomic_write
     from .tracking import RunLogger, check_destinations, init_tracking
 
     spec = load_space(space_path)
@@ -970,7 +973,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
                            "sweep.max_concurrent": max_concurrent, "sweep.metric": spec.metric,
                            "sweep.proxy": json.dumps(spec.proxy), "sweep.asha": json.dumps(spec.scheduler)})
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "trials.json").write_text(json.dumps(
+        atomic_write(run_dir / "trials.json", json.dumps(
             {"space": spec.path, "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}, indent=2))
         if parent.run_id is not None:
             parent.log_artifact(spec.path)
@@ -986,7 +989,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         table = format_trials_table(rows, searched)
         print(f"\n[tune] sweep {name}: {len(rows)} trial(s), ranked by final accuracy "
               f"({base_cfg.eval.runs} run(s) x {base_cfg.eval.epochs} epochs)\n{table}", flush=True)
-        (run_dir / "results.txt").write_text(table + "\n")
+        atomic_write(run_dir / "results.txt", table + "\n")
         best_config = None
         if parent.run_id is not None:
             _close_child_runs(base_cfg.tracking.uri, experiment_id, parent.run_id, rows)

@@ -411,7 +411,11 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactError(f"{args.artifact}: invalid preprocessor state ({e})") from None
     test = data.load_split(cfg.data, "test")
-    check_artifact_matches(art, test_meta_for(test, pre))
+    try:
+        check_artifact_matches(art, test_meta_for(test, pre))
+    except ArtifactMismatchError as e:
+        where = cfg.data.root or cfg.data.dataset
+        raise ArtifactMismatchError(f"{args.artifact} does not fit the test data of {where}: {e}") from None
     test_x = pre(test.images)
     augment = None
     if ecfg.dsa:

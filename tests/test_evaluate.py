@@ -248,7 +248,8 @@ def test_cli_mismatch_exits_2(tmp_path, fake_modules, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--artifact", str(p), "--inline", "--no-tracking", "--data-root", "/somewhere/else"])
     assert e.value.code == 2
-    assert "zca: artifact has True but the test data has False" in capsys.readouterr().err
+    assert (f"{p} does not fit the test data of /somewhere/else: zca: artifact has True but the test data has "
+            "False") in capsys.readouterr().err
 
 
 def test_cli_unreachable_tracking_store_exits_2_before_loading_data(tmp_path, fake_modules, capsys, monkeypatch):

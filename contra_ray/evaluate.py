@@ -40,6 +40,7 @@ __all__ = [
     "test_meta_for",
     "summarize",
     "format_table",
+    "format_cross_architecture",
     "main",
 ]
 
@@ -293,6 +294,24 @@ def format_table(rows: Sequence[dict]) -> str:
 
 # ---------------------------------------------------------------------- command line
 
+def format_cross_architecture(rows: Sequence[dict]) -> str:
+    """The rows as the field's cross-architecture table (paper Table 2, MTT/DATM Table 3): one line per
+    method, one column per evaluation network headed ``model (norm)``, cells ``mean ± std`` (percent).
+
+    Each row is a dict with keys ``method, model, norm, mean, std`` (as :func:`_run_cli` builds them).
+    """
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    norm = {r["model"]: r.get("norm", "?") for r in rows}
+    cell = {(r["method"], r["model"]): f"{r['mean']:.2f} ± {r['std']:.2f}" for r in rows}
+    head = ["method"] + [f"{m} ({norm[m]})" for m in models]
+    body = [[meth] + [cell.get((meth, m), "-") for m in models] for meth in methods]
+    widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+
 def _spec_for(name: str, base: ModelSpec) -> ModelSpec:
     return base.for_network(name)
 
@@ -441,12 +460,13 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
         log.set_tags({"path.artifact": str(Path(args.artifact).resolve())})
         for method, x, t, lr in sets:
             for model in ecfg.models:
-                accs = evaluate_runs(x, t, lr, _spec_for(model, base), ecfg, test_x, test.labels, seeds,
+                spec = _spec_for(model, base)
+                accs = evaluate_runs(x, t, lr, spec, ecfg, test_x, test.labels, seeds,
                                      augment=augment, device=device, threads=cfg.threads, use_ray=not args.inline)
                 mean, std = summarize(accs)
                 results[(method, model)] = accs
-                rows.append({"method": method, "model": model, "ipc": art.ipc, "runs": len(accs),
-                             "mean": mean, "std": std})
+                rows.append({"method": method, "model": model, "norm": spec.norm, "ipc": art.ipc,
+                             "runs": len(accs), "mean": mean, "std": std})
                 metric = "random_real_acc" if method == "random_real" else "final_acc"
                 summary.setdefault(metric, {})[model] = (mean, std)
         main = main_model(cfg)
@@ -457,6 +477,9 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
                      "eval_results.json")
         table = format_table(rows)
         print(table)
+        if len(ecfg.models) > 1:  # the cross-architecture row of paper Table 2
+            print(f"\ncross-architecture (IPC {art.ipc}, {ecfg.runs} runs x {ecfg.epochs} epochs per network)\n"
+                  + format_cross_architecture(rows))
     return results
 
 

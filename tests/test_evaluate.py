@@ -164,6 +164,21 @@ def test_summarize_and_table():
     assert lines[3].split() == ["random_real", "resnet18", "1", "5", "14.40", "±", "1.25"]
 
 
+def test_cross_architecture_row_has_one_column_per_network_with_its_norm():
+    rows = [{"method": m, "model": n, "norm": norm, "mean": mean, "std": 0.5}
+            for m in ("contra", "random_real")
+            for n, norm, mean in (("convnet", "instancenorm", 46.0), ("resnet18", "instancenorm", 40.25),
+                                  ("alexnet", "none", 30.0), ("vit", "layernorm", 25.0))
+            if (m, n) != ("random_real", "vit")]
+    rows = [{**r, "mean": r["mean"] + (-20.0 if r["method"] == "random_real" else 0.0)} for r in rows]
+    lines = ev.format_cross_architecture(rows).splitlines()
+    assert lines[0].split() == ["method", "convnet", "(instancenorm)", "resnet18", "(instancenorm)", "alexnet",
+                                "(none)", "vit", "(layernorm)"]
+    assert lines[2].split() == ["contra", "46.00", "±", "0.50", "40.25", "±", "0.50", "30.00", "±", "0.50",
+                                "25.00", "±", "0.50"]
+    assert lines[3].split() == ["random_real", "26.00", "±", "0.50", "20.25", "±", "0.50", "10.00", "±", "0.50", "-"]
+
+
 # ---------------------------------------------------------------------- CLI, with fake data/augment modules
 
 @pytest.fixture
@@ -236,6 +251,9 @@ def test_cli_end_to_end_with_tracking(tmp_path, fake_modules, capsys):
     assert m["final_acc"] == m["final_acc/convnet"] == 100.0 and m["final_acc_std"] == 0.0
     assert 0 <= m["random_real_acc"] == m["random_real_acc/convnet"] <= 100 and "random_real_acc_std" in m
     assert run.data.params["eval.epochs"] == "6" and run.data.params["eval_cli.seed"] == "3"
+    saved_rows = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_results.json")).read_text())["rows"]
+    assert {(r["method"], r["model"], r["norm"]) for r in saved_rows} == {("contra", "convnet", "instancenorm"),
+                                                                         ("random_real", "convnet", "instancenorm")}
     assert run.data.tags["path.data.root"] == "/somewhere/else" and run.data.tags["path.artifact"] == str(p)
     saved = json.loads((Path(client.download_artifacts(run.info.run_id, "eval_results.json"))).read_text())
     assert saved["accs"]["contra/convnet"] == [1.0, 1.0]

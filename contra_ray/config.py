@@ -335,6 +335,15 @@ class Config:
 # ---------------------------------------------------------------------- loading
 
 def _coerce(value: Any, tp: Any, field: str) -> Any:
+    """``value`` (from YAML or a ``--set``) as type ``tp`` of ``field``.
+
+    Numbers are not booleans and booleans are not numbers: a bool field takes ``true``/``false`` (or the
+    YAML 1.1 spellings ``yes``/``no``/``on``/``off``), an int or float field refuses ``true``/``false``;
+    a str field refuses lists and mappings.
+
+    Raises:
+        ConfigError: naming the field and the value, and the expected type.
+    """
     origin = get_origin(tp)
     args = get_args(tp)
     if value is None:
@@ -344,6 +353,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{field}={value!r}: expected a list (or comma-separated values)")
         return [_coerce(v, args[0], field) for v in value]
     if args and type(None) in args:  # Optional[X]
         inner = [a for a in args if a is not type(None)][0]
@@ -352,13 +363,16 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         return _coerce(value, inner, field)
     try:
         if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str):  # a string from a dict (YAML already turned true/yes/on into bools)
+                if value.lower() in ("true", "yes", "on"):
                     return True
-                if value.lower() in ("0", "false", "no", "off"):
+                if value.lower() in ("false", "no", "off"):
                     return False
-                raise ValueError
-            return bool(value)
+            raise ValueError  # 0, 1, 2, "1": a number is not a switch
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError  # true/false are not numbers (bool is an int subclass in Python)
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -366,10 +380,18 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if tp is float:
             return float(value)
         if tp is str:
+            if isinstance(value, (list, tuple, dict, set)):
+                raise ValueError  # str() would make "['a', 'b']" of a YAML list
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{field}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+        raise ConfigError(f"{field}={value!r}: expected {_type_name(tp)}") from None
     return value
+
+
+def _type_name(tp: Any) -> str:
+    if tp is bool:
+        return "bool (true or false)"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
@@ -384,8 +406,19 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{field}={value!r}: expected a mapping")
             _apply(current, value, f"{field}.")
+        elif isinstance(value, dict) and value:
+            raise ConfigError(f"{_first_path(field, value)}: {field} is a single value "
+                              f"({_type_name(hints[key])}), not a section with fields")
         else:
             setattr(obj, key, _coerce(value, hints[key], field))
+
+
+def _first_path(prefix: str, value: dict) -> str:
+    """The first full dotted path inside a nested mapping (``distill.K`` + ``{x: {y: 1}}`` -> ``distill.K.x.y``)."""
+    while isinstance(value, dict) and value:
+        key, value = next(iter(value.items()))
+        prefix = f"{prefix}.{key}"
+    return prefix
 
 
 def preset_path(preset: str) -> Path:
@@ -405,18 +438,35 @@ def preset_path(preset: str) -> Path:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """``["distill.K=3", "eval.runs=2"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["distill.K=3", "eval.runs=2"]`` -> nested dict; values parsed as YAML scalars.
+
+    Raises:
+        ConfigError: an item without ``=``, or a path that goes through a value set by an earlier item
+            (``distill.K=3`` then ``distill.K.x=1``; names the path).
+    """
     out: dict = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.field=value")
         key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
     return out
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> dict:
+    """Set ``d["a"]["b"]["c"] = value`` for ``dotted = "a.b.c"``, creating the mappings on the way.
+
+    Raises:
+        ConfigError: a part of the path already holds a single value, not a mapping (names the path).
+    """
+    node, parts = d, dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {'.'.join(parts[:i + 1])}={node!r} is a single value, not a section "
+                              "with fields")
+    node[parts[-1]] = value
+    return d
 
 
 def load_config(preset: str | None = None, overrides: list[str] | dict | None = None,

@@ -93,7 +93,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, load_config, parse_overrides
+from .config import Config, ConfigError, load_config, parse_overrides, set_dotted
 from .fileio import YAMLFileError, load_yaml
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepResult", "SweepError", "load_space", "expand_space", "run_sweep",
@@ -157,12 +157,8 @@ def _nested(overrides: Any, where: str) -> dict:
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> dict:
-    node = d
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return d
+    """:func:`contra_ray.config.set_dotted` (ConfigError naming a path through a single value)."""
+    return set_dotted(d, dotted, value)
 
 
 def _merge(a: dict, b: dict) -> dict:

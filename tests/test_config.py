@@ -91,3 +91,47 @@ def test_preset_with_a_key_given_twice_is_refused(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"expected a mapping"):
         load_config(str(p))
     assert load_config("tiny_cpu", ["data.zca=false", "data.zca=true"]).data.zca  # --set: the last one wins
+
+
+# ------------------------------------------------------------------------------------ a new user's tryout
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.ipc=true", "distill.ipc=True: expected int"),  # was coerced to 1
+    ("distill.beta=false", "distill.beta=False: expected float"),
+    ("distill.batch_syn=true", "distill.batch_syn=True: expected int"),  # Optional[int]
+    ("distill.monitor_epochs=[0, true]", "distill.monitor_epochs=True: expected int"),
+    ("data.zca=2", "data.zca=2: expected bool (true or false)"),  # was True
+    ("data.zca=1", "data.zca=1: expected bool (true or false)"),
+    ("data.in_memory=0", "data.in_memory=0: expected bool (true or false)"),  # Optional[bool]
+    ("data.zca=maybe", "data.zca='maybe': expected bool (true or false)"),
+    ("name=[a, b]", "name=['a', 'b']: expected str"),
+    ("eval.models=5", "eval.models=5: expected a list"),
+])
+def test_booleans_and_numbers_are_not_interchangeable(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", [override])
+    assert str(e.value).startswith(message)
+
+
+def test_yaml_booleans_still_set_bool_fields(tmp_path: Path):
+    for text, want in (("true", True), ("false", False), ("yes", True), ("off", False), ("True", True)):
+        assert load_config("tiny_cpu", [f"data.zca={text}"]).data.zca is want
+    cfg = load_config("tiny_cpu", ["distill.ipc=2", "distill.beta=1", "experts.lr=0.5"])
+    assert cfg.distill.ipc == 2 and cfg.distill.beta == 1.0 and isinstance(cfg.distill.beta, float)
+    from contra_ray.config import config_from_dict
+
+    assert config_from_dict({"data": {"zca": "false"}}).data.zca is False  # a string from a dict (tune space)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.K.x=1"], "distill.K.x: distill.K is a single value (int), not a section"),
+    (["distill.K.x.y=1"], "distill.K.x.y: distill.K is a single value (int), not a section"),
+    (["name.x=1"], "name.x: name is a single value (str), not a section"),
+    (["eval.models.x=1"], "eval.models.x: eval.models is a single value"),
+    (["distill.K=3", "distill.K.x=1"], "distill.K.x: distill.K=3 is a single value, not a section"),
+    (["distill=3", "distill.K=1"], "distill.K: distill=3 is a single value, not a section"),
+])
+def test_a_path_through_a_single_value_is_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", overrides)
+    assert str(e.value).startswith(message)

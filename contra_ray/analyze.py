@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.warmup < 0:
             raise ConfigError(f"--warmup={args.warmup}: must be >= 0")
-        cfg = config_from_args(args, {"experts.store": args.experts})
+        cfg = config_from_args(args, verbatim={"experts.store": args.experts})
         from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
         span = parse_epoch_range(args.epochs) if args.epochs else None

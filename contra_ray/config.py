@@ -192,6 +192,7 @@ class Config:
         def bad(field: str, value: Any, why: str) -> None:
             raise ConfigError(f"{field}={value!r}: {why}")
 
+        check_run_name(self.name, "name")
         if self.data.dataset not in DATASETS:
             bad("data.dataset", self.data.dataset, f"unknown dataset; known: {', '.join(DATASETS)}")
         if self.data.dataset == "imagefolder" and not self.data.root:
@@ -330,6 +331,27 @@ class Config:
         if d.batch_syn is not None and d.batch_syn > d.ipc * num_classes:
             raise ConfigError(f"distill.batch_syn={d.batch_syn}: larger than the synthetic set "
                               f"(ipc * classes = {d.ipc * num_classes})")
+
+
+def check_run_name(name: Any, field: str = "name") -> None:
+    """Refuse a run name that is not one path component, so ``<output_dir>/<name>`` stays inside ``output_dir``.
+
+    Raises:
+        ConfigError: ``name`` is not a string, is empty, is ``.`` or ``..``, or holds a path separator
+            (``../x``, ``/abs``, ``a/b``) or a NUL character (names the field and the value).
+    """
+    why = None
+    if not isinstance(name, str):
+        why = f"expected a string, got {type(name).__name__}"
+    elif not name.strip():
+        why = "must not be empty"
+    elif name in (".", ".."):
+        why = "must not be . or .."
+    elif any(sep and sep in name for sep in ("/", os.sep, os.altsep, "\0")):
+        why = "must be a single folder name without a path separator"
+    if why:
+        raise ConfigError(f"{field}={name!r}: {why}: the run directory is <output_dir>/<{field}> and must stay "
+                          f"inside output_dir (put the parent folders in --output-dir)")
 
 
 # ---------------------------------------------------------------------- loading

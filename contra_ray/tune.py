@@ -93,7 +93,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, load_config, parse_overrides, set_dotted
+from .config import Config, ConfigError, check_run_name, load_config, parse_overrides, set_dotted
 from .fileio import YAMLFileError, load_yaml
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepResult", "SweepError", "load_space", "expand_space", "run_sweep",
@@ -880,9 +880,9 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         note: description of the parent and child runs (tag ``mlflow.note.content``).
 
     Raises:
-        SweepError, ConfigError: malformed space, no valid configuration, ASHA settings that do not fit a
-            trial's iterations, an output directory that cannot be written or a tracking store that does
-            not answer (all before data, experts or trials).
+        SweepError, ConfigError: malformed space, no valid configuration, a sweep name that is not one folder
+            name, ASHA settings that do not fit a trial's iterations, an output directory that cannot be
+            written or a tracking store that does not answer (all before data, experts or trials).
     """
     from .config import config_from_dict
     from .stages import ensure_experts, prepare_data
@@ -893,6 +893,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     if workers_per_trial < 0:
         raise SweepError(f"--workers-per-trial={workers_per_trial}: must be >= 0")
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(name, "--name")  # the sweep's directory is <output_dir>/<name>
     base = parse_overrides(overrides)
     if output_dir:
         base["output_dir"] = output_dir

@@ -135,3 +135,38 @@ def test_a_path_through_a_single_value_is_refused_by_name(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config("tiny_cpu", overrides)
     assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/run", "a/b", "..", ".", "", " ", "a\0b"])
+def test_run_name_must_be_one_folder_inside_output_dir(name):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", {"name": name})
+    assert str(e.value).startswith(f"name={name!r}: ") and "inside output_dir" in str(e.value)
+
+
+def test_run_name_from_the_cli_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import contra_ray.stages
+    from contra_ray import distill, pipeline
+
+    def work(*a, **k):
+        raise AssertionError("work started before the name was checked")
+
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    for main in (distill.main, pipeline.main):
+        for name in ("../x", str(tmp_path / "abs"), "a/b"):
+            assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--name", name]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: name={name!r}: ") and len(err.strip().splitlines()) == 1
+        assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--set", "name=[a, b]"]) == 2
+        assert "error: name=['a', 'b']: expected str" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+    assert load_config("tiny_cpu", ["name=run-1.b"]).run_dir().name == "run-1.b"
+
+
+def test_cli_paths_and_name_are_taken_verbatim(tmp_path):
+    from contra_ray.distill import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--preset", "tiny_cpu", "--name", "yes", "--output-dir", str(tmp_path / "on"),
+                                      "--experts", "1e3", "--ipc", "2"])
+    cfg = config_from_args(args, {"distill.ipc": args.__dict__["distill.ipc"]}, verbatim={"experts.store": "1e3"})
+    assert (cfg.name, cfg.output_dir, cfg.experts.store, cfg.distill.ipc) == ("yes", str(tmp_path / "on"), "1e3", 2)

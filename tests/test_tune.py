@@ -484,3 +484,12 @@ def test_mlflow_server_serves_the_sweep(sweep, tmp_path):
             proc.wait(timeout=30)
         log.close()
     assert proc.returncode is not None
+
+
+def test_sweep_name_must_be_one_folder_inside_output_dir(tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    for name in ("../escape", "a/b", ".."):
+        assert main(["--space", str(SMOKE), "--output-dir", str(tmp_path / "out"), "--no-tracking",
+                     "--name", name]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --name={name!r}: ")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()

@@ -314,7 +314,7 @@ class Config:
                 bad(field, value, "seeds must be >= 0")
         if e.lr is not None and e.lr <= 0:
             bad("eval.lr", e.lr, "must be > 0 or null")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             bad("device", self.device, "must be cpu, cuda or cuda:<index>")
         return self
 
@@ -331,6 +331,29 @@ class Config:
         if d.batch_syn is not None and d.batch_syn > d.ipc * num_classes:
             raise ConfigError(f"distill.batch_syn={d.batch_syn}: larger than the synthetic set "
                               f"(ipc * classes = {d.ipc * num_classes})")
+
+
+def check_device(device: str, field: str = "device") -> None:
+    """Refuse a CUDA device this process cannot see; call before any work where this process computes on
+    ``device`` (not in a driver whose Ray workers get the GPUs). :meth:`Config.validate` checks only the
+    spelling, so configs for GPU machines still load and validate on CPU-only ones.
+
+    Raises:
+        ConfigError: ``device`` is ``cuda``/``cuda:<i>`` and no CUDA device is visible
+            (``torch.cuda.is_available()`` is False), or ``<i>`` is not below the visible device count.
+    """
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{field}={device!r}: no CUDA device is visible to this process "
+                          "(torch.cuda.is_available() is False); use --set device=cpu, or run where a GPU is visible "
+                          "(check CUDA_VISIBLE_DEVICES and the driver)")
+    index = str(device).partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ConfigError(f"{field}={device!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
 
 
 def check_run_name(name: Any, field: str = "name") -> None:

@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import Config, ConfigError, DistillConfig, load_config, parse_overrides, set_dotted
+from .config import (Config, ConfigError, DistillConfig, check_device, load_config, parse_overrides,
+                     set_dotted)
 
 __all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume", "main"]
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args, extra, verbatim={"experts.store": args.experts})
         if args.num_workers < 0:
             raise ConfigError(f"--num-workers={args.num_workers}: must be >= 0 (0: in this process)")
+        if args.num_workers == 0:  # Ray Train workers get their own device (--use-gpu)
+            check_device(cfg.device)
         if args.num_workers > 0 and cfg.distill.monitor_every:
             raise ConfigError(f"distill.monitor_every={cfg.distill.monitor_every}: the forgetting monitor runs "
                               "in-process only; use --num-workers 0")

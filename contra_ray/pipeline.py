@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError
+from .config import ConfigError, check_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)
+        check_device(cfg.device)  # distillation runs in this process
         from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:

@@ -170,3 +170,37 @@ def test_cli_paths_and_name_are_taken_verbatim(tmp_path):
                                       "--experts", "1e3", "--ipc", "2"])
     cfg = config_from_args(args, {"distill.ipc": args.__dict__["distill.ipc"]}, verbatim={"experts.store": "1e3"})
     assert (cfg.name, cfg.output_dir, cfg.experts.store, cfg.distill.ipc) == ("yes", str(tmp_path / "on"), "1e3", 2)
+
+
+def test_cuda_device_without_cuda_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import torch
+
+    import contra_ray.stages
+    from contra_ray.config import check_device
+
+    def work(*a, **k):
+        raise AssertionError("work started before the device was checked")
+
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_config("cifar10_ipc1").device == "cuda"  # GPU presets still load and validate on CPU machines
+    check_device("cpu")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"^device='{device}': no CUDA device is visible"):
+            check_device(device)
+        for cli in ("distill", "pipeline", "analyze"):
+            main = importlib.import_module(f"contra_ray.{cli}").main
+            head = ["correlation"] if cli == "analyze" else []
+            assert main(head + ["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--no-tracking",
+                                "--set", f"device={device}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: device='{device}': no CUDA device is visible") and err.count("\n") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(ConfigError, match=r"^device='cuda:1': only 1 CUDA device\(s\) visible \(cuda:0..cuda:0\)"):
+        check_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"^device='cuda:x': must be cpu, cuda or cuda:<index>"):
+        load_config("tiny_cpu", ["device=cuda:x"])

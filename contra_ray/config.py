@@ -213,8 +213,8 @@ class Config:
             bad("data.decode_threads", self.data.decode_threads, "must be >= 0")
         if self.data.train_per_class is not None and self.data.train_per_class < 1:
             bad("data.train_per_class", self.data.train_per_class, "must be >= 1 or null")
-        if self.data.zca_eps <= 0:
-            bad("data.zca_eps", self.data.zca_eps, "must be > 0")
+        if not (self.data.zca_eps > 0 and math.isfinite(self.data.zca_eps)):
+            bad("data.zca_eps", self.data.zca_eps, "must be a finite number > 0")
         if m.name not in MODEL_NAMES:
             bad("model.name", m.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
         if not is_distillable(ModelSpec(m.name)):
@@ -241,6 +241,18 @@ class Config:
             bad("experts.curriculum_gamma", x.curriculum_gamma, "must be >= 1")
         if x.max_retries < 0:
             bad("experts.max_retries", x.max_retries, "must be >= 0")
+        for field, value in (("experts.momentum", x.momentum), ("eval.momentum", e.momentum)):
+            if not 0 <= value < 1:
+                bad(field, value, "SGD momentum must be in [0, 1)")
+        for field, value in (("experts.weight_decay", x.weight_decay), ("eval.weight_decay", e.weight_decay)):
+            if not (value >= 0 and math.isfinite(value)):
+                bad(field, value, "must be a finite number >= 0")
+        for field, value in (("experts.cpus_per_expert", x.cpus_per_expert), ("eval.cpus_per_run", e.cpus_per_run)):
+            if not (value > 0 and math.isfinite(value)):
+                bad(field, value, "must be a finite number > 0 (Ray CPUs per task; fractions allowed)")
+        for field, value in (("experts.gpus_per_expert", x.gpus_per_expert), ("eval.gpus_per_run", e.gpus_per_run)):
+            if not (value >= 0 and math.isfinite(value)):
+                bad(field, value, "must be a finite number >= 0 (0 = no GPU)")
         if x.loader not in ("memory", "ffcv", "auto"):
             bad("experts.loader", x.loader, "must be one of memory, ffcv, auto")
         if x.loader == "ffcv" and not x.ffcv_dir:
@@ -248,7 +260,7 @@ class Config:
                                                 "(python -m contra_ray.data prepare --out DIR)")
         if x.ffcv_mode not in ("raw", "jpeg"):
             bad("experts.ffcv_mode", x.ffcv_mode, "must be raw or jpeg")
-        if x.memory_budget_gb <= 0:
+        if not x.memory_budget_gb > 0:
             bad("experts.memory_budget_gb", x.memory_budget_gb, "must be > 0")
         if d.ipc < 1:
             bad("distill.ipc", d.ipc, "must be >= 1")
@@ -299,6 +311,11 @@ class Config:
             bad("distill.monitor_every", d.monitor_every, "must be >= 0 (0 = no forgetting monitor)")
         if any(j < 0 for j in d.monitor_epochs):
             bad("distill.monitor_epochs", d.monitor_epochs, "epochs must be >= 0")
+        late = [j for j in d.monitor_epochs if j + d.expert_epochs > x.epochs]
+        if late and not x.store:  # a given store is checked against its saved epochs (stages.ensure_experts)
+            bad("distill.monitor_epochs", d.monitor_epochs,
+                f"epochs {late} have no segment of M={d.expert_epochs} epochs in experts.epochs={x.epochs} "
+                f"(starts must be in 0..{x.epochs - d.expert_epochs})")
         if d.reference_expert is not None and d.reference_expert < 0:
             bad("distill.reference_expert", d.reference_expert, "must be an expert id >= 0 or null")
         for f in ("batch_size", "test_batch_size"):
@@ -312,8 +329,8 @@ class Config:
                              ("data.subset_seed", self.data.subset_seed)):
             if value < 0:
                 bad(field, value, "seeds must be >= 0")
-        if e.lr is not None and e.lr <= 0:
-            bad("eval.lr", e.lr, "must be > 0 or null")
+        if e.lr is not None and not (e.lr > 0 and math.isfinite(e.lr)):
+            bad("eval.lr", e.lr, "must be a finite number > 0 or null")
         if self.device not in ("cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             bad("device", self.device, "must be cpu, cuda or cuda:<index>")
         return self
@@ -398,8 +415,10 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
+        elif isinstance(value, (dict, set)):
             raise ConfigError(f"{field}={value!r}: expected a list (or comma-separated values)")
+        elif not isinstance(value, (list, tuple)):
+            value = [value]  # --monitor-epochs 3: YAML reads the one value as a number
         return [_coerce(v, args[0], field) for v in value]
     if args and type(None) in args:  # Optional[X]
         inner = [a for a in args if a is not type(None)][0]

@@ -87,7 +87,10 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
 
     Raises:
         ExpertStoreError: store missing (and ``train_missing`` false) or built for another model,
-            dataset, ZCA setting, or with too few epochs for T+ + M.
+            dataset, ZCA setting, or with too few epochs for T+ + M (or, with the forgetting monitor on,
+            for the largest of ``distill.monitor_epochs`` + M).
+        ConfigError: with the forgetting monitor on, a ``distill.reference_expert`` not in the store or a
+            store of one expert (:func:`contra_ray.analysis.reference_expert_id`).
     """
     from .expert_store import ExpertStore
     from .experts_ray import train_experts
@@ -112,6 +115,14 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
     d = cfg.distill
     store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
                            data.preprocessor.fingerprint())
+    if d.monitor_every:  # the forgetting monitor's inputs, before distillation rather than when it is built
+        from .analysis import reference_expert_id
+
+        reference_expert_id(store, d.reference_expert)
+        if d.monitor_epochs:
+            store.check_compatible(data.spec, None, cfg.data.zca, max(d.monitor_epochs) + d.expert_epochs,
+                                   needed_by=f"distill.monitor_epochs={d.monitor_epochs}: the largest + "
+                                             "distill.expert_epochs")
     return store
 
 

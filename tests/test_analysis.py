@@ -302,3 +302,23 @@ def test_cli_correlation_end_to_end(setup, tmp_path, capsys):
     names = {f.path for f in client.list_artifacts(run.info.run_id, "correlation")}
     assert {f"correlation/correlation_{m}.{e}" for m in ("sequential", "concurrent")
             for e in ("csv", "png", "json")} <= names
+
+
+def test_monitor_inputs_are_checked_against_the_store_before_distillation(setup):
+    import copy
+
+    from contra_ray.expert_store import ExpertStoreError
+    from contra_ray.stages import ensure_experts
+
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg.distill.monitor_every, cfg.distill.monitor_epochs = 1, [1, EPOCHS]
+    cfg.validate()  # a given store may hold any number of epochs: only the store can tell
+    with pytest.raises(ExpertStoreError, match=rf"distill.monitor_epochs=\[1, {EPOCHS}\]: the largest \+ "
+                                               rf"distill.expert_epochs = {EPOCHS + 1} needs {EPOCHS + 1} saved "
+                                               rf"epochs, store has {EPOCHS}"):
+        ensure_experts(cfg, setup["data"], train_missing=False)
+    cfg.distill.monitor_epochs, cfg.distill.reference_expert = [], 7
+    with pytest.raises(ConfigError, match="distill.reference_expert=7"):
+        ensure_experts(cfg, setup["data"], train_missing=False)
+    cfg.distill.monitor_epochs, cfg.distill.reference_expert = [EPOCHS - 1], None
+    assert ensure_experts(cfg, setup["data"], train_missing=False).epochs == EPOCHS

@@ -105,7 +105,8 @@ def test_preset_with_a_key_given_twice_is_refused(tmp_path: Path):
     ("data.in_memory=0", "data.in_memory=0: expected bool (true or false)"),  # Optional[bool]
     ("data.zca=maybe", "data.zca='maybe': expected bool (true or false)"),
     ("name=[a, b]", "name=['a', 'b']: expected str"),
-    ("eval.models=5", "eval.models=5: expected a list"),
+    ("eval.models={a: 1}", "eval.models.a: eval.models is a single value (list), not a section"),
+    ("distill.monitor_epochs=[[1]]", "distill.monitor_epochs=[1]: expected int"),
 ])
 def test_booleans_and_numbers_are_not_interchangeable(override, message):
     with pytest.raises(ConfigError) as e:
@@ -204,3 +205,32 @@ def test_cuda_device_without_cuda_is_refused_before_any_work(tmp_path, monkeypat
         check_device("cuda:1")
     with pytest.raises(ConfigError, match=r"^device='cuda:x': must be cpu, cuda or cuda:<index>"):
         load_config("tiny_cpu", ["device=cuda:x"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.cpus_per_run=0", "eval.cpus_per_run=0.0: must be a finite number > 0"),
+    ("experts.cpus_per_expert=0", "experts.cpus_per_expert=0.0: must be a finite number > 0"),
+    ("experts.cpus_per_expert=-1", "experts.cpus_per_expert=-1.0: must be a finite number > 0"),
+    ("experts.gpus_per_expert=-0.5", "experts.gpus_per_expert=-0.5: must be a finite number >= 0"),
+    ("eval.gpus_per_run=.nan", "eval.gpus_per_run=nan: must be a finite number >= 0"),
+    ("experts.momentum=-1", "experts.momentum=-1.0: SGD momentum must be in [0, 1)"),
+    ("experts.momentum=1", "experts.momentum=1.0: SGD momentum must be in [0, 1)"),
+    ("eval.momentum=1.5", "eval.momentum=1.5: SGD momentum must be in [0, 1)"),
+    ("experts.weight_decay=-0.1", "experts.weight_decay=-0.1: must be a finite number >= 0"),
+    ("data.zca_eps=.inf", "data.zca_eps=inf: must be a finite number > 0"),
+    ("eval.lr=.inf", "eval.lr=inf: must be a finite number > 0 or null"),
+    ("distill.monitor_epochs=7", "distill.monitor_epochs=[7]: epochs [7] have no segment of M=2 epochs in "
+                                 "experts.epochs=8 (starts must be in 0..6)"),
+])
+def test_resources_momentum_and_monitor_epochs_are_checked(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("cifar10_ipc1_cpu", [override])
+    assert str(e.value).startswith(message)
+
+
+def test_valid_edges_of_the_new_checks_load():
+    cfg = load_config("cifar10_ipc1_cpu", ["experts.momentum=0", "experts.cpus_per_expert=0.5", "eval.momentum=0.99",
+                                           "distill.monitor_epochs=0,6"])
+    assert cfg.distill.monitor_epochs == [0, 6] and cfg.experts.cpus_per_expert == 0.5
+    # a given expert store may hold more epochs than experts.epochs: stages.ensure_experts checks it
+    assert load_config("cifar10_ipc1_cpu", ["distill.monitor_epochs=7", "experts.store=/s"]).distill.monitor_epochs == [7]

@@ -27,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +161,8 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
         ValueError: unknown split or dataset; a class with fewer than ``cfg.train_per_class`` images; an
             image whose size differs from the first one, or whose mode is not 8-bit (names the file and
             the mode); train and test splits with different class lists (names both lists, the missing and
-            extra classes and both folders); a tarball whose sha256 differs from ``SHA256SUMS``.
+            extra classes and both folders); a tarball whose sha256 differs from ``SHA256SUMS``, or that is
+            not a tar archive, truncated or corrupt (names ``data.root`` and the file).
         FileNotFoundError: data not found (names the path and the ``data.root`` / ``data.download`` fix).
     """
     if split not in SPLITS:
@@ -290,7 +293,9 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     renamed into place, so a crash never leaves a half extraction.
 
     Raises:
-        ValueError: the tarball's sha256 does not match ``SHA256SUMS``.
+        ValueError: the tarball's sha256 does not match ``SHA256SUMS``; the file is not a tar archive, is
+            truncated or corrupt, or holds a member that would land outside the folder (names
+            ``data.root`` and the file; nothing is left in ``cache_dir``).
     """
     name = tarball.name.split(".")[0]
     final = cache_dir / name
@@ -310,8 +315,22 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=cache_dir))
     try:
-        with tarfile.open(tarball) as tf:
-            tf.extractall(tmp, filter="data")
+        try:
+            tf = tarfile.open(tarball)
+        except tarfile.ReadError:  # its message lists every method tried, over several lines
+            raise _bad_tarball(tarball, "is not a tar archive (plain, gzip, bzip2 or xz) or is damaged at its "
+                                        "start") from None
+        try:
+            with tf:
+                tf.extractall(tmp, filter="data")
+        except (EOFError, zlib.error, lzma.LZMAError, tarfile.ReadError) as e:
+            raise _bad_tarball(tarball, "is truncated or corrupt", e) from None
+        except tarfile.TarError as e:  # e.g. a member that would land outside the folder (filter="data")
+            raise _bad_tarball(tarball, "holds a member that cannot be extracted safely", e) from None
+        except OSError as e:
+            if e.errno is not None:  # disk full, permissions: not the archive's fault
+                raise
+            raise _bad_tarball(tarball, "is truncated or corrupt", e) from None  # gzip.BadGzipFile, bz2 data
         (tmp / _MARKER).write_text(json.dumps(record))
         if final.exists():  # stale extraction of other content: move it aside, then drop it
             trash = Path(tempfile.mkdtemp(prefix=f".{name}.stale-", dir=cache_dir))
@@ -326,6 +345,12 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, sha
+
+
+def _bad_tarball(tarball: Path, what: str, e: BaseException | None = None) -> ValueError:
+    why = f" ({type(e).__name__}: {' '.join(str(e).split())})" if e is not None else ""
+    return ValueError(f"data.root: {tarball} {what}{why}; nothing was extracted. Replace it with a complete copy "
+                      "of the data set tarball, or point data.root at an extracted folder")
 
 
 def _imagefolder_root(folder: Path) -> Path:

@@ -276,6 +276,42 @@ def test_tarball_with_wrong_checksum_is_rejected(tmp_path):
     assert not (tmp_path / "c" / "cifar10-jpeg").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("text", "is not a tar archive (plain, gzip, bzip2 or xz) or is damaged at its start"),
+    ("truncated.gz", "is truncated or corrupt (EOFError: Compressed file ended"),
+    ("truncated.tar", "is truncated or corrupt (ReadError: unexpected end of data)"),
+])
+def test_a_file_that_is_not_a_whole_tarball_is_refused_and_leaves_nothing(tmp_path, damage, message):
+    tb, _ = _tarball(tmp_path, sums=False)
+    if damage == "text":
+        tb.write_text("not a tarball\n")
+    elif damage == "truncated.tar":
+        with tarfile.open(tb.with_suffix(""), "w") as tf:  # an uncompressed tar cut in a member's data
+            tf.add(tmp_path / "src" / "train", arcname="train")
+        tb.write_bytes(tb.with_suffix("").read_bytes()[:5000])
+    else:
+        tb.write_bytes(tb.read_bytes()[:len(tb.read_bytes()) // 2])
+    cache = tmp_path / "cache"
+    cfg = DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(cache))
+    for _ in range(2):  # a second try fails the same way: no half extraction counts as the data set
+        with pytest.raises(ValueError) as e:
+            load_split(cfg, "test")
+        assert str(e.value).startswith(f"data.root: {tb} {message}") and "\n" not in str(e.value)
+        assert "nothing was extracted" in str(e.value)
+        assert os.listdir(cache) == []  # no cifar10-jpeg/, no .cifar10-jpeg.extract-* left behind
+
+
+def test_distill_cli_exits_2_on_a_broken_tarball(tmp_path, capsys):
+    from contra_ray.distill import main
+
+    tb = tmp_path / "cifar10-jpeg.tar.gz"
+    tb.write_bytes(b"\x1f\x8b" + b"\0" * 100)  # a gzip magic number, then nothing usable
+    assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--no-tracking",
+                 "--set", f"data.root={tb}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.root: {tb} is ") and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------ preprocessing
 
 def image_set(images, labels=None, name="synthetic"):

@@ -17,6 +17,8 @@ Inputs are never silently wrong: the splits of a data set must list the same cla
 class ``c`` would be scored as another class's index), every image is decoded to 8-bit RGB as
 torchvision's ``ImageFolder`` default loader does (PIL ``.convert("RGB")``, so the channel count never
 depends on which file comes first), and images whose samples are not 8-bit are refused, naming the file.
+Hidden folders and files (names starting with ``.``) are neither classes nor images, and an empty class
+folder is refused by its path (:func:`contra_ray.image_files.list_image_folder`).
 
 Every cache write goes to a temporary file or directory first and is moved into place with
 ``os.replace``, so an interrupted run never leaves a half-written cache entry.
@@ -39,7 +41,8 @@ import numpy as np
 import torch
 
 from .disk_images import DiskImages, PreprocessedImages
-from .image_files import _names, _split_dir, check_split_classes, decode_images  # noqa: F401  (re-exported)
+from .image_files import (_names, _split_dir, check_split_classes, decode_images,  # noqa: F401  (re-exported)
+                          list_image_folder)
 from .fileio import atomic_write, sha256_file
 from .seeds import derive_seed
 from .config import DataConfig
@@ -367,11 +370,9 @@ def _imagefolder_root(folder: Path) -> Path:
 
 def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
     """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
-    from torchvision.datasets import ImageFolder
-
     folder = _split_dir(root, split)
     check_split_classes(root)
-    listing = ImageFolder(str(folder), loader=lambda p: p)
+    listing = list_image_folder(folder)
     h = hashlib.sha256(f"{_DECODER}\0{folder.resolve()}".encode())
     for path, label in listing.samples:
         st = os.stat(path)
@@ -393,10 +394,8 @@ def _decode_cached(root: Path, split: str, cache: Path, listing=None):
     if cached is not None:
         return cached
     if listing is None:
-        from torchvision.datasets import ImageFolder
-
         check_split_classes(root)
-        listing = ImageFolder(str(_split_dir(root, split)), loader=lambda p: p)
+        listing = list_image_folder(_split_dir(root, split))
     files = [p for p, _ in listing.samples]
     images = decode_images(files, desc=f"decoding {root.name}/{split}")
     labels = torch.as_tensor(listing.targets, dtype=torch.int64)

@@ -169,7 +169,7 @@ def test_cli_paths_and_name_are_taken_verbatim(tmp_path):
 
     args = build_parser().parse_args(["--preset", "tiny_cpu", "--name", "yes", "--output-dir", str(tmp_path / "on"),
                                       "--experts", "1e3", "--ipc", "2"])
-    cfg = config_from_args(args, {"distill.ipc": args.__dict__["distill.ipc"]}, verbatim={"experts.store": "1e3"})
+    cfg = config_from_args(args, {"distill.ipc": vars(args)["distill.ipc"]}, verbatim={"experts.store": args.experts})
     assert (cfg.name, cfg.output_dir, cfg.experts.store, cfg.distill.ipc) == ("yes", str(tmp_path / "on"), "1e3", 2)
 
 
@@ -233,4 +233,5 @@ def test_valid_edges_of_the_new_checks_load():
                                            "distill.monitor_epochs=0,6"])
     assert cfg.distill.monitor_epochs == [0, 6] and cfg.experts.cpus_per_expert == 0.5
     # a given expert store may hold more epochs than experts.epochs: stages.ensure_experts checks it
-    assert load_config("cifar10_ipc1_cpu", ["distill.monitor_epochs=7", "experts.store=/s"]).distill.monitor_epochs == [7]
+    cfg = load_config("cifar10_ipc1_cpu", ["distill.monitor_epochs=7", "experts.store=/s"])
+    assert cfg.distill.monitor_epochs == [7]

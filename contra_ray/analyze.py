@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_device
 from .fileio import atomic_write
 from .seeds import derive_seed
 
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.warmup < 0:
             raise ConfigError(f"--warmup={args.warmup}: must be >= 0")
-        cfg = config_from_args(args, {"experts.store": args.experts})
+        cfg = config_from_args(args, verbatim={"experts.store": args.experts})
+        check_device(cfg.device)  # the probes distill in this process
         from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
         span = parse_epoch_range(args.epochs) if args.epochs else None

@@ -192,6 +192,7 @@ class Config:
         def bad(field: str, value: Any, why: str) -> None:
             raise ConfigError(f"{field}={value!r}: {why}")
 
+        check_run_name(self.name, "name")
         if self.data.dataset not in DATASETS:
             bad("data.dataset", self.data.dataset, f"unknown dataset; known: {', '.join(DATASETS)}")
         if self.data.dataset == "imagefolder" and not self.data.root:
@@ -212,8 +213,8 @@ class Config:
             bad("data.decode_threads", self.data.decode_threads, "must be >= 0")
         if self.data.train_per_class is not None and self.data.train_per_class < 1:
             bad("data.train_per_class", self.data.train_per_class, "must be >= 1 or null")
-        if self.data.zca_eps <= 0:
-            bad("data.zca_eps", self.data.zca_eps, "must be > 0")
+        if not (self.data.zca_eps > 0 and math.isfinite(self.data.zca_eps)):
+            bad("data.zca_eps", self.data.zca_eps, "must be a finite number > 0")
         if m.name not in MODEL_NAMES:
             bad("model.name", m.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
         if not is_distillable(ModelSpec(m.name)):
@@ -240,6 +241,18 @@ class Config:
             bad("experts.curriculum_gamma", x.curriculum_gamma, "must be >= 1")
         if x.max_retries < 0:
             bad("experts.max_retries", x.max_retries, "must be >= 0")
+        for field, value in (("experts.momentum", x.momentum), ("eval.momentum", e.momentum)):
+            if not 0 <= value < 1:
+                bad(field, value, "SGD momentum must be in [0, 1)")
+        for field, value in (("experts.weight_decay", x.weight_decay), ("eval.weight_decay", e.weight_decay)):
+            if not (value >= 0 and math.isfinite(value)):
+                bad(field, value, "must be a finite number >= 0")
+        for field, value in (("experts.cpus_per_expert", x.cpus_per_expert), ("eval.cpus_per_run", e.cpus_per_run)):
+            if not (value > 0 and math.isfinite(value)):
+                bad(field, value, "must be a finite number > 0 (Ray CPUs per task; fractions allowed)")
+        for field, value in (("experts.gpus_per_expert", x.gpus_per_expert), ("eval.gpus_per_run", e.gpus_per_run)):
+            if not (value >= 0 and math.isfinite(value)):
+                bad(field, value, "must be a finite number >= 0 (0 = no GPU)")
         if x.loader not in ("memory", "ffcv", "auto"):
             bad("experts.loader", x.loader, "must be one of memory, ffcv, auto")
         if x.loader == "ffcv" and not x.ffcv_dir:
@@ -247,7 +260,7 @@ class Config:
                                                 "(python -m contra_ray.data prepare --out DIR)")
         if x.ffcv_mode not in ("raw", "jpeg"):
             bad("experts.ffcv_mode", x.ffcv_mode, "must be raw or jpeg")
-        if x.memory_budget_gb <= 0:
+        if not x.memory_budget_gb > 0:
             bad("experts.memory_budget_gb", x.memory_budget_gb, "must be > 0")
         if d.ipc < 1:
             bad("distill.ipc", d.ipc, "must be >= 1")
@@ -298,6 +311,11 @@ class Config:
             bad("distill.monitor_every", d.monitor_every, "must be >= 0 (0 = no forgetting monitor)")
         if any(j < 0 for j in d.monitor_epochs):
             bad("distill.monitor_epochs", d.monitor_epochs, "epochs must be >= 0")
+        late = [j for j in d.monitor_epochs if j + d.expert_epochs > x.epochs]
+        if late and not x.store:  # a given store is checked against its saved epochs (stages.ensure_experts)
+            bad("distill.monitor_epochs", d.monitor_epochs,
+                f"epochs {late} have no segment of M={d.expert_epochs} epochs in experts.epochs={x.epochs} "
+                f"(starts must be in 0..{x.epochs - d.expert_epochs})")
         if d.reference_expert is not None and d.reference_expert < 0:
             bad("distill.reference_expert", d.reference_expert, "must be an expert id >= 0 or null")
         for f in ("batch_size", "test_batch_size"):
@@ -311,9 +329,9 @@ class Config:
                              ("data.subset_seed", self.data.subset_seed)):
             if value < 0:
                 bad(field, value, "seeds must be >= 0")
-        if e.lr is not None and e.lr <= 0:
-            bad("eval.lr", e.lr, "must be > 0 or null")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+        if e.lr is not None and not (e.lr > 0 and math.isfinite(e.lr)):
+            bad("eval.lr", e.lr, "must be a finite number > 0 or null")
+        if self.device not in ("cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             bad("device", self.device, "must be cpu, cuda or cuda:<index>")
         return self
 
@@ -332,9 +350,62 @@ class Config:
                               f"(ipc * classes = {d.ipc * num_classes})")
 
 
+def check_device(device: str, field: str = "device") -> None:
+    """Refuse a CUDA device this process cannot see; call before any work where this process computes on
+    ``device`` (not in a driver whose Ray workers get the GPUs). :meth:`Config.validate` checks only the
+    spelling, so configs for GPU machines still load and validate on CPU-only ones.
+
+    Raises:
+        ConfigError: ``device`` is ``cuda``/``cuda:<i>`` and no CUDA device is visible
+            (``torch.cuda.is_available()`` is False), or ``<i>`` is not below the visible device count.
+    """
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{field}={device!r}: no CUDA device is visible to this process "
+                          "(torch.cuda.is_available() is False); use --set device=cpu, or run where a GPU is visible "
+                          "(check CUDA_VISIBLE_DEVICES and the driver)")
+    index = str(device).partition(":")[2]
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ConfigError(f"{field}={device!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+
+
+def check_run_name(name: Any, field: str = "name") -> None:
+    """Refuse a run name that is not one path component, so ``<output_dir>/<name>`` stays inside ``output_dir``.
+
+    Raises:
+        ConfigError: ``name`` is not a string, is empty, is ``.`` or ``..``, or holds a path separator
+            (``../x``, ``/abs``, ``a/b``) or a NUL character (names the field and the value).
+    """
+    why = None
+    if not isinstance(name, str):
+        why = f"expected a string, got {type(name).__name__}"
+    elif not name.strip():
+        why = "must not be empty"
+    elif name in (".", ".."):
+        why = "must not be . or .."
+    elif any(sep and sep in name for sep in ("/", os.sep, os.altsep, "\0")):
+        why = "must be a single folder name without a path separator"
+    if why:
+        raise ConfigError(f"{field}={name!r}: {why}: the run directory is <output_dir>/<{field}> and must stay "
+                          f"inside output_dir (put the parent folders in --output-dir)")
+
+
 # ---------------------------------------------------------------------- loading
 
 def _coerce(value: Any, tp: Any, field: str) -> Any:
+    """``value`` (from YAML or a ``--set``) as type ``tp`` of ``field``.
+
+    Numbers are not booleans and booleans are not numbers: a bool field takes ``true``/``false`` (or the
+    YAML 1.1 spellings ``yes``/``no``/``on``/``off``), an int or float field refuses ``true``/``false``;
+    a str field refuses lists and mappings.
+
+    Raises:
+        ConfigError: naming the field and the value, and the expected type.
+    """
     origin = get_origin(tp)
     args = get_args(tp)
     if value is None:
@@ -344,6 +415,10 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        elif isinstance(value, (dict, set)):
+            raise ConfigError(f"{field}={value!r}: expected a list (or comma-separated values)")
+        elif not isinstance(value, (list, tuple)):
+            value = [value]  # --monitor-epochs 3: YAML reads the one value as a number
         return [_coerce(v, args[0], field) for v in value]
     if args and type(None) in args:  # Optional[X]
         inner = [a for a in args if a is not type(None)][0]
@@ -352,13 +427,16 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         return _coerce(value, inner, field)
     try:
         if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str):  # a string from a dict (YAML already turned true/yes/on into bools)
+                if value.lower() in ("true", "yes", "on"):
                     return True
-                if value.lower() in ("0", "false", "no", "off"):
+                if value.lower() in ("false", "no", "off"):
                     return False
-                raise ValueError
-            return bool(value)
+            raise ValueError  # 0, 1, 2, "1": a number is not a switch
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError  # true/false are not numbers (bool is an int subclass in Python)
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -366,10 +444,18 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if tp is float:
             return float(value)
         if tp is str:
+            if isinstance(value, (list, tuple, dict, set)):
+                raise ValueError  # str() would make "['a', 'b']" of a YAML list
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{field}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+        raise ConfigError(f"{field}={value!r}: expected {_type_name(tp)}") from None
     return value
+
+
+def _type_name(tp: Any) -> str:
+    if tp is bool:
+        return "bool (true or false)"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
@@ -384,8 +470,19 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{field}={value!r}: expected a mapping")
             _apply(current, value, f"{field}.")
+        elif isinstance(value, dict) and value:
+            raise ConfigError(f"{_first_path(field, value)}: {field} is a single value "
+                              f"({_type_name(hints[key])}), not a section with fields")
         else:
             setattr(obj, key, _coerce(value, hints[key], field))
+
+
+def _first_path(prefix: str, value: dict) -> str:
+    """The first full dotted path inside a nested mapping (``distill.K`` + ``{x: {y: 1}}`` -> ``distill.K.x.y``)."""
+    while isinstance(value, dict) and value:
+        key, value = next(iter(value.items()))
+        prefix = f"{prefix}.{key}"
+    return prefix
 
 
 def preset_path(preset: str) -> Path:
@@ -405,18 +502,35 @@ def preset_path(preset: str) -> Path:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """``["distill.K=3", "eval.runs=2"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["distill.K=3", "eval.runs=2"]`` -> nested dict; values parsed as YAML scalars.
+
+    Raises:
+        ConfigError: an item without ``=``, or a path that goes through a value set by an earlier item
+            (``distill.K=3`` then ``distill.K.x=1``; names the path).
+    """
     out: dict = {}
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.field=value")
         key, raw = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
     return out
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> dict:
+    """Set ``d["a"]["b"]["c"] = value`` for ``dotted = "a.b.c"``, creating the mappings on the way.
+
+    Raises:
+        ConfigError: a part of the path already holds a single value, not a mapping (names the path).
+    """
+    node, parts = d, dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {'.'.join(parts[:i + 1])}={node!r} is a single value, not a section "
+                              "with fields")
+    node[parts[-1]] = value
+    return d
 
 
 def load_config(preset: str | None = None, overrides: list[str] | dict | None = None,

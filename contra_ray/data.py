@@ -17,6 +17,8 @@ Inputs are never silently wrong: the splits of a data set must list the same cla
 class ``c`` would be scored as another class's index), every image is decoded to 8-bit RGB as
 torchvision's ``ImageFolder`` default loader does (PIL ``.convert("RGB")``, so the channel count never
 depends on which file comes first), and images whose samples are not 8-bit are refused, naming the file.
+Hidden folders and files (names starting with ``.``) are neither classes nor images, and an empty class
+folder is refused by its path (:func:`contra_ray.image_files.list_image_folder`).
 
 Every cache write goes to a temporary file or directory first and is moved into place with
 ``os.replace``, so an interrupted run never leaves a half-written cache entry.
@@ -27,17 +29,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .disk_images import DiskImages, PreprocessedImages
-from .image_files import _names, _split_dir, check_split_classes, decode_images  # noqa: F401  (re-exported)
+from .image_files import (_names, _split_dir, check_split_classes, decode_images,  # noqa: F401  (re-exported)
+                          list_image_folder)
 from .fileio import atomic_write, sha256_file
 from .seeds import derive_seed
 from .config import DataConfig
@@ -159,7 +164,8 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
         ValueError: unknown split or dataset; a class with fewer than ``cfg.train_per_class`` images; an
             image whose size differs from the first one, or whose mode is not 8-bit (names the file and
             the mode); train and test splits with different class lists (names both lists, the missing and
-            extra classes and both folders); a tarball whose sha256 differs from ``SHA256SUMS``.
+            extra classes and both folders); a tarball whose sha256 differs from ``SHA256SUMS``, or that is
+            not a tar archive, truncated or corrupt (names ``data.root`` and the file).
         FileNotFoundError: data not found (names the path and the ``data.root`` / ``data.download`` fix).
     """
     if split not in SPLITS:
@@ -290,7 +296,9 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     renamed into place, so a crash never leaves a half extraction.
 
     Raises:
-        ValueError: the tarball's sha256 does not match ``SHA256SUMS``.
+        ValueError: the tarball's sha256 does not match ``SHA256SUMS``; the file is not a tar archive, is
+            truncated or corrupt, or holds a member that would land outside the folder (names
+            ``data.root`` and the file; nothing is left in ``cache_dir``).
     """
     name = tarball.name.split(".")[0]
     final = cache_dir / name
@@ -310,8 +318,22 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=cache_dir))
     try:
-        with tarfile.open(tarball) as tf:
-            tf.extractall(tmp, filter="data")
+        try:
+            tf = tarfile.open(tarball)
+        except tarfile.ReadError:  # its message lists every method tried, over several lines
+            raise _bad_tarball(tarball, "is not a tar archive (plain, gzip, bzip2 or xz) or is damaged at its "
+                                        "start") from None
+        try:
+            with tf:
+                tf.extractall(tmp, filter="data")
+        except (EOFError, zlib.error, lzma.LZMAError, tarfile.ReadError) as e:
+            raise _bad_tarball(tarball, "is truncated or corrupt", e) from None
+        except tarfile.TarError as e:  # e.g. a member that would land outside the folder (filter="data")
+            raise _bad_tarball(tarball, "holds a member that cannot be extracted safely", e) from None
+        except OSError as e:
+            if e.errno is not None:  # disk full, permissions: not the archive's fault
+                raise
+            raise _bad_tarball(tarball, "is truncated or corrupt", e) from None  # gzip.BadGzipFile, bz2 data
         (tmp / _MARKER).write_text(json.dumps(record))
         if final.exists():  # stale extraction of other content: move it aside, then drop it
             trash = Path(tempfile.mkdtemp(prefix=f".{name}.stale-", dir=cache_dir))
@@ -328,6 +350,12 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
     return final, sha
 
 
+def _bad_tarball(tarball: Path, what: str, e: BaseException | None = None) -> ValueError:
+    why = f" ({type(e).__name__}: {' '.join(str(e).split())})" if e is not None else ""
+    return ValueError(f"data.root: {tarball} {what}{why}; nothing was extracted. Replace it with a complete copy "
+                      "of the data set tarball, or point data.root at an extracted folder")
+
+
 def _imagefolder_root(folder: Path) -> Path:
     """``folder`` itself if it holds ``train/``, else its single subdirectory that does."""
     if (folder / "train").is_dir():
@@ -342,11 +370,9 @@ def _imagefolder_root(folder: Path) -> Path:
 
 def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
     """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
-    from torchvision.datasets import ImageFolder
-
     folder = _split_dir(root, split)
     check_split_classes(root)
-    listing = ImageFolder(str(folder), loader=lambda p: p)
+    listing = list_image_folder(folder)
     h = hashlib.sha256(f"{_DECODER}\0{folder.resolve()}".encode())
     for path, label in listing.samples:
         st = os.stat(path)
@@ -368,10 +394,8 @@ def _decode_cached(root: Path, split: str, cache: Path, listing=None):
     if cached is not None:
         return cached
     if listing is None:
-        from torchvision.datasets import ImageFolder
-
         check_split_classes(root)
-        listing = ImageFolder(str(_split_dir(root, split)), loader=lambda p: p)
+        listing = list_image_folder(_split_dir(root, split))
     files = [p for p, _ in listing.samples]
     images = decode_images(files, desc=f"decoding {root.name}/{split}")
     labels = torch.as_tensor(listing.targets, dtype=torch.int64)

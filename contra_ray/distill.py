@@ -15,7 +15,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import Config, ConfigError, DistillConfig, load_config
+from .config import (Config, ConfigError, DistillConfig, check_device, load_config, parse_overrides,
+                     set_dotted)
 
 __all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume", "interrupted_message", "main"]
 
@@ -56,20 +57,26 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
-def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> Config:
+def config_from_args(args: argparse.Namespace, extra: dict | None = None, verbatim: dict | None = None) -> Config:
+    """The validated config of a CLI: preset, ``--set`` items, then ``extra`` (``{"distill.K": "3"}``, values
+    read as YAML like ``--set``), then ``--name``/``--output-dir``/``--tracking-uri`` and ``verbatim``
+    (``{"experts.store": path}``) taken as given (a run named ``yes`` or ``1e3`` stays that string).
+
+    Raises:
+        ConfigError: see :func:`contra_ray.config.load_config`.
+    """
     overrides = list(args.set)
     for key, value in (extra or {}).items():
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
+    nested = parse_overrides(overrides)
+    for key, value in (("name", args.name), ("output_dir", args.output_dir), ("tracking.uri", args.tracking_uri),
+                       *(verbatim or {}).items()):
+        if value:
+            set_dotted(nested, key, value)
     if args.no_tracking:
-        overrides.append("tracking.enabled=false")
-    return load_config(args.preset, overrides)
+        set_dotted(nested, "tracking.enabled", False)
+    return load_config(args.preset, nested)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         extra = {k: v for k, v in vars(args).items() if k.startswith("distill.")}
-        if args.experts:
-            extra["experts.store"] = args.experts
-        cfg = config_from_args(args, extra)
+        cfg = config_from_args(args, extra, verbatim={"experts.store": args.experts})
         if args.num_workers < 0:
             raise ConfigError(f"--num-workers={args.num_workers}: must be >= 0 (0: in this process)")
+        if args.num_workers == 0:  # Ray Train workers get their own device (--use-gpu)
+            check_device(cfg.device)
         if args.num_workers > 0 and cfg.distill.monitor_every:
             raise ConfigError(f"distill.monitor_every={cfg.distill.monitor_every}: the forgetting monitor runs "
                               "in-process only; use --num-workers 0")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["decode_images", "check_split_classes", "NOT_8BIT"]
+__all__ = ["decode_images", "check_split_classes", "find_classes", "list_image_folder", "differences", "NOT_8BIT"]
 
 # PIL modes whose samples are not 8-bit (16/32-bit integer, float): PIL's convert("RGB") clips them to
 # 0..255 instead of scaling, so they are refused rather than silently flattened
@@ -40,31 +40,89 @@ def _names(names: list[str], limit: int = 20) -> str:
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
+def differences(missing: list[str], extra: list[str], lacks: str = "lacks", has: str = "has extra",
+                sep: str = " and ") -> str:
+    """``"lacks ['b'] and has extra ['d']"``, leaving out an empty side (``"lacks ['b']"``, not ``"... extra []"``)."""
+    parts = [f"{lacks} {_names(missing)}" if missing else "", f"{has} {_names(extra)}" if extra else ""]
+    return sep.join(p for p in parts if p)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def find_classes(directory: str | os.PathLike) -> list[str]:
+    """The class folders of an ImageFolder split, sorted: torchvision's ``find_classes`` without hidden
+    folders (``.ipynb_checkpoints``, ``.git``, ``.Trash-1000``: a name starting with ``.`` is never a class).
+
+    Raises:
+        FileNotFoundError: the directory holds no (visible) folder (names it).
+    """
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.name))
+    if not classes:
+        raise FileNotFoundError(f"{directory}: no class folders (an ImageFolder split holds one folder of images "
+                                "per class; hidden folders, whose names start with '.', are skipped)")
+    return classes
+
+
+def list_image_folder(folder: str | os.PathLike):
+    """``torchvision.datasets.ImageFolder`` listing of one split (``loader`` returns the path), without hidden
+    entries: folders and files whose names start with ``.`` (macOS ``._x.jpg``, ``.ipynb_checkpoints``) are
+    neither classes nor images.
+
+    Raises:
+        FileNotFoundError: no class folders; a class folder without image files (names the folder's path
+            and the image extensions looked for).
+    """
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    folder = Path(folder)
+
+    class _VisibleFolder(ImageFolder):
+        def find_classes(self, directory):
+            classes = find_classes(directory)
+            return classes, {c: i for i, c in enumerate(classes)}
+
+    def visible_image(path: str) -> bool:
+        rel = Path(os.path.relpath(path, folder))
+        return path.lower().endswith(IMG_EXTENSIONS) and not any(_hidden(part) for part in rel.parts)
+
+    listing = _VisibleFolder(str(folder), loader=lambda p: p, is_valid_file=visible_image, allow_empty=True)
+    counts = np.bincount(np.asarray(listing.targets, dtype=np.int64), minlength=len(listing.classes))
+    empty = [c for c, n in zip(listing.classes, counts) if n == 0]
+    if empty:
+        more = f" ({len(empty)} empty class folders: {_names(empty)})" if len(empty) > 1 else ""
+        raise FileNotFoundError(f"{folder / empty[0]}: class folder holds no image files ({', '.join(IMG_EXTENSIONS)})"
+                                f"{more}; add its images or remove the folder from every split")
+    return listing
+
+
 def check_split_classes(root: str | os.PathLike) -> None:
     """Check that ``root/train`` and ``root/test`` (or ``root/val``) hold the same class folders.
 
     ``ImageFolder`` numbers classes by their sorted folder names within each split, so a test split
     without class ``b`` (train ``a, b, c``; test ``a, c``) would label its ``c`` images 1, which the
-    model reads as ``b``. Nothing is checked when either split folder is missing.
+    model reads as ``b``. Nothing is checked when either split folder is missing. Hidden folders (``.x``)
+    are not classes (:func:`find_classes`).
 
     Raises:
         ValueError: the class lists differ; names both folders, both lists, and the classes the test split
-            lacks / has in excess.
+            lacks / has in excess (an empty side is left out).
+        FileNotFoundError: a split without class folders (names it).
     """
-    from torchvision.datasets.folder import find_classes
-
     root = Path(root)
     train = root / "train"
     test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not train.is_dir() or test is None:
         return
-    a, b = find_classes(str(train))[0], find_classes(str(test))[0]
+    a, b = find_classes(train), find_classes(test)
     if a != b:
         missing, extra = [c for c in a if c not in b], [c for c in b if c not in a]
         raise ValueError(f"data.root={str(root)!r}: the splits list different classes: {train} has {len(a)} "
-                         f"{_names(a)}, {test} has {len(b)} {_names(b)}; {test.name}/ lacks {_names(missing)} and has "
-                         f"extra {_names(extra)}. Labels are indices into each split's sorted class folders, so "
-                         "test images would be scored as other classes; give every split the same class folders")
+                         f"{_names(a)}, {test} has {len(b)} {_names(b)}; {test.name}/ {differences(missing, extra)}. "
+                         "Labels are indices into each split's sorted class folders, so test images would be "
+                         "scored as other classes; give every split the same class folders")
 
 
 def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:

@@ -137,11 +137,14 @@ def tiny_imagenet_listing(root: str | os.PathLike, split: str) -> Listing:
         train = root / "train"
         if not train.is_dir():
             raise FileNotFoundError(f"data.root={str(root)!r}: no train/ folder in {root}")
-        folders = sorted(p.name for p in train.iterdir() if p.is_dir())
+        folders = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
         if folders != classes:
+            from .image_files import differences
+
             missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
-            raise ValueError(f"data.root={str(root)!r}: {train} holds other classes than {wnids_path}: missing "
-                             f"{missing[:10]}, extra {extra[:10]} ({len(folders)} folders, {len(classes)} wnids)")
+            raise ValueError(f"data.root={str(root)!r}: {train} holds other classes than {wnids_path}: "
+                             f"{differences(missing, extra, 'missing', 'extra', sep=', ')} ({len(folders)} folders, "
+                             f"{len(classes)} wnids)")
         files, labels = [], []
         for w in classes:
             d = train / w / "images"
@@ -187,19 +190,19 @@ def tiny_imagenet_listing(root: str | os.PathLike, split: str) -> Listing:
 
 
 def imagefolder_listing(root: str | os.PathLike, split: str) -> Listing:
-    """``root/train`` or ``root/val`` (``root/test``) as ``torchvision.datasets.ImageFolder`` lists them.
+    """``root/train`` or ``root/val`` (``root/test``) as ``torchvision.datasets.ImageFolder`` lists them, without
+    hidden folders and files (:func:`contra_ray.image_files.list_image_folder`).
 
     Raises:
-        FileNotFoundError / ValueError: as :func:`contra_ray.image_files.check_split_classes` and a missing split.
+        FileNotFoundError / ValueError: as :func:`contra_ray.image_files.check_split_classes`, a missing split,
+            or an empty class folder (named by its path).
     """
-    from torchvision.datasets import ImageFolder
-
-    from .image_files import _split_dir, check_split_classes
+    from .image_files import _split_dir, check_split_classes, list_image_folder
 
     root = Path(root).expanduser()
     folder = _split_dir(root, split)
     check_split_classes(root)
-    listing = ImageFolder(str(folder), loader=lambda p: p)
+    listing = list_image_folder(folder)
     names_file = next((root / n for n in ("words.txt", "LOC_synset_mapping.txt") if (root / n).is_file()),
                       root / "words.txt")
     names = read_class_names(names_file, list(listing.classes), required=False)

@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from .config import ConfigError
+from .config import ConfigError, check_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if not args.no_resume:
             precheck_resume(cfg, distributed=False)
+        check_device(cfg.device)  # distillation runs in this process
         from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
@@ -94,7 +95,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
         t0 = time.time()
         try:
             store = ensure_experts(cfg, data)
-        except ExpertStoreError as e:
+        except (ConfigError, ExpertStoreError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         stage("experts", t0)

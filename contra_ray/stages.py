@@ -87,9 +87,12 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
 
     Raises:
         ExpertStoreError: store missing (and ``train_missing`` false) or built for another model,
-            dataset, ZCA setting, or with too few epochs for T+ + M; without ``train_missing``, a store
-            with fewer experts than ``experts.num_experts`` or other than ``experts.epochs`` epochs (the
-            run would record settings it did not use).
+            dataset, ZCA setting, or with too few epochs for T+ + M (or, with the forgetting monitor on,
+            for the largest of ``distill.monitor_epochs`` + M); without ``train_missing``, a store with
+            fewer experts than ``experts.num_experts`` or other than ``experts.epochs`` epochs (the run
+            would record settings it did not use).
+        ConfigError: with the forgetting monitor on, a ``distill.reference_expert`` not in the store or a
+            store of one expert (:func:`contra_ray.analysis.reference_expert_id`).
     """
     from .expert_store import ExpertStore, ExpertStoreError
     from .experts_ray import train_experts
@@ -125,6 +128,14 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
     d = cfg.distill
     store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
                            data.preprocessor.fingerprint())
+    if d.monitor_every:  # the forgetting monitor's inputs, before distillation rather than when it is built
+        from .analysis import reference_expert_id
+
+        reference_expert_id(store, d.reference_expert)
+        if d.monitor_epochs:
+            store.check_compatible(data.spec, None, cfg.data.zca, max(d.monitor_epochs) + d.expert_epochs,
+                                   needed_by=f"distill.monitor_epochs={d.monitor_epochs}: the largest + "
+                                             "distill.expert_epochs")
     return store
 
 

@@ -158,6 +158,16 @@ def init_tracking(uri: str, experiment: str) -> str:
 _DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
+def tracking_schemes() -> frozenset[str]:
+    """URI schemes MLflow opens a tracking store for: its own (``""`` = a path, ``file``, ``sqlite``,
+    ``http``, ``https``, ``databricks``, ``postgresql``, ``mysql``, ``mssql``) and those of installed plugins
+    (entry points ``mlflow.tracking_store``), read without importing MLflow."""
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
+    return frozenset({"", "file", "sqlite", "http", "https", "databricks", *_DB_PORTS} | plugins)
+
+
 def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str | None,
                        timeout_s: float = 5.0) -> None:
     """Fail fast, before any work, if results could not be written: call at the start of every CLI.
@@ -167,8 +177,10 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
       directory creatable and writable, and PATH writable if it exists; ``file:`` URIs and plain paths ->
       the directory writable; ``http(s)://`` -> one GET answered within ``timeout_s`` seconds (any HTTP
       status counts as reachable except 502/503/504, a gateway without its server);
-      ``postgresql``/``mysql``/``mssql`` URIs -> a TCP connection to host:port within ``timeout_s``.
-      Other schemes (``databricks``, ...) are not checked.
+      ``postgresql``/``mysql``/``mssql`` URIs -> a TCP connection to host:port within ``timeout_s``;
+      ``databricks`` and schemes of installed MLflow tracking-store plugins are accepted unchecked.
+      Any other scheme (``bogus://x``), and the Unity Catalog registry URIs ``uc`` / ``databricks-uc``,
+      which MLflow refuses as tracking stores, are refused here rather than when the first run is logged.
 
     Raises:
         ConfigError: one line naming the field (``output_dir`` / ``tracking.uri``), its value and why.
@@ -183,6 +195,17 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
     uri = str(tracking_uri)
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower().split("+", 1)[0]
+    if uri in ("uc", "databricks-uc") or scheme in ("uc", "databricks-uc"):
+        raise ConfigError(f"tracking.uri={uri!r}: a Unity Catalog model registry URI, which MLflow does not accept "
+                          "as a tracking store; use databricks, http(s)://HOST or sqlite:///PATH")
+    if uri == "databricks":
+        return  # the default Databricks profile's workspace (MLflow reads the bare word as that scheme)
+    if len(scheme) == 1 and scheme.isalpha():
+        scheme = ""  # C:\runs: a Windows drive letter, a plain path (as MLflow reads it)
+    if scheme not in tracking_schemes():
+        raise ConfigError(f"tracking.uri={uri!r}: unknown scheme {scheme + ':'!r}; MLflow tracking URIs are "
+                          "sqlite:///PATH, file:PATH, a directory path, http(s)://HOST[:PORT], "
+                          "postgresql|mysql|mssql://..., databricks[://PROFILE] or a plugin's scheme")
     if scheme in ("sqlite", "file", ""):
         db = _sqlite_path(uri) if scheme == "sqlite" else None
         folder = db.parent if db is not None else (urllib.request.url2pathname(parsed.path) if scheme else uri)

@@ -93,7 +93,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, load_config, parse_overrides
+from .config import Config, ConfigError, check_run_name, load_config, parse_overrides, set_dotted
 from .fileio import YAMLFileError, load_yaml
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepResult", "SweepError", "load_space", "expand_space", "run_sweep",
@@ -157,12 +157,8 @@ def _nested(overrides: Any, where: str) -> dict:
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> dict:
-    node = d
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return d
+    """:func:`contra_ray.config.set_dotted` (ConfigError naming a path through a single value)."""
+    return set_dotted(d, dotted, value)
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -886,9 +882,9 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         note: description of the parent and child runs (tag ``mlflow.note.content``).
 
     Raises:
-        SweepError, ConfigError: malformed space, no valid configuration, ASHA settings that do not fit a
-            trial's iterations, an output directory that cannot be written or a tracking store that does
-            not answer (all before data, experts or trials).
+        SweepError, ConfigError: malformed space, no valid configuration, a sweep name that is not one folder
+            name, ASHA settings that do not fit a trial's iterations, an output directory that cannot be
+            written or a tracking store that does not answer (all before data, experts or trials).
     """
     from .config import config_from_dict
     from .stages import ensure_experts, prepare_data
@@ -900,6 +896,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     if workers_per_trial < 0:
         raise SweepError(f"--workers-per-trial={workers_per_trial}: must be >= 0")
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(name, "--name")  # the sweep's directory is <output_dir>/<name>
     base = parse_overrides(overrides)
     if output_dir:
         base["output_dir"] = output_dir

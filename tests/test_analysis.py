@@ -321,3 +321,23 @@ def test_cli_correlation_refuses_spans_and_counts_that_give_no_correlation(tmp_p
     except SystemExit as e:  # argparse type errors
         rc = e.code
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_monitor_inputs_are_checked_against_the_store_before_distillation(setup):
+    import copy
+
+    from contra_ray.expert_store import ExpertStoreError
+    from contra_ray.stages import ensure_experts
+
+    cfg = copy.deepcopy(setup["cfg"])
+    cfg.distill.monitor_every, cfg.distill.monitor_epochs = 1, [1, EPOCHS]
+    cfg.validate()  # a given store may hold any number of epochs: only the store can tell
+    with pytest.raises(ExpertStoreError, match=rf"distill.monitor_epochs=\[1, {EPOCHS}\]: the largest \+ "
+                                               rf"distill.expert_epochs = {EPOCHS + 1} needs {EPOCHS + 1} saved "
+                                               rf"epochs, store has {EPOCHS}"):
+        ensure_experts(cfg, setup["data"], train_missing=False)
+    cfg.distill.monitor_epochs, cfg.distill.reference_expert = [], 7
+    with pytest.raises(ConfigError, match="distill.reference_expert=7"):
+        ensure_experts(cfg, setup["data"], train_missing=False)
+    cfg.distill.monitor_epochs, cfg.distill.reference_expert = [EPOCHS - 1], None
+    assert ensure_experts(cfg, setup["data"], train_missing=False).epochs == EPOCHS

@@ -91,3 +91,147 @@ def test_preset_with_a_key_given_twice_is_refused(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"expected a mapping"):
         load_config(str(p))
     assert load_config("tiny_cpu", ["data.zca=false", "data.zca=true"]).data.zca  # --set: the last one wins
+
+
+# ------------------------------------------------------------------------------------ a new user's tryout
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.ipc=true", "distill.ipc=True: expected int"),  # was coerced to 1
+    ("distill.beta=false", "distill.beta=False: expected float"),
+    ("distill.batch_syn=true", "distill.batch_syn=True: expected int"),  # Optional[int]
+    ("distill.monitor_epochs=[0, true]", "distill.monitor_epochs=True: expected int"),
+    ("data.zca=2", "data.zca=2: expected bool (true or false)"),  # was True
+    ("data.zca=1", "data.zca=1: expected bool (true or false)"),
+    ("data.in_memory=0", "data.in_memory=0: expected bool (true or false)"),  # Optional[bool]
+    ("data.zca=maybe", "data.zca='maybe': expected bool (true or false)"),
+    ("name=[a, b]", "name=['a', 'b']: expected str"),
+    ("eval.models={a: 1}", "eval.models.a: eval.models is a single value (list), not a section"),
+    ("distill.monitor_epochs=[[1]]", "distill.monitor_epochs=[1]: expected int"),
+])
+def test_booleans_and_numbers_are_not_interchangeable(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", [override])
+    assert str(e.value).startswith(message)
+
+
+def test_yaml_booleans_still_set_bool_fields(tmp_path: Path):
+    for text, want in (("true", True), ("false", False), ("yes", True), ("off", False), ("True", True)):
+        assert load_config("tiny_cpu", [f"data.zca={text}"]).data.zca is want
+    cfg = load_config("tiny_cpu", ["distill.ipc=2", "distill.beta=1", "experts.lr=0.5"])
+    assert cfg.distill.ipc == 2 and cfg.distill.beta == 1.0 and isinstance(cfg.distill.beta, float)
+    from contra_ray.config import config_from_dict
+
+    assert config_from_dict({"data": {"zca": "false"}}).data.zca is False  # a string from a dict (tune space)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.K.x=1"], "distill.K.x: distill.K is a single value (int), not a section"),
+    (["distill.K.x.y=1"], "distill.K.x.y: distill.K is a single value (int), not a section"),
+    (["name.x=1"], "name.x: name is a single value (str), not a section"),
+    (["eval.models.x=1"], "eval.models.x: eval.models is a single value"),
+    (["distill.K=3", "distill.K.x=1"], "distill.K.x: distill.K=3 is a single value, not a section"),
+    (["distill=3", "distill.K=1"], "distill.K: distill=3 is a single value, not a section"),
+])
+def test_a_path_through_a_single_value_is_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", overrides)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/run", "a/b", "..", ".", "", " ", "a\0b"])
+def test_run_name_must_be_one_folder_inside_output_dir(name):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", {"name": name})
+    assert str(e.value).startswith(f"name={name!r}: ") and "inside output_dir" in str(e.value)
+
+
+def test_run_name_from_the_cli_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import contra_ray.stages
+    from contra_ray import distill, pipeline
+
+    def work(*a, **k):
+        raise AssertionError("work started before the name was checked")
+
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    for main in (distill.main, pipeline.main):
+        for name in ("../x", str(tmp_path / "abs"), "a/b"):
+            assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--name", name]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: name={name!r}: ") and len(err.strip().splitlines()) == 1
+        assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--set", "name=[a, b]"]) == 2
+        assert "error: name=['a', 'b']: expected str" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+    assert load_config("tiny_cpu", ["name=run-1.b"]).run_dir().name == "run-1.b"
+
+
+def test_cli_paths_and_name_are_taken_verbatim(tmp_path):
+    from contra_ray.distill import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--preset", "tiny_cpu", "--name", "yes", "--output-dir", str(tmp_path / "on"),
+                                      "--experts", "1e3", "--ipc", "2"])
+    cfg = config_from_args(args, {"distill.ipc": vars(args)["distill.ipc"]}, verbatim={"experts.store": args.experts})
+    assert (cfg.name, cfg.output_dir, cfg.experts.store, cfg.distill.ipc) == ("yes", str(tmp_path / "on"), "1e3", 2)
+
+
+def test_cuda_device_without_cuda_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import torch
+
+    import contra_ray.stages
+    from contra_ray.config import check_device
+
+    def work(*a, **k):
+        raise AssertionError("work started before the device was checked")
+
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_config("cifar10_ipc1").device == "cuda"  # GPU presets still load and validate on CPU machines
+    check_device("cpu")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"^device='{device}': no CUDA device is visible"):
+            check_device(device)
+        for cli in ("distill", "pipeline", "analyze"):
+            main = importlib.import_module(f"contra_ray.{cli}").main
+            head = ["correlation"] if cli == "analyze" else []
+            assert main(head + ["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--no-tracking",
+                                "--set", f"device={device}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: device='{device}': no CUDA device is visible") and err.count("\n") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(ConfigError, match=r"^device='cuda:1': only 1 CUDA device\(s\) visible \(cuda:0..cuda:0\)"):
+        check_device("cuda:1")
+    with pytest.raises(ConfigError, match=r"^device='cuda:x': must be cpu, cuda or cuda:<index>"):
+        load_config("tiny_cpu", ["device=cuda:x"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.cpus_per_run=0", "eval.cpus_per_run=0.0: must be a finite number > 0"),
+    ("experts.cpus_per_expert=0", "experts.cpus_per_expert=0.0: must be a finite number > 0"),
+    ("experts.cpus_per_expert=-1", "experts.cpus_per_expert=-1.0: must be a finite number > 0"),
+    ("experts.gpus_per_expert=-0.5", "experts.gpus_per_expert=-0.5: must be a finite number >= 0"),
+    ("eval.gpus_per_run=.nan", "eval.gpus_per_run=nan: must be a finite number >= 0"),
+    ("experts.momentum=-1", "experts.momentum=-1.0: SGD momentum must be in [0, 1)"),
+    ("experts.momentum=1", "experts.momentum=1.0: SGD momentum must be in [0, 1)"),
+    ("eval.momentum=1.5", "eval.momentum=1.5: SGD momentum must be in [0, 1)"),
+    ("experts.weight_decay=-0.1", "experts.weight_decay=-0.1: must be a finite number >= 0"),
+    ("data.zca_eps=.inf", "data.zca_eps=inf: must be a finite number > 0"),
+    ("eval.lr=.inf", "eval.lr=inf: must be a finite number > 0 or null"),
+    ("distill.monitor_epochs=7", "distill.monitor_epochs=[7]: epochs [7] have no segment of M=2 epochs in "
+                                 "experts.epochs=8 (starts must be in 0..6)"),
+])
+def test_resources_momentum_and_monitor_epochs_are_checked(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("cifar10_ipc1_cpu", [override])
+    assert str(e.value).startswith(message)
+
+
+def test_valid_edges_of_the_new_checks_load():
+    cfg = load_config("cifar10_ipc1_cpu", ["experts.momentum=0", "experts.cpus_per_expert=0.5", "eval.momentum=0.99",
+                                           "distill.monitor_epochs=0,6"])
+    assert cfg.distill.monitor_epochs == [0, 6] and cfg.experts.cpus_per_expert == 0.5
+    # a given expert store may hold more epochs than experts.epochs: stages.ensure_experts checks it
+    cfg = load_config("cifar10_ipc1_cpu", ["distill.monitor_epochs=7", "experts.store=/s"])
+    assert cfg.distill.monitor_epochs == [7]

@@ -133,12 +133,13 @@ def class_tree(root, classes_per_split, size=4):
             Image.fromarray(np.full((size, size, 3), c, np.uint8)).save(root / split / name / "0.png")
 
 
-@pytest.mark.parametrize("test_classes, missing, extra", [
-    (["a", "c"], "['b']", "[]"),  # c's test images would be labelled 1 = b
-    (["a", "b", "c", "d"], "[]", "['d']"),
+@pytest.mark.parametrize("test_classes, difference", [
+    (["a", "c"], "lacks ['b']. Labels"),  # c's test images would be labelled 1 = b; no "has extra []"
+    (["a", "b", "c", "d"], "has extra ['d']. Labels"),
+    (["a", "c", "d"], "lacks ['b'] and has extra ['d']. Labels"),
 ])
 @pytest.mark.parametrize("test_name", ["test", "val"])
-def test_splits_with_different_classes_are_refused(tmp_path, test_classes, missing, extra, test_name):
+def test_splits_with_different_classes_are_refused(tmp_path, test_classes, difference, test_name):
     class_tree(tmp_path / "ds", {"train": ["a", "b", "c"], test_name: test_classes})
     for split in ("train", "test"):  # refused whichever split is loaded first, before decoding
         with pytest.raises(ValueError) as e:
@@ -146,8 +147,38 @@ def test_splits_with_different_classes_are_refused(tmp_path, test_classes, missi
         msg = str(e.value)
         assert str(tmp_path / "ds" / "train") in msg and str(tmp_path / "ds" / test_name) in msg
         assert "['a', 'b', 'c']" in msg and str(test_classes) in msg
-        assert f"{test_name}/ lacks {missing} and has extra {extra}" in msg
+        assert f"{test_name}/ {difference}" in msg and "[]" not in msg
     assert not (tmp_path / "cache" / "decoded").exists()
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+    truth = make_tree(tmp_path / "ds")
+    for split in ("train", "test"):
+        (tmp_path / "ds" / split / ".ipynb_checkpoints").mkdir()  # would be class 0 and shift every label
+        (tmp_path / "ds" / split / ".ipynb_checkpoints" / "x.png").write_bytes(b"")
+        (tmp_path / "ds" / split / "cat" / "._000.png").write_bytes(b"\0\5\26\7")  # macOS AppleDouble
+        (tmp_path / "ds" / split / "dog" / ".cache").mkdir()
+        (tmp_path / "ds" / split / "dog" / ".cache" / "thumb.png").write_bytes(b"")
+    (tmp_path / "ds" / "test" / ".Trash-1000").mkdir()  # in one split only: not a class difference either
+    for split in ("train", "test"):
+        got = load_split(folder_cfg(tmp_path / "ds", tmp_path), split)
+        assert got.classes == list(CLASSES) and torch.equal(got.images, truth[split][0])
+        assert torch.equal(got.labels, truth[split][1])
+
+
+def test_empty_class_folder_is_named_by_its_path(tmp_path):
+    make_tree(tmp_path / "ds")
+    empty = tmp_path / "ds" / "train" / "eel"
+    empty.mkdir()
+    (tmp_path / "ds" / "test" / "eel").mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    for split, folder in (("train", empty), ("test", tmp_path / "ds" / "test" / "eel")):
+        with pytest.raises(FileNotFoundError) as e:
+            load_split(folder_cfg(tmp_path / "ds", tmp_path), split)
+        assert str(e.value).startswith(f"{folder}: class folder holds no image files (.jpg, ")
+    (tmp_path / "ds" / "train" / "eel").rename(tmp_path / "ds" / "train" / ".eel")
+    (tmp_path / "ds" / "test" / "eel").rename(tmp_path / "ds" / "test" / ".eel")
+    assert load_split(folder_cfg(tmp_path / "ds", tmp_path), "train").num_classes == 3
 
 
 def test_tarball_splits_with_different_classes_are_refused(tmp_path):
@@ -157,7 +188,7 @@ def test_tarball_splits_with_different_classes_are_refused(tmp_path):
         for split in ("train", "test"):
             tf.add(tmp_path / "src" / split, arcname=split)
     cfg = DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match=r"test/ lacks \['b'\] and has extra \[\]"):
+    with pytest.raises(ValueError, match=r"test/ lacks \['b'\]\. Labels"):
         load_split(cfg, "test")
     extracted = DataConfig(dataset="cifar10-jpeg", root=str(tmp_path / "src"), cache_dir=str(tmp_path / "c2"))
     with pytest.raises(ValueError, match=r"test/ lacks \['b'\]"):
@@ -274,6 +305,42 @@ def test_tarball_with_wrong_checksum_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="SHA256SUMS"):
         load_split(DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(tmp_path / "c")), "test")
     assert not (tmp_path / "c" / "cifar10-jpeg").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("text", "is not a tar archive (plain, gzip, bzip2 or xz) or is damaged at its start"),
+    ("truncated.gz", "is truncated or corrupt (EOFError: Compressed file ended"),
+    ("truncated.tar", "is truncated or corrupt (ReadError: unexpected end of data)"),
+])
+def test_a_file_that_is_not_a_whole_tarball_is_refused_and_leaves_nothing(tmp_path, damage, message):
+    tb, _ = _tarball(tmp_path, sums=False)
+    if damage == "text":
+        tb.write_text("not a tarball\n")
+    elif damage == "truncated.tar":
+        with tarfile.open(tb.with_suffix(""), "w") as tf:  # an uncompressed tar cut in a member's data
+            tf.add(tmp_path / "src" / "train", arcname="train")
+        tb.write_bytes(tb.with_suffix("").read_bytes()[:5000])
+    else:
+        tb.write_bytes(tb.read_bytes()[:len(tb.read_bytes()) // 2])
+    cache = tmp_path / "cache"
+    cfg = DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(cache))
+    for _ in range(2):  # a second try fails the same way: no half extraction counts as the data set
+        with pytest.raises(ValueError) as e:
+            load_split(cfg, "test")
+        assert str(e.value).startswith(f"data.root: {tb} {message}") and "\n" not in str(e.value)
+        assert "nothing was extracted" in str(e.value)
+        assert os.listdir(cache) == []  # no cifar10-jpeg/, no .cifar10-jpeg.extract-* left behind
+
+
+def test_distill_cli_exits_2_on_a_broken_tarball(tmp_path, capsys):
+    from contra_ray.distill import main
+
+    tb = tmp_path / "cifar10-jpeg.tar.gz"
+    tb.write_bytes(b"\x1f\x8b" + b"\0" * 100)  # a gzip magic number, then nothing usable
+    assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--no-tracking",
+                 "--set", f"data.root={tb}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.root: {tb} is ") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------ preprocessing

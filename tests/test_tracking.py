@@ -325,3 +325,40 @@ def test_clis_check_destinations_before_any_work(tmp_path, monkeypatch, capsys, 
     assert main(head + ["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert f"error: tracking.uri='{uri}': tracking store not reachable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_tracking_uri_schemes_are_refused_early(tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    from contra_ray.distill import main
+
+    for uri in ("bogus://x", "s3://bucket/mlruns", "mlflow:/x"):
+        with pytest.raises(ConfigError, match=rf"^tracking.uri='{re.escape(uri)}': unknown scheme "
+                                              rf"'{uri.split(':')[0]}:'; MLflow tracking URIs are sqlite:///PATH"):
+            check_destinations(None, uri)
+    for uri in ("uc", "databricks-uc://x"):
+        with pytest.raises(ConfigError, match=rf"^tracking.uri='{uri}': a Unity Catalog model registry URI"):
+            check_destinations(None, uri)
+    monkeypatch.chdir(tmp_path)
+    for uri in ("databricks", "databricks://profile", "sqlite://", str(tmp_path / "mlruns"),
+                (tmp_path / "m2").as_uri(), "relative/mlruns"):
+        check_destinations(None, uri)  # accepted (the last three: folders made writable)
+    assert not (tmp_path / "databricks").exists() and (tmp_path / "relative" / "mlruns").is_dir()
+
+    class EntryPoint:
+        name = "bogus"
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [EntryPoint()] if
+                        group == "mlflow.tracking_store" else [])
+    check_destinations(None, "bogus://x")  # an installed plugin's scheme is MLflow's to open
+    monkeypatch.undo()
+
+    import contra_ray.stages
+
+    def work(*a, **k):
+        raise AssertionError("work started before the tracking URI was checked")
+
+    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--tracking-uri", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking.uri='bogus://x': unknown scheme 'bogus:'") and err.count("\n") == 1

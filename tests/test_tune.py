@@ -499,3 +499,12 @@ def test_cli_refuses_counts_that_cannot_run_also_in_dry_run(flag, value, message
         tune_cli.main(["--space", "cpu_smoke", "--dry-run", flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: {message}" in err
+
+
+def test_sweep_name_must_be_one_folder_inside_output_dir(tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    for name in ("../escape", "a/b", ".."):
+        assert main(["--space", str(SMOKE), "--output-dir", str(tmp_path / "out"), "--no-tracking",
+                     "--name", name]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --name={name!r}: ")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()

@@ -346,7 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> NasResult:
-    """Command-line entry point; returns the :class:`NasResult`."""
+    """Command-line entry point; returns the :class:`NasResult`.
+
+    Exits with status 2 and a one-line error for invalid input (bad flags, a missing or corrupt artifact,
+    an artifact that does not fit the data, a bad config), as the other command lines do.
+    """
     from .artifact import ArtifactError, ArtifactMismatchError, DistilledSet
     from .config import ConfigError
 
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> NasResult:
         return _run_cli(args, art)
     except (ArtifactMismatchError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
 
 
 def _run_cli(args: argparse.Namespace, art) -> NasResult:

@@ -160,3 +160,17 @@ def test_cli_bad_flags_exit_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             nas.main(["--artifact", str(tmp_path / "x.safetensors"), *bad])
         assert e.value.code == 2
+
+
+def test_cli_config_error_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    from contra_ray.config import ConfigError
+
+    def bad(args, art):
+        raise ConfigError("data.root='/nowhere': no such dataset")
+
+    monkeypatch.setattr(nas, "_run_cli", bad)
+    monkeypatch.setattr("contra_ray.artifact.DistilledSet.load", staticmethod(lambda path: object()))
+    with pytest.raises(SystemExit) as e:
+        nas.main(["--artifact", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "error: data.root='/nowhere': no such dataset"

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         check_device(cfg.device)  # the probes distill in this process
         from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out={args.out!r}: is a file, expected a directory")
         span = parse_epoch_range(args.epochs) if args.epochs else None
         modes = ["sequential", "concurrent"] if args.mode == "both" else [args.mode]
         if "concurrent" in modes:

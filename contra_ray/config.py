@@ -193,6 +193,15 @@ class Config:
             raise ConfigError(f"{field}={value!r}: {why}")
 
         check_run_name(self.name, "name")
+        if not str(self.output_dir).strip():
+            bad("output_dir", self.output_dir, "must not be empty (the root of the run directories)")
+        for field, path in (("output_dir", self.output_dir), ("data.cache_dir", self.data.cache_dir),
+                            ("experts.store", self.experts.store)):
+            if path and "://" not in str(path) and os.path.exists(os.path.expanduser(str(path))) \
+                    and not os.path.isdir(os.path.expanduser(str(path))):
+                bad(field, path, "is a file, expected a directory")
+        if len(self.name.encode()) > 200:
+            bad("name", self.name, f"{len(self.name.encode())} bytes long; at most 200 (a folder name)")
         if self.data.dataset not in DATASETS:
             bad("data.dataset", self.data.dataset, f"unknown dataset; known: {', '.join(DATASETS)}")
         if self.data.dataset == "imagefolder" and not self.data.root:
@@ -289,8 +298,8 @@ class Config:
                 f"T+ + M = {d.max_start_epoch + d.expert_epochs} exceeds experts.epochs={x.epochs}")
         if d.batch_syn is not None and d.batch_syn < 1:
             bad("distill.batch_syn", d.batch_syn, "must be >= 1 or null")
-        if d.iterations < 0:
-            bad("distill.iterations", d.iterations, "must be >= 0")
+        if d.iterations < 1:
+            bad("distill.iterations", d.iterations, "must be >= 1 (0 would save the initial set as distilled)")
         for f in ("lr_img", "lr_label", "lr_lr", "syn_lr_init"):
             if not (getattr(d, f) > 0 and math.isfinite(getattr(d, f))):
                 bad(f"distill.{f}", getattr(d, f), "must be a finite number > 0")

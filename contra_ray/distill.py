@@ -72,7 +72,7 @@ def config_from_args(args: argparse.Namespace, extra: dict | None = None, verbat
     nested = parse_overrides(overrides)
     for key, value in (("name", args.name), ("output_dir", args.output_dir), ("tracking.uri", args.tracking_uri),
                        *(verbatim or {}).items()):
-        if value:
+        if value is not None:  # an empty --name or --output-dir is refused by validate(), not ignored
             set_dotted(nested, key, value)
     if args.no_tracking:
         set_dotted(nested, "tracking.enabled", False)
@@ -119,11 +119,18 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
 
 def interrupted_message(cfg: Config) -> str:
     """What a user reads after Ctrl-C: where the run stands and how to go on."""
+    from pathlib import Path
+
+    from .checkpoint import checkpoint_dirs
+
     every = cfg.distill.checkpoint_every
-    if every:
+    if not every:
+        return "interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts over"
+    if checkpoint_dirs(cfg.run_dir() / "checkpoints") or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name):
         return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
                 "iterations); rerun the same command to resume from it")
-    return "interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts over"
+    return (f"interrupted before the first checkpoint (every distill.checkpoint_every={every} iterations): rerunning "
+            "the same command starts the distillation over (finished experts and data are kept)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--num-workers={args.num_workers}: must be >= 0 (0: in this process)")
         if args.num_workers == 0:  # Ray Train workers get their own device (--use-gpu)
             check_device(cfg.device)
+        if args.use_gpu and args.num_workers == 0:
+            raise ConfigError("--use-gpu: GPUs for Ray Train workers (--num-workers >= 1); in this process set "
+                              "--set device=cuda instead")
         if args.num_workers > 0 and cfg.distill.monitor_every:
             raise ConfigError(f"distill.monitor_every={cfg.distill.monitor_every}: the forgetting monitor runs "
                               "in-process only; use --num-workers 0")

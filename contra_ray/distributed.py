@@ -373,6 +373,13 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
             print(f"error: {msg}; use fewer workers or threads", file=sys.stderr)
             return 2
         print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if use_gpu and num_workers > gpus:
+        msg = f"--use-gpu with --num-workers={num_workers} needs {num_workers} GPUs, the Ray cluster has {gpus:g}"
+        if not os.environ.get("RAY_ADDRESS"):
+            print(f"error: {msg}; use fewer workers, or drop --use-gpu to train on CPUs", file=sys.stderr)
+            return 2
+        print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)
     try:
         data = prepare_data(cfg)  # fills the cache the workers read
         check_memory(cfg, data, workers=num_workers)

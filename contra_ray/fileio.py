@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir", "RunInUse", "run_lock"]
+__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir", "RunInUse", "run_lock", "wait_lock"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], None], *,
@@ -203,6 +203,38 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
             holder = f.read().strip() or "unknown"
             raise RunInUse(f"run directory {run_dir} is in use by another process (pid {holder}): wait for it to "
                            f"finish, or choose another --name / --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield lock
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def wait_lock(lock: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on the file ``lock``, waiting for another holder to finish.
+
+    For work two runs may start at once on shared state, e.g. training the experts of one store: the
+    second waits (saying so once, with the holder's pid) and then finds the work done. Released when the
+    block ends or the process dies.
+
+    Raises:
+        OSError: the lock file cannot be created.
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            print(f"waiting for pid {f.read().strip() or 'unknown'}, which is {what} ({lock})", flush=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))

@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .argtypes import non_negative_int, positive_int
+from .argtypes import non_negative_int, positive_float, positive_int
 from .models import ModelSpec
 
 __all__ = [
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=non_negative_int, default=100,
                    help="training images per class held out to score the proxy; 0 scores it on the test set "
                         "(default: 100)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="learning rate on the distilled set (default: eval.lr of its recipe, else its learned "
                         "syn_lr)")
     p.add_argument("--real-lr", type=float, default=None,
@@ -384,6 +384,17 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
         cfg.tracking.uri = args.tracking_uri
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .config import check_device
+    from .fileio import ensure_writable_dir
+    from .tracking import check_destinations
+
+    check_device(device, field="--device")
+    out = Path(args.out or f"runs/nas-{Path(args.artifact).stem}-{args.space}")
+    try:  # before any training: the table is written after all of it
+        ensure_writable_dir(out)
+    except OSError as e:
+        raise ConfigError(f"--out={str(out)!r}: {e.strerror or e}") from None
+    check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
     ecfg = dataclasses.replace(cfg.eval, gpus_per_run=cfg.eval.gpus_per_run if device != "cpu" else 0.0)
 
     pre = data.Preprocessor.from_state_dict(art.preprocessor)
@@ -418,7 +429,6 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
     result = summarize_search(specs, [100 * a for a in proxy], [100 * a for a in real], args.top_k)
     print(format_table(result, args.show))
 
-    out = Path(args.out or f"runs/nas-{Path(args.artifact).stem}-{args.space}")
     table = write_csv(result, out / "nas.csv")
     with RunLogger(cfg, f"nas-{Path(args.artifact).stem}", enabled=cfg.tracking.enabled) as log:
         log.log_params({"nas.artifact": str(Path(args.artifact).resolve()), "nas.space": args.space,

@@ -396,13 +396,15 @@ def _check_readable_store(uri: str) -> None:
     """
     from .tracking import _sqlite_path, check_destinations
 
-    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
-    if scheme.startswith("sqlite"):
-        db = _sqlite_path(uri)
-        if db is not None and not db.is_file():
-            raise ConfigError(f"--tracking-uri={uri!r}: no such SQLite store ({db})")
-    elif scheme in ("http", "https"):
-        check_destinations(None, uri)
+    db = _sqlite_path(uri) if uri.lower().startswith("sqlite") else None
+    if db is None:
+        check_destinations(None, uri)  # the scheme is known, a server answers
+    elif not db.is_file():
+        raise ConfigError(f"--tracking-uri={uri!r}: no such SQLite store ({db})")
+    else:
+        with open(db, "rb") as f:
+            if f.read(16) not in (b"", b"SQLite format 3\x00"):
+                raise ConfigError(f"--tracking-uri={uri!r}: {db} is not an SQLite database")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,18 +100,21 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
     path = cfg.expert_store()
     if train_missing:
         from .augment import DSA
+        from .fileio import wait_lock
 
-        order_factory = None
-        if cfg.experts.curriculum:
-            from .experts import CurriculumOrder
+        # two runs sharing a store (--experts, one preset's default) must not train the same expert at once
+        with wait_lock(path.parent / f".{path.name}.lock", f"training the experts of {path}"):
+            order_factory = None
+            if cfg.experts.curriculum:
+                from .experts import CurriculumOrder
 
-            rank = curriculum_rank(cfg, data)
-            order_factory = lambda i: CurriculumOrder(rank, cfg.experts.curriculum_lambda,  # noqa: E731
-                                                      cfg.experts.curriculum_gamma)
-        store = train_experts(cfg, data.train_x, data.train.labels, data.test_x, data.test.labels, data.spec,
-                              store_meta(cfg, data), data.preprocessor.state_dict(),
-                              augment_factory=(lambda: DSA()) if cfg.experts.dsa else None,
-                              order_factory=order_factory)
+                rank = curriculum_rank(cfg, data)
+                order_factory = lambda i: CurriculumOrder(rank, cfg.experts.curriculum_lambda,  # noqa: E731
+                                                          cfg.experts.curriculum_gamma)
+            store = train_experts(cfg, data.train_x, data.train.labels, data.test_x, data.test.labels, data.spec,
+                                  store_meta(cfg, data), data.preprocessor.state_dict(),
+                                  augment_factory=(lambda: DSA()) if cfg.experts.dsa else None,
+                                  order_factory=order_factory)
     else:
         store = ExpertStore.open(path)
         x, ids = cfg.experts, store.expert_ids

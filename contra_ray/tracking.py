@@ -174,8 +174,8 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
 
     * ``output_dir``: created if missing and proven writable (a temporary file is created and removed).
     * ``tracking_uri`` (skip with ``None``, e.g. tracking disabled): ``sqlite:///PATH`` -> PATH's
-      directory creatable and writable, and PATH writable if it exists; ``file:`` URIs and plain paths ->
-      the directory writable; ``http(s)://`` -> one GET answered within ``timeout_s`` seconds (any HTTP
+      directory creatable and writable, and PATH, if it exists, a writable SQLite database; ``file:`` URIs
+      and plain paths (MLflow's file store, which MLflow 3 refuses by default) are refused; ``http(s)://`` -> one GET answered within ``timeout_s`` seconds (any HTTP
       status counts as reachable except 502/503/504, a gateway without its server);
       ``postgresql``/``mysql``/``mssql`` URIs -> a TCP connection to host:port within ``timeout_s``;
       ``databricks`` and schemes of installed MLflow tracking-store plugins are accepted unchecked.
@@ -204,18 +204,24 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
         scheme = ""  # C:\runs: a Windows drive letter, a plain path (as MLflow reads it)
     if scheme not in tracking_schemes():
         raise ConfigError(f"tracking.uri={uri!r}: unknown scheme {scheme + ':'!r}; MLflow tracking URIs are "
-                          "sqlite:///PATH, file:PATH, a directory path, http(s)://HOST[:PORT], "
+                          "sqlite:///PATH, http(s)://HOST[:PORT], "
                           "postgresql|mysql|mssql://..., databricks[://PROFILE] or a plugin's scheme")
-    if scheme in ("sqlite", "file", ""):
-        db = _sqlite_path(uri) if scheme == "sqlite" else None
-        folder = db.parent if db is not None else (urllib.request.url2pathname(parsed.path) if scheme else uri)
-        if scheme == "sqlite" and db is None:
+    if scheme in ("file", ""):
+        raise ConfigError(f"tracking.uri={uri!r}: a file store (a directory, as ./mlruns), which MLflow 3 no longer "
+                          "opens by default; use sqlite:///PATH/mlflow.db (the default is "
+                          "sqlite:///<output_dir>/mlflow.db)")
+    if scheme == "sqlite":
+        db = _sqlite_path(uri)
+        folder = db.parent if db is not None else None
+        if db is None:
             return  # sqlite:// (in memory)
         try:
             ensure_writable_dir(folder)
             if db is not None and db.exists():
-                with open(db, "ab"):
-                    pass
+                with open(db, "rb+") as f:
+                    head = f.read(16)
+                if head and head != b"SQLite format 3\x00":
+                    raise ConfigError(f"tracking.uri={uri!r}: {db} exists and is not an SQLite database")
         except OSError as e:
             raise ConfigError(f"tracking.uri={uri!r}: {e.strerror or e}") from None
         return

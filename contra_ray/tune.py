@@ -1062,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.dry_run:
+            if args.name is not None:  # what the real run checks first, so a dry run that passes also starts
+                check_run_name(args.name, "--name")
             spec = load_space(args.space)
             points, notes = expand_space(spec, parse_overrides(args.set), "error" if args.strict else "drop",
                                          num_samples=args.num_samples)

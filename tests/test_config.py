@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import re
 import pytest
 
 from contra_ray.config import PRESET_DIR, ConfigError, load_config
@@ -235,3 +236,20 @@ def test_valid_edges_of_the_new_checks_load():
     # a given expert store may hold more epochs than experts.epochs: stages.ensure_experts checks it
     cfg = load_config("cifar10_ipc1_cpu", ["distill.monitor_epochs=7", "experts.store=/s"])
     assert cfg.distill.monitor_epochs == [7]
+
+
+def test_directories_given_as_files_empty_output_dir_long_names_and_zero_iterations_are_refused(tmp_path):
+    """A user's tryout: each of these failed after minutes of work (FileExistsError, OSError) or silently
+    wrote into ./runs or saved the initial set as distilled."""
+    from contra_ray.config import ConfigError, load_config
+
+    f = tmp_path / "afile"
+    f.write_text("")
+    for override, message in ((["output_dir=''"], "output_dir='': must not be empty"),
+                              ([f"output_dir={f}"], f"output_dir='{f}': is a file, expected a directory"),
+                              ([f"data.cache_dir={f}"], f"data.cache_dir='{f}': is a file"),
+                              ([f"experts.store={f}"], f"experts.store='{f}': is a file"),
+                              (["name=" + "a" * 201], "bytes long; at most 200"),
+                              (["distill.iterations=0"], "distill.iterations=0: must be >= 1")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("tiny_cpu", override)

@@ -377,3 +377,16 @@ def test_kuberay_manifest_has_the_raycluster_required_fields():
         assert any(int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1 for c in containers)
     envs = [e["name"] for c in head["template"]["spec"]["containers"] for e in c.get("env", [])]
     assert "RAY_AUTH_MODE" in envs and "RAY_AUTH_TOKEN" in envs
+
+
+def test_use_gpu_without_gpus_is_refused_before_work_and_without_workers(ray_local, tmp_path, capsys, monkeypatch):
+    """A user finding: --use-gpu --num-workers 1 on a machine without GPUs waited forever for a GPU."""
+    from contra_ray.distill import main as distill_main
+    from contra_ray.distributed import run_distributed
+
+    monkeypatch.setattr("contra_ray.stages.prepare_data", lambda *a, **k: pytest.fail("work started"))
+    cfg = load_config("tiny_cpu", {"name": "g", "output_dir": str(tmp_path), "threads": 1})
+    assert run_distributed(cfg, num_workers=1, use_gpu=True) == 2
+    assert "--use-gpu with --num-workers=1 needs 1 GPUs, the Ray cluster has 0" in capsys.readouterr().err
+    assert distill_main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path), "--use-gpu", "--no-tracking"]) == 2
+    assert "--use-gpu: GPUs for Ray Train workers (--num-workers >= 1)" in capsys.readouterr().err

@@ -252,7 +252,32 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, module, capsys, mon
     rc = cli.main(base + ["--set", "distill.checkpoint_every=5"])
     err = capsys.readouterr().err
     assert rc == 130 and "Traceback" not in err
+    assert "interrupted before the first checkpoint (every distill.checkpoint_every=5 iterations): rerunning" in err
+    cfg, d = make(tmp_path, ["name=c"])
+    from contra_ray.checkpoint import write_checkpoint
+
+    write_checkpoint(tmp_path / "c" / "checkpoints" / "iter_00000002",
+                     {"distiller": d.state_dict(), "history": {}, "config": cfg.to_dict()})
+    assert cli.main(base + ["--set", "distill.checkpoint_every=5", "--no-resume"]) == 130
+    err = capsys.readouterr().err
     assert f"interrupted: {tmp_path / 'c'} keeps the newest checkpoint (every distill.checkpoint_every=5" in err
     assert "rerun the same command to resume" in err
-    assert cli.main(base) == 130  # tiny_cpu keeps no checkpoint: the message says a rerun starts over
+    assert cli.main(base + ["--no-resume"]) == 130  # tiny_cpu keeps no checkpoint: the message says a rerun starts over
     assert "distill.checkpoint_every=0 keeps no checkpoint" in capsys.readouterr().err
+
+
+def test_a_second_expert_training_waits_for_the_first(tmp_path, capsys):
+    """A user finding: two runs sharing one expert store trained the same experts at once and corrupted it."""
+    from contra_ray.fileio import wait_lock
+
+    lock, done = tmp_path / ".experts.lock", tmp_path / "first_done"
+    code = ("import sys, time; from pathlib import Path; from contra_ray.fileio import wait_lock\n"
+            f"with wait_lock({str(lock)!r}, 'first'):\n"
+            "    print('held', flush=True); time.sleep(1.0)\n"
+            f"    Path({str(done)!r}).write_text('x')\n")
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert first.stdout.readline().strip() == "held"
+    with wait_lock(lock, "training the experts of X"):
+        assert done.exists()  # entered only after the first holder finished its work
+    assert first.wait() == 0
+    assert f"waiting for pid {first.pid}, which is training the experts of X ({lock})" in capsys.readouterr().out

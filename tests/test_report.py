@@ -156,6 +156,12 @@ def test_cli_unreadable_store_is_one_line_exit_2_in_seconds(tmp_path, capsys):
     missing = tmp_path / "nope.db"
     assert main(["--experiment", "x", "--tracking-uri", f"sqlite:///{missing}"]) == 2
     assert f"no such SQLite store ({missing})" in capsys.readouterr().err and not missing.exists()
+    (tmp_path / "text").write_text("not a database")
+    assert main(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'text'}"]) == 2
+    assert f"{tmp_path / 'text'} is not an SQLite database" in capsys.readouterr().err
+    assert main(["--experiment", "x", "--tracking-uri", "foo://x"]) == 2
+    assert "tracking.uri='foo://x': unknown scheme 'foo:'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text"]  # nothing created (no store, no lock)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"

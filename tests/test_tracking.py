@@ -286,8 +286,13 @@ def test_check_destinations(tmp_path):
         check_destinations(tmp_path / "file" / "o", None)
     with pytest.raises(ConfigError, match=rf"^tracking.uri='sqlite:///{tmp_path / 'file'}/mlflow.db': directory"):
         check_destinations(None, f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
-    with pytest.raises(ConfigError, match=r"^tracking.uri='file:.*': directory"):
-        check_destinations(None, (tmp_path / "file" / "mlruns").as_uri())
+    for uri in ((tmp_path / "mlruns").as_uri(), str(tmp_path / "mlruns")):  # MLflow 3 refuses the file store
+        with pytest.raises(ConfigError, match=rf"^tracking.uri='{re.escape(uri)}': a file store .* use sqlite:///"):
+            check_destinations(None, uri)
+    assert not (tmp_path / "mlruns").exists()
+    (tmp_path / "notdb").write_text("hello")
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'notdb'} exists and is not an SQLite database"):
+        check_destinations(None, f"sqlite:///{tmp_path / 'notdb'}")
     with _http_server(404) as url:  # any answer means a server is there
         check_destinations(None, url)
     with _http_server(502) as url, pytest.raises(ConfigError, match="HTTP 502"):  # a gateway without its server
@@ -340,10 +345,12 @@ def test_unknown_tracking_uri_schemes_are_refused_early(tmp_path, monkeypatch, c
         with pytest.raises(ConfigError, match=rf"^tracking.uri='{uri}': a Unity Catalog model registry URI"):
             check_destinations(None, uri)
     monkeypatch.chdir(tmp_path)
-    for uri in ("databricks", "databricks://profile", "sqlite://", str(tmp_path / "mlruns"),
-                (tmp_path / "m2").as_uri(), "relative/mlruns"):
-        check_destinations(None, uri)  # accepted (the last three: folders made writable)
-    assert not (tmp_path / "databricks").exists() and (tmp_path / "relative" / "mlruns").is_dir()
+    for uri in ("databricks", "databricks://profile", "sqlite://"):
+        check_destinations(None, uri)  # accepted
+    for uri in (str(tmp_path / "mlruns"), (tmp_path / "m2").as_uri(), "relative/mlruns"):
+        with pytest.raises(ConfigError, match="a file store"):  # MLflow 3's refused file store, refused here first
+            check_destinations(None, uri)
+    assert not (tmp_path / "databricks").exists() and not (tmp_path / "relative").exists()
 
     class EntryPoint:
         name = "bogus"

@@ -508,3 +508,10 @@ def test_sweep_name_must_be_one_folder_inside_output_dir(tmp_path, monkeypatch, 
                      "--name", name]) == 2
         assert capsys.readouterr().err.startswith(f"error: --name={name!r}: ")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()
+
+
+def test_dry_run_checks_the_sweep_name_like_the_real_run(capsys):
+    from contra_ray import tune as tune_cli
+
+    assert tune_cli.main(["--space", "cpu_smoke", "--dry-run", "--name", "../x"]) == 2
+    assert capsys.readouterr().err.startswith("error: --name='../x': ")

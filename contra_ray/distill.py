@@ -18,7 +18,8 @@ import sys
 from .config import (Config, ConfigError, DistillConfig, check_device, load_config, parse_overrides,
                      set_dotted)
 
-__all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume", "interrupted_message", "main"]
+__all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume",
+           "interrupted_message", "run_in_run_dir", "main"]
 
 
 # ---------------------------------------------------------------------- CLI
@@ -156,11 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return run_in_run_dir(cfg, lambda: _run(cfg, args))
+
+
+def run_in_run_dir(cfg: Config, work) -> int:
+    """``work()`` (returns an exit status) holding the run directory's lock (:func:`contra_ray.fileio.run_lock`).
+
+    Returns 2 with one line if another process holds the run directory, and 130 with
+    :func:`interrupted_message` on Ctrl-C; otherwise ``work()``'s status.
+    """
     from .fileio import RunInUse, run_lock
 
     try:
         with run_lock(cfg.run_dir()):  # one process per run directory
-            return _run(cfg, args)
+            return work()
     except RunInUse as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

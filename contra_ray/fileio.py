@@ -180,6 +180,30 @@ class RunInUse(RuntimeError):
 
 
 @contextlib.contextmanager
+def _pid_lock(lock: Path, on_busy: Callable[[str], None]) -> Iterator[Path]:
+    """Exclusive ``fcntl.flock`` on ``lock`` holding this process's pid while held. If another process
+    holds it, ``on_busy(its pid)`` is called first: it raises (refuse) or returns (then wait for it)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            on_busy(f.read().strip() or "unknown")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield lock
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold ``<run_dir>/.lock`` (an exclusive, non-blocking ``fcntl.flock``) while a run writes there.
 
@@ -193,26 +217,13 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[Path]:
         OSError: the directory cannot be created.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / ".lock"
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise RunInUse(f"run directory {run_dir} is in use by another process (pid {holder}): wait for it to "
-                           f"finish, or choose another --name / --output-dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield lock
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def refuse(holder: str) -> None:
+        raise RunInUse(f"run directory {run_dir} is in use by another process (pid {holder}): wait for it to "
+                       f"finish, or choose another --name / --output-dir")
+
+    with _pid_lock(run_dir / ".lock", refuse) as lock:
+        yield lock
 
 
 @contextlib.contextmanager
@@ -227,21 +238,9 @@ def wait_lock(lock: str | os.PathLike, what: str) -> Iterator[Path]:
         OSError: the lock file cannot be created.
     """
     lock = Path(lock)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            print(f"waiting for pid {f.read().strip() or 'unknown'}, which is {what} ({lock})", flush=True)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield lock
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def wait(holder: str) -> None:
+        print(f"waiting for pid {holder}, which is {what} ({lock})", flush=True)
+
+    with _pid_lock(lock, wait) as held:
+        yield held

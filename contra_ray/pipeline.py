@@ -25,7 +25,7 @@ from .config import ConfigError, check_device
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distill import add_common_args, config_from_args, interrupted_message, precheck_resume
+    from .distill import add_common_args, config_from_args, precheck_resume, run_in_run_dir
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
@@ -44,17 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .fileio import RunInUse, run_lock
-
-    try:
-        with run_lock(cfg.run_dir()):  # one process per run directory
-            return run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note, resume=not args.no_resume)
-    except RunInUse as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{interrupted_message(cfg)}", file=sys.stderr)
-        return 130
+    return run_in_run_dir(cfg, lambda: run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note,
+                                                    resume=not args.no_resume))
 
 
 def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bool = True) -> int:

@@ -114,6 +114,21 @@ def test_readme_step2_evaluate_runs_on_the_distill_output(pipeline_run, capsys):
     assert "random_real" in capsys.readouterr().out
 
 
+def test_readme_cross_architecture_row_on_the_distill_output(pipeline_run, capsys):
+    """README step 2's Table 2-style row, on step 1's real output (a cheap pair of networks: ConvNet and
+    AlexNet; the README's ResNet-18, VGG-11 and ViT take the same path, parameter counts in test_models)."""
+    from contra_ray.evaluate import main as evaluate_main
+
+    cfg = pipeline_run
+    res = evaluate_main(["--artifact", str(cfg.run_dir() / "distilled.safetensors"), "--models", "convnet,alexnet",
+                         "--runs", "1", "--epochs", "2", "--inline", "--no-tracking"])
+    assert set(res) == {("contra", "convnet"), ("contra", "alexnet")}
+    out = capsys.readouterr().out.splitlines()
+    head = out.index(next(line for line in out if line.startswith("cross-architecture")))
+    assert out[head + 1].split() == ["method", "convnet", "(instancenorm)", "alexnet", "(none)"]
+    assert out[head + 3].split()[0] == "contra" and len(out[head + 3].split()) == 7  # two "mean ± std" cells
+
+
 def test_distill_rerun_with_another_beta_and_K_is_refused_before_work(pipeline_run, capsys):
     """The issue: the same --name with β=1, K=0 printed "resumed" and continued the β=0.2, K=2 state."""
     cfg = pipeline_run

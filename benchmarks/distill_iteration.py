@@ -21,7 +21,7 @@ import time
 def one(args) -> dict:
     import torch
 
-    from contra_ray.matching import accumulate_matching_gradients, make_plan
+    from contra_ray.distill.matching import accumulate_matching_gradients, make_plan
     from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
     torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
     python benchmarks/distributed_speedup.py --workers 1 2 --width 64 --syn-steps 10 --iterations 12
 
-Runs :func:`contra_ray.distributed.fit_distributed` once per W on the ``cifar10_ipc1_cpu`` preset with
+Runs :func:`contra_ray.distill.remote.fit_distributed` once per W on the ``cifar10_ipc1_cpu`` preset with
 the overrides below (default β = 0.2, K = 3: K + 1 = 4 students with non-zero weight), on random
 32x32 images and random expert trajectories (timing does not depend on their values). ``s/iter`` is
 rank 0's mean time per iteration (unrolls + all-reduce + update) after the first; ``fit s`` is the
@@ -22,10 +22,10 @@ from pathlib import Path
 def build_setup(root: Path, width: int, classes: int, image_size: int, epochs: int, seed: int = 0):
     import torch
 
-    from contra_ray.data import ImageSet, Preprocessor, content_hash
-    from contra_ray.stages import PreparedData
-    from contra_ray.distributed import PreparedSetup
-    from contra_ray.expert_store import ExpertStore
+    from contra_ray.data.sources import ImageSet, Preprocessor, content_hash
+    from contra_ray.data.prepare import PreparedData
+    from contra_ray.distill.remote import PreparedSetup
+    from contra_ray.experts.store import ExpertStore
     from contra_ray.models import ModelSpec, build_model, flat_params
 
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +63,7 @@ def main() -> None:
     import ray
 
     from contra_ray.config import load_config
-    from contra_ray.distributed import fit_distributed
+    from contra_ray.distill.remote import fit_distributed
 
     ray.init(address="local", num_cpus=max(args.workers) * args.threads, include_dashboard=False,
              log_to_driver=False)

@@ -10,7 +10,7 @@ this is the input side of :func:`contra_ray.experts.train_expert` alone.
 
 * memory: :class:`contra_ray.experts.TensorBatchLoader` over the preprocessed tensor (decoded once; the
   rate is indexing a tensor).
-* ffcv-raw / ffcv-jpeg: :class:`contra_ray.ffcv_data.FFCVBatchLoader` (one FFCV Loader per epoch over
+* ffcv-raw / ffcv-jpeg: :class:`contra_ray.data.ffcv_beton.FFCVBatchLoader` (one FFCV Loader per epoch over
   the epoch's indices, ``--workers`` threads; jpeg decodes every image every epoch). The .beton is written
   first (time reported apart).
 * torchvision: ``ImageFolder`` + ``Subset`` of the same files, ``ToTensor`` + ``Normalize``,
@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     import torch
 
     from contra_ray.config import DataConfig
-    from contra_ray.data import ImageSet, _imagefolder_root, content_hash, fit_preprocessor, load_split
-    from contra_ray.experts import ShuffledOrder, TensorBatchLoader
+    from contra_ray.data.sources import ImageSet, _imagefolder_root, content_hash, fit_preprocessor, load_split
+    from contra_ray.experts.curriculum import ShuffledOrder
+    from contra_ray.data.loaders import TensorBatchLoader
 
     torch.set_num_threads(args.threads)
     cfg = DataConfig(dataset="cifar10-jpeg", cache_dir=args.cache_dir, zca=False)
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     for mode in ("raw", "jpeg"):
         if f"ffcv-{mode}" in skip:
             continue
-        from contra_ray.ffcv_data import FFCVBatchLoader, write_beton
+        from contra_ray.data.ffcv_beton import FFCVBatchLoader, write_beton
 
         t0 = time.perf_counter()
         path = write_beton(train, out, mode=mode, num_workers=args.workers)

@@ -8,7 +8,7 @@ ConvNet-3 (width 128), 32x32x3 images, IPC 10 x 10 classes = 100 images, batch 1
 expert parameters (time and memory do not depend on their values). Each configuration runs in a fresh
 subprocess: on CPU its peak is the growth of the peak resident set size (``ru_maxrss``) over its size
 after setup; on CUDA ``torch.cuda.max_memory_allocated`` over the allocation after setup. Before a full
-unroll is run the planner (:mod:`contra_ray.memory`) is asked for its estimate; a full configuration
+unroll is run the planner (:mod:`contra_ray.distill.memory`) is asked for its estimate; a full configuration
 that would not fit (or N above ``--max-full-N``) is skipped and said so. The planner's estimate is
 printed next to the measured peak. Times: wall-clock s/iter and this process's CPU s/iter (robust
 to other load on a shared machine; with one thread the honest compute cost).
@@ -79,7 +79,7 @@ def students_at_once(execution: str, K: int) -> int:
 
 def child_plan(args, K: int, execution: str) -> dict:
     """The planner's estimates for every N (one measured step) and the available memory."""
-    from contra_ray.memory import available_memory_bytes, estimate_unroll_bytes, measure_step_memory
+    from contra_ray.distill.memory import available_memory_bytes, estimate_unroll_bytes, measure_step_memory
 
     torch, dev, fwd, traj, images, labels, _, augment = setup(args, K)
     S = students_at_once(execution, K)
@@ -91,7 +91,7 @@ def child_plan(args, K: int, execution: str) -> dict:
 
 
 def child_run(args, K: int, execution: str, mode: str, N: int) -> dict:
-    from contra_ray.matching import accumulate_matching_gradients, make_plan
+    from contra_ray.distill.matching import accumulate_matching_gradients, make_plan
 
     torch, dev, fwd, traj, images, labels, syn_lr, augment = setup(args, K)
     n = images.shape[0]

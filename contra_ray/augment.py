@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 from kornia.geometry.transform import warp_affine
 
-from .config import AUG_FAMILIES
+from contra_ray.config import AUG_FAMILIES
 
 __all__ = ["AugParams", "DSA", "AUG_FAMILIES"]
 

@@ -16,8 +16,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .fileio import YAMLFileError, load_yaml
-from .models import MODEL_NAMES, ModelSpec, is_distillable
+from contra_ray.common.fileio import YAMLFileError, load_yaml
+from contra_ray.models import MODEL_NAMES, ModelSpec, is_distillable
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DATASETS = ("cifar10", "cifar100", "cifar10-jpeg", "imagefolder", "tiny-imagenet", "imagenet")
@@ -42,7 +42,7 @@ class DataConfig:
     zca_eps: float = 0.1
     download: bool = False
     subset_seed: int = 0
-    # tiny-imagenet | imagenet (contra_ray.imagenet_data): side length images are resized to (Resize +
+    # tiny-imagenet | imagenet (contra_ray.data.imagenet): side length images are resized to (Resize +
     # CenterCrop); None = native size (tiny-imagenet), 64 for imagenet
     resolution: int | None = None
     # keep the decoded set in memory (True) or stream it from the on-disk cache (False); None = streamed
@@ -110,7 +110,7 @@ class DistillConfig:
     eval_runs_periodic: int = 1
     checkpoint_every: int = 0
     dtype: str = "float32"
-    unroll_memory: str = "auto"  # full (graph of N steps) | constant (adjoint walk) | auto (contra_ray.memory)
+    unroll_memory: str = "auto"  # full (graph of N steps) | constant (adjoint walk) | auto (contra_ray.distill.memory)
     student_execution: str = "sequential"  # sequential | batched (students vmapped together, one call per step)
     monitor_every: int = 0  # forgetting monitor: Eq. 2 loss on the held-out τ_o every n iterations (0 = off)
     monitor_epochs: list[int] = dataclasses.field(default_factory=list)  # epochs of τ_o ([] = T-..T+)
@@ -139,7 +139,7 @@ class EvalConfig:
     cpus_per_run: float = 1.0
     gpus_per_run: float = 0.0
     test_batch_size: int = 1000
-    seed: int = 0  # evaluation network r is seeded derive_seed(seed, "eval", r) (contra_ray.seeds)
+    seed: int = 0  # evaluation network r is seeded derive_seed(seed, "eval", r) (contra_ray.common.seeds)
 
 
 @dataclasses.dataclass
@@ -321,7 +321,7 @@ class Config:
         if any(j < 0 for j in d.monitor_epochs):
             bad("distill.monitor_epochs", d.monitor_epochs, "epochs must be >= 0")
         late = [j for j in d.monitor_epochs if j + d.expert_epochs > x.epochs]
-        if late and not x.store:  # a given store is checked against its saved epochs (stages.ensure_experts)
+        if late and not x.store:  # a given store is checked against its saved epochs (experts.remote.ensure_experts)
             bad("distill.monitor_epochs", d.monitor_epochs,
                 f"epochs {late} have no segment of M={d.expert_epochs} epochs in experts.epochs={x.epochs} "
                 f"(starts must be in 0..{x.epochs - d.expert_epochs})")
@@ -546,7 +546,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
                 validate: bool = True) -> Config:
     """Build a :class:`Config` from a preset (name or YAML path) and overrides, validated.
 
-    The preset is read with the strict :func:`contra_ray.fileio.load_yaml` (a key given twice is an
+    The preset is read with the strict :func:`contra_ray.common.fileio.load_yaml` (a key given twice is an
     error, not "last one wins"); ``--set`` values are single YAML scalars (``yaml.safe_load``).
 
     Raises:

@@ -25,6 +25,8 @@ the ranked table and the two metrics and logs them to MLflow (:class:`contra_ray
 
 from __future__ import annotations
 
+from contra_ray.common.cli import cli_error
+
 import argparse
 import csv
 import dataclasses
@@ -38,8 +40,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .argtypes import non_negative_int, positive_float, positive_int
-from .models import ModelSpec
+from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
+from contra_ray.models import ModelSpec
 
 __all__ = [
     "SPACES",
@@ -181,7 +183,7 @@ def split_per_class(labels: torch.Tensor, num_classes: int, val_per_class: int, 
 
 def _score(train: tuple, lr: float, spec: ModelSpec, ecfg, test: tuple, seed: int, augment, device: str,
            threads: int) -> float:
-    from .evaluate import train_and_test
+    from contra_ray.evaluate.training import train_and_test
 
     return train_and_test(train[0], train[1], lr, spec, ecfg, test[0], test[1], seed, augment, device, threads)
 
@@ -200,7 +202,7 @@ def score_architectures(specs: Sequence[ModelSpec], images: torch.Tensor, target
                 for s in specs]
     import ray
 
-    from .raycluster import ensure_ray
+    from contra_ray.common.raycluster import ensure_ray
 
     ensure_ray()
     task = ray.remote(_score).options(num_cpus=ecfg.cpus_per_run, num_gpus=ecfg.gpus_per_run)
@@ -304,7 +306,6 @@ def write_csv(result: NasResult, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m contra_ray.nas",
@@ -351,8 +352,8 @@ def main(argv: list[str] | None = None) -> NasResult:
     Exits with status 2 and a one-line error for invalid input (bad flags, a missing or corrupt artifact,
     an artifact that does not fit the data, a bad config), as the other command lines do.
     """
-    from .artifact import ArtifactError, ArtifactMismatchError, DistilledSet
-    from .config import ConfigError
+    from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
+    from contra_ray.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -363,15 +364,14 @@ def main(argv: list[str] | None = None) -> NasResult:
     try:
         return _run_cli(args, art)
     except (ArtifactMismatchError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(cli_error(e)) from None
 
 
 def _run_cli(args: argparse.Namespace, art) -> NasResult:
-    from . import data
-    from .config import ConfigError, config_from_dict
-    from .evaluate import check_artifact_matches, test_meta_for
-    from .tracking import RunLogger
+    from contra_ray import data
+    from contra_ray.config import ConfigError, config_from_dict
+    from contra_ray.evaluate.sets import check_artifact_matches, test_meta_for
+    from contra_ray.tracking import RunLogger
 
     cfgd = dict(art.meta["config"])  # DistilledSet.load guarantees "config", "eval" and "model"
     cfgd["eval"] = art.meta["eval"]
@@ -384,9 +384,9 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
         cfg.tracking.uri = args.tracking_uri
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from .config import check_device
-    from .fileio import ensure_writable_dir
-    from .tracking import check_destinations
+    from contra_ray.config import check_device
+    from contra_ray.common.fileio import ensure_writable_dir
+    from contra_ray.tracking import check_destinations
 
     check_device(device, field="--device")
     out = Path(args.out or f"runs/nas-{Path(args.artifact).stem}-{args.space}")
@@ -412,7 +412,7 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
     real_t = torch.nn.functional.one_hot(train.labels[real_idx], train.num_classes).float()
     augment = None
     if ecfg.dsa:
-        from .augment import DSA
+        from contra_ray.augment import DSA
         augment = DSA()
 
     specs = architectures(SPACES[args.space], art.model_spec())
@@ -444,6 +444,6 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
 
 
 if __name__ == "__main__":
-    from contra_ray.nas import main as _main  # importable module name, so Ray workers resolve _score
+    from contra_ray.nas import main as _main
 
     _main()

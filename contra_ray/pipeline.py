@@ -16,16 +16,19 @@ Stages (each reusable on its own: ``contra_ray.distill``, ``contra_ray.evaluate`
 
 from __future__ import annotations
 
+from contra_ray.common.cli import cli_error
+
 import argparse
 import json
 import sys
 import time
 
-from .config import ConfigError, check_device
+from contra_ray.config import ConfigError, check_device
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distill import add_common_args, config_from_args, precheck_resume, run_in_run_dir
+    from contra_ray.common.cli import add_common_args, config_from_args
+    from contra_ray.distill.cli import precheck_resume, run_in_run_dir
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
@@ -39,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_resume:
             precheck_resume(cfg, distributed=False)
         check_device(cfg.device)  # distillation runs in this process
-        from .tracking import check_destinations  # output dir writable, tracking store reachable: before any work
+        from contra_ray.tracking import check_destinations
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     return run_in_run_dir(cfg, lambda: run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note,
                                                     resume=not args.no_resume))
 
@@ -51,15 +53,20 @@ def main(argv: list[str] | None = None) -> int:
 def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bool = True) -> int:
     import torch
 
-    from .augment import DSA
-    from .distiller import DistillationDiverged
-    from .expert_store import ExpertStoreError
-    from .loop import run_distillation
-    from .stages import check_memory, ensure_experts, log_set_visuals, prepare_data
-    from .fileio import atomic_write
-    from .evaluate import evaluate_runs, evaluation_seeds, format_table, random_real_set, summarize
-    from .seeds import derive_seed
-    from .tracking import RunLogger, accuracy_metrics, init_tracking, main_model
+    from contra_ray.augment import DSA
+    from contra_ray.distill.distiller import DistillationDiverged
+    from contra_ray.experts.store import ExpertStoreError
+    from contra_ray.distill.loop import run_distillation
+    from contra_ray.distill.memory import check_memory
+    from contra_ray.experts.remote import ensure_experts
+    from contra_ray.plots import log_set_visuals
+    from contra_ray.data.prepare import prepare_data
+    from contra_ray.common.fileio import atomic_write
+    from contra_ray.evaluate.remote import evaluate_runs
+    from contra_ray.evaluate.training import evaluation_seeds, random_real_set, summarize
+    from contra_ray.evaluate.sets import format_table
+    from contra_ray.common.seeds import derive_seed
+    from contra_ray.tracking import RunLogger, accuracy_metrics, init_tracking, main_model
 
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -75,8 +82,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
         data = prepare_data(cfg)
         check_memory(cfg, data)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     stage("data", t0)
     print(f"train {len(data.train_x)} images ({data.train.dataset_id}), test {len(data.test_x)}, "
           f"ZCA {'on' if cfg.data.zca else 'off'}", flush=True)
@@ -87,15 +93,13 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
         try:
             store = ensure_experts(cfg, data)
         except (ConfigError, ExpertStoreError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return cli_error(e)
         stage("experts", t0)
         t0 = time.time()
         try:
             artifact, history = run_distillation(cfg, data, store, logger, resume=resume)
         except DistillationDiverged as e:
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
+            return cli_error(f"{type(e).__name__}: {e}", 1)
         out = cfg.run_dir() / "distilled.safetensors"
         artifact.save(out)
         logger.log_artifact(str(out))

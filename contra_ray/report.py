@@ -24,6 +24,8 @@ there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
 
 from __future__ import annotations
 
+from contra_ray.common.cli import cli_error
+
 import argparse
 import json
 import math
@@ -32,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import ConfigError
+from contra_ray.config import ConfigError
 
 __all__ = ["sweep_rows", "format_report", "parse_baseline", "t_quantile_975", "aggregate_by_seed",
            "paired_differences", "format_aggregate", "plot_aggregate", "main"]
@@ -349,8 +351,7 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
     try:
         baseline = parse_baseline(args.baseline) if args.baseline else None
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     rows = run_rows(client, exp.experiment_id, args.parent_run)
     try:
         aggs = aggregate_by_seed(rows, group_by, args.metric, args.seed_key)
@@ -359,11 +360,9 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
             raise ValueError("--within needs --baseline")
         diffs = paired_differences(rows, group_by, baseline, args.metric, args.seed_key, within) if baseline else None
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     if not aggs:
-        print(f"error: no run in {args.experiment!r} has a {args.metric} metric", file=sys.stderr)
-        return 2
+        return cli_error(f"no run in {args.experiment!r} has a {args.metric} metric")
     if args.json:
         print(json.dumps({"groups": aggs, "differences": diffs}, indent=2, default=str))
         return 0
@@ -373,7 +372,7 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
     if min(a["n_seeds"] for a in aggs) < 3:
         print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
               "uncertainty (docs/EXPERIMENTS.md)")
-    from .config import Config
+    from contra_ray.config import Config
 
     plot = Path(args.plot or Path(Config().output_dir) / f"report-{args.experiment}.png")
     plot_aggregate(aggs, diffs, plot, args.experiment, args.metric)
@@ -394,7 +393,7 @@ def _check_readable_store(uri: str) -> None:
     Raises:
         ConfigError: naming ``--tracking-uri`` and why.
     """
-    from .tracking import _sqlite_path, check_destinations
+    from contra_ray.tracking import _sqlite_path, check_destinations
 
     db = _sqlite_path(uri) if uri.lower().startswith("sqlite") else None
     if db is None:
@@ -408,8 +407,8 @@ def _check_readable_store(uri: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import Config
-    from .tracking import tracking_client
+    from contra_ray.config import Config
+    from contra_ray.tracking import tracking_client
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.report", description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tune-<space name>)")
@@ -436,13 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_readable_store(uri)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_error(e)
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
-        print(f"error: --experiment {args.experiment!r}: no such experiment in {uri}", file=sys.stderr)
-        return 2
+        return cli_error(f"--experiment {args.experiment!r}: no such experiment in {uri}")
     if args.group_by:
         if args.parent_run:
             from mlflow.exceptions import MlflowException
@@ -450,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 client.get_run(args.parent_run)
             except MlflowException:
-                print(f"error: --parent-run {args.parent_run!r}: no such run in {uri}", file=sys.stderr)
-                return 2
+                return cli_error(f"--parent-run {args.parent_run!r}: no such run in {uri}")
         return _aggregate_cli(args, client, exp, uri)
     if args.baseline:
         print("error: --baseline needs --group-by", file=sys.stderr)
@@ -462,13 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             parent = client.get_run(args.parent_run)
         except MlflowException:
-            print(f"error: --parent-run {args.parent_run!r}: no such run in {uri}", file=sys.stderr)
-            return 2
+            return cli_error(f"--parent-run {args.parent_run!r}: no such run in {uri}")
     else:
         parent = _latest_sweep(client, exp.experiment_id)
     if parent is None:
-        print(f"error: experiment {args.experiment!r} has no sweep run in {uri}", file=sys.stderr)
-        return 2
+        return cli_error(f"experiment {args.experiment!r} has no sweep run in {uri}")
     rows, searched = sweep_rows(client, exp.experiment_id, parent.info.run_id)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -40,13 +40,10 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .config import ConfigError
-from .fileio import atomic_write, ensure_writable_dir
+from contra_ray.config import ConfigError
+from contra_ray.common.fileio import atomic_write, ensure_writable_dir
 
-__all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger",
-           "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of",
-           "source_version", "run_tags", "iteration_metrics", "save_image_grid", "save_curves",
-           "MAX_PARAM_VALUE_LENGTH"]
+__all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger", "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of", "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH"]
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_PER_BATCH = 100  # params (and metrics, conservatively) per log_batch call
@@ -296,9 +293,8 @@ PLATEAU_TOLERANCE = 0.5  # accuracy points, see iters_to_plateau
 PATH_FIELDS = ("output_dir", "data.cache_dir", "data.root", "experts.store", "tracking.uri")
 METHODS = ("contra", "mtt", "random_real")
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: open the experiment in its "Model training" view
-_ROLES = {"contra_ray.pipeline": "pipeline", "contra_ray.distill": "distill", "contra_ray.distributed": "distill",
-          "contra_ray.evaluate": "evaluate", "contra_ray.tune": "trial"}
-_ENTRY_POINTS = {"contra_ray.distributed": "contra_ray.distill"}  # the --num-workers path of the distill CLI
+_ROLES = {"contra_ray.pipeline": "pipeline", "contra_ray.distill": "distill", "contra_ray.evaluate": "evaluate",
+          "contra_ray.tune": "trial"}
 
 
 def main_model(cfg: Any) -> str:
@@ -348,7 +344,7 @@ def source_version() -> tuple[str, str | None]:
 
         return f"contra_ray {version('contra_ray')}", None
     except Exception:  # noqa: BLE001 - not installed: the package's own version string
-        from . import __version__
+        from contra_ray import __version__
 
         return f"contra_ray {__version__}", None
 
@@ -429,7 +425,7 @@ class RunLogger:
     Disabled when ``enabled`` is false or ``cfg.tracking.enabled`` is false; then ``run_id`` is ``None``.
 
     ``entry_point`` (tag ``mlflow.source.name``) defaults to the ``contra_ray`` module that creates the
-    logger (``contra_ray.distributed`` counts as ``contra_ray.distill``); ``role`` (tag ``contra_ray.role``)
+    logger (``contra_ray.distill.remote`` counts as ``contra_ray.distill``); ``role`` (tag ``contra_ray.role``)
     defaults from it (pipeline, distill, evaluate, trial for ``contra_ray.tune``, else the module's last
     name); ``method`` and ``note``: see :func:`run_tags`.
 
@@ -447,8 +443,9 @@ class RunLogger:
         self.parent_run_id = parent_run_id
         self.enabled = bool(enabled and cfg.tracking.enabled)
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        module = entry_point or (caller if caller.startswith("contra_ray.") else "contra_ray")
-        self.entry_point = _ENTRY_POINTS.get(module, module)
+        # the stage package of the caller (contra_ray.distill.cli -> contra_ray.distill)
+        module = entry_point or (".".join(caller.split(".")[:2]) if caller.startswith("contra_ray.") else "contra_ray")
+        self.entry_point = module
         self.role = role or _ROLES.get(module, module.rsplit(".", 1)[-1])
         self.method, self.note = method, note
         self.run_id: str | None = None
@@ -537,118 +534,4 @@ class RunLogger:
 
 # ---------------------------------------------------------------------------------------------- pictures
 
-def _agg_figure(width_px: int, height_px: int, dpi: int = 100):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_figure(fig: Any, path: str | os.PathLike) -> None:
-    fmt = Path(path).suffix.lstrip(".") or "png"
-    atomic_write(path, lambda tmp: fig.savefig(str(tmp), format=fmt, dpi=fig.dpi))
-
-
-def save_image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None,
-                    path: str | os.PathLike, *, min_px: int = 64, max_per_class: int = 10,
-                    title: str | None = None) -> dict:
-    """Write a distilled set as a picture: one row per class, the class name at the row's start.
-
-    Every image is upscaled by the integer factor ``ceil(min_px / H)`` with nearest-neighbour (no
-    smoothing: each synthetic pixel stays a visible block), so a 32 px CIFAR image is shown at 64 px.
-    Row ``c`` holds the first ``max_per_class`` images with ``labels == c`` (a title says when more were
-    left out). Drawn with matplotlib's Agg canvas (``figimage``: pixels copied 1:1, no resampling) and
-    written atomically.
-
-    Args:
-        images: float ``[n, C, H, W]`` display images in [0, 1] (clamped), C = 1 or 3.
-        labels: int ``[n]`` class of each image (``hard_labels``: the class it was initialized from).
-        class_names: name of each class (``None``: ``class 0``, ``class 1``, ...); one row per entry.
-        path: output file (``.png`` recommended).
-
-    Returns:
-        ``{"rows", "cols", "cell_px", "size": (width, height), "image_box": (left, top, width, height)}``
-        in pixels of the written picture.
-    """
-    import numpy as np
-
-    x = images.detach().float().cpu().clamp(0, 1)
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images: expected [n, 1 or 3, H, W], got {tuple(x.shape)}")
-    labels = labels.detach().cpu().long()
-    n_cls = len(class_names) if class_names is not None else int(labels.max()) + 1 if len(labels) else 0
-    names = list(class_names) if class_names is not None else [f"class {c}" for c in range(n_cls)]
-    per_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(n_cls)]
-    cols = max(1, min(max_per_class, max((len(i) for i in per_class), default=1)))
-    h, w = x.shape[2], x.shape[3]
-    scale = max(1, -(-min_px // min(h, w)))
-    ch, cw, pad = h * scale, w * scale, 4
-    canvas = np.full((n_cls * (ch + pad) + pad, cols * (cw + pad) + pad, 3), 255, dtype=np.uint8)
-    for r, idx in enumerate(per_class):
-        for c, i in enumerate(idx[:cols]):
-            img = x[i].repeat(3, 1, 1) if x.shape[1] == 1 else x[i]
-            big = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-            y0, x0 = pad + r * (ch + pad), pad + c * (cw + pad)
-            canvas[y0:y0 + ch, x0:x0 + cw] = (big.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    more = max((len(i) for i in per_class), default=0) > cols
-    head = title or "distilled set"
-    head += f" ({cols} of {max(len(i) for i in per_class)} per class shown)" if more else ""
-    label_w = 12 + 8 * max((len(s) for s in names), default=4)
-    title_h = 28
-    width = max(label_w + canvas.shape[1], 7 * len(head) + 16)  # wide enough for the title
-    height = title_h + canvas.shape[0]
-    fig = _agg_figure(width, height)
-    fig.patch.set_facecolor("white")
-    fig.figimage(canvas, xo=label_w, yo=0, origin="upper")
-    for r, name in enumerate(names):
-        y = height - (title_h + pad + r * (ch + pad) + ch / 2)
-        fig.text((label_w - 6) / width, y / height, name, ha="right", va="center", fontsize=10)
-    fig.text(0.5, 1 - (title_h / 2) / height, head, ha="center", va="center", fontsize=10)
-    _save_figure(fig, path)
-    return {"rows": n_cls, "cols": cols, "cell_px": (ch, cw), "size": (width, height),
-            "image_box": (label_w, title_h, canvas.shape[1], canvas.shape[0])}
-
-
-def save_curves(panels: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str,
-                xlabel: str = "iteration") -> int:
-    """One subplot per panel (stacked, shared x axis), so quantities of different scale (the matching
-    loss ~1, syn_lr ~0.01, accuracy ~50 %) each get their own y axis; saved atomically.
-
-    Args:
-        panels: ``{panel y label: {series name: values or (steps, values)}}``; plain values are drawn at
-            steps 0, 1, 2, ...; empty panels are left out.
-        title: figure title; xlabel: label of the shared x axis.
-
-    Returns:
-        The number of subplots (axes) drawn.
-
-    Uses matplotlib's Agg canvas directly (no pyplot global state, safe in worker threads).
-    """
-    from matplotlib.ticker import MaxNLocator
-
-    drawn = {k: v for k, v in panels.items() if v and any(len(_xy(s)[1]) for s in v.values())}
-    n = max(1, len(drawn))
-    fig = _agg_figure(700, 80 + 200 * n)
-    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (ylabel, series) in zip(axes, drawn.items()):
-        for name, s in series.items():
-            xs, ys = _xy(s)
-            ax.plot(xs, ys, label=name, marker="o" if len(ys) < 30 else None, markersize=3)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if len(series) > 1:
-            ax.legend(fontsize=7)
-    axes[-1].set_xlabel(xlabel)
-    fig.suptitle(title)
-    fig.tight_layout()
-    _save_figure(fig, path)
-    return len(drawn)
-
-
-def _xy(series: Any) -> tuple[list, list]:
-    if isinstance(series, tuple) and len(series) == 2:
-        return list(series[0]), list(series[1])
-    return list(range(len(series))), list(series)

@@ -9,15 +9,14 @@ import torch
 from PIL import Image
 from scipy.stats import pearsonr
 
-from contra_ray.analysis import (HEATMAP_SIZE_PX, ForgettingMonitor, correlation_losses, mode_config,
-                                 pearson_matrix, reference_expert_id, save_correlation_csv,
-                                 save_correlation_heatmap, segment_loss_eval, triangle_summary)
+from contra_ray.analyze.correlation import (HEATMAP_SIZE_PX, ForgettingMonitor, correlation_losses, mode_config, pearson_matrix, reference_expert_id, save_correlation_csv, save_correlation_heatmap, segment_loss_eval, triangle_summary)
 from contra_ray.config import ConfigError, load_config
-from contra_ray.distiller import Distiller
-from contra_ray.loop import run_distillation
-from contra_ray.stages import prepare_data, store_meta
-from contra_ray.expert_store import ExpertStore
-from contra_ray.matching import make_plan, matching_loss, unroll
+from contra_ray.distill.distiller import Distiller
+from contra_ray.distill.loop import run_distillation
+from contra_ray.data.prepare import prepare_data
+from contra_ray.experts.remote import store_meta
+from contra_ray.experts.store import ExpertStore
+from contra_ray.distill.matching import make_plan, matching_loss, unroll
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 EPOCHS, REF = 4, 2  # saved epochs per expert; the default τ_o is the highest id
@@ -211,7 +210,7 @@ def test_reference_expert_is_never_used_by_the_distillation(setup):
 
 
 def test_run_correlation_reads_reference_only_in_the_monitor(setup, tmp_path):
-    from contra_ray.analyze import run_correlation
+    from contra_ray.analyze.cli import run_correlation
 
     rec = RecordingStore(setup["store"])
     res = run_correlation(setup["cfg"], setup["data"], rec, ["sequential"], [0, 1, 2], 2, REF, tmp_path,
@@ -273,7 +272,7 @@ def test_run_distillation_holds_out_and_monitors(setup):
 def test_cli_correlation_end_to_end(setup, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from contra_ray.analyze import main
+    from contra_ray.analyze.cli import main
 
     root = setup["root"]
     sets = [f"data.root={root / 'images'}", "data.dataset=imagefolder", f"data.cache_dir={root / 'cache'}",
@@ -312,9 +311,9 @@ def test_cli_correlation_end_to_end(setup, tmp_path, capsys):
 def test_cli_correlation_refuses_spans_and_counts_that_give_no_correlation(tmp_path, capsys, monkeypatch, flags,
                                                                             message):
     """A user finding: --epochs 0:1 ran 83 s, then printed NaN; each is now refused before any work."""
-    from contra_ray import analyze
+    from contra_ray.analyze import cli as analyze
 
-    monkeypatch.setattr("contra_ray.stages.prepare_data", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", lambda *a, **k: pytest.fail("work started"))
     try:
         rc = analyze.main(["correlation", "--preset", "tiny_cpu", "--output-dir", str(tmp_path), "--no-tracking",
                            *flags])
@@ -326,8 +325,8 @@ def test_cli_correlation_refuses_spans_and_counts_that_give_no_correlation(tmp_p
 def test_monitor_inputs_are_checked_against_the_store_before_distillation(setup):
     import copy
 
-    from contra_ray.expert_store import ExpertStoreError
-    from contra_ray.stages import ensure_experts
+    from contra_ray.experts.store import ExpertStoreError
+    from contra_ray.experts.remote import ensure_experts
 
     cfg = copy.deepcopy(setup["cfg"])
     cfg.distill.monitor_every, cfg.distill.monitor_epochs = 1, [1, EPOCHS]

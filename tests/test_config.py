@@ -147,13 +147,13 @@ def test_run_name_must_be_one_folder_inside_output_dir(name):
 
 
 def test_run_name_from_the_cli_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    import contra_ray.stages
+    import contra_ray.data.prepare
     from contra_ray import distill, pipeline
 
     def work(*a, **k):
         raise AssertionError("work started before the name was checked")
 
-    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
     for main in (distill.main, pipeline.main):
         for name in ("../x", str(tmp_path / "abs"), "a/b"):
             assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--name", name]) == 2
@@ -166,7 +166,8 @@ def test_run_name_from_the_cli_is_refused_before_any_work(tmp_path, monkeypatch,
 
 
 def test_cli_paths_and_name_are_taken_verbatim(tmp_path):
-    from contra_ray.distill import build_parser, config_from_args
+    from contra_ray.distill.cli import build_parser
+    from contra_ray.common.cli import config_from_args
 
     args = build_parser().parse_args(["--preset", "tiny_cpu", "--name", "yes", "--output-dir", str(tmp_path / "on"),
                                       "--experts", "1e3", "--ipc", "2"])
@@ -179,13 +180,13 @@ def test_cuda_device_without_cuda_is_refused_before_any_work(tmp_path, monkeypat
 
     import torch
 
-    import contra_ray.stages
+    import contra_ray.data.prepare
     from contra_ray.config import check_device
 
     def work(*a, **k):
         raise AssertionError("work started before the device was checked")
 
-    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert load_config("cifar10_ipc1").device == "cuda"  # GPU presets still load and validate on CPU machines
     check_device("cpu")
@@ -233,7 +234,7 @@ def test_valid_edges_of_the_new_checks_load():
     cfg = load_config("cifar10_ipc1_cpu", ["experts.momentum=0", "experts.cpus_per_expert=0.5", "eval.momentum=0.99",
                                            "distill.monitor_epochs=0,6"])
     assert cfg.distill.monitor_epochs == [0, 6] and cfg.experts.cpus_per_expert == 0.5
-    # a given expert store may hold more epochs than experts.epochs: stages.ensure_experts checks it
+    # a given expert store may hold more epochs than experts.epochs: experts.remote.ensure_experts checks it
     cfg = load_config("cifar10_ipc1_cpu", ["distill.monitor_epochs=7", "experts.store=/s"])
     assert cfg.distill.monitor_epochs == [7]
 

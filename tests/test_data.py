@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import CIFAR_TARBALL
 from contra_ray import data
 from contra_ray.config import DataConfig
-from contra_ray.data import ImageSet, Preprocessor, fit_preprocessor, load_split, real_images_per_class
+from contra_ray.data.sources import ImageSet, Preprocessor, fit_preprocessor, load_split, real_images_per_class
 
 CLASSES = ("cat", "dog", "frog")
 
@@ -287,14 +287,14 @@ def test_tarball_verified_once_extracted_into_cache_only(tmp_path, monkeypatch):
     test = load_split(cfg, "test")
     assert torch.equal(test.images, truth["test"][0]) and test.dataset_id == "cifar10-jpeg/test"
     assert sorted(os.listdir(tb.parent)) == before  # nothing written next to the tarball
-    marker = tmp_path / "cache" / "cifar10-jpeg" / data._MARKER
+    marker = tmp_path / "cache" / "cifar10-jpeg" / data.sources._MARKER
     assert hashlib.sha256(tb.read_bytes()).hexdigest() in marker.read_text()
     assert not [p for p in os.listdir(tmp_path / "cache") if p.startswith(".")]  # no temp dirs left
 
     def no_hashing(path):
         raise AssertionError("hashed the tarball a second time")
 
-    monkeypatch.setattr(data, "sha256_file", no_hashing)
+    monkeypatch.setattr(data.sources, "sha256_file", no_hashing)
     train = load_split(cfg, "train")  # not decoded yet, but already verified and extracted
     assert torch.equal(train.images, truth["train"][0])
 
@@ -333,7 +333,7 @@ def test_a_file_that_is_not_a_whole_tarball_is_refused_and_leaves_nothing(tmp_pa
 
 
 def test_distill_cli_exits_2_on_a_broken_tarball(tmp_path, capsys):
-    from contra_ray.distill import main
+    from contra_ray.distill.cli import main
 
     tb = tmp_path / "cifar10-jpeg.tar.gz"
     tb.write_bytes(b"\x1f\x8b" + b"\0" * 100)  # a gzip magic number, then nothing usable

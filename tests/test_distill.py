@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from contra_ray.config import load_config
-from contra_ray.distiller import DistillationDiverged, Distiller
+from contra_ray.distill.distiller import DistillationDiverged, Distiller
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)

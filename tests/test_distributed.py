@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from contra_ray.config import load_config
-from contra_ray.data import ImageSet, Preprocessor, content_hash
-from contra_ray.stages import PreparedData
-from contra_ray.distributed import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint,
-                                    worker_share, write_checkpoint)
-from contra_ray.expert_store import ExpertStore
-from contra_ray.fileio import load_yaml
-from contra_ray.matching import make_plan
+from contra_ray.data.sources import ImageSet, Preprocessor, content_hash
+from contra_ray.data.prepare import PreparedData
+from contra_ray.distill.remote import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint, worker_share, write_checkpoint)
+from contra_ray.experts.store import ExpertStore
+from contra_ray.common.fileio import load_yaml
+from contra_ray.distill.matching import make_plan
 from contra_ray.models import ModelSpec, build_model, flat_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +140,7 @@ def test_killed_worker_group_resumes_bit_identically(runs):
     for key in ("images", "label_logits", "syn_lr"):
         assert torch.equal(ref.state[key], run.state[key]), key
     assert ref.history == run.history
-    from contra_ray.artifact import DistilledSet
+    from contra_ray.distill.artifact import DistilledSet
 
     art = DistilledSet.load(run.artifact)
     assert torch.equal(art.images, run.state["images"].float())
@@ -180,7 +179,7 @@ def test_num_workers_run_logs_the_shared_vocabulary(ray_local, tmp_path):
     from test_data import make_tree
 
     from conftest import assert_shared_vocabulary
-    from contra_ray.distributed import run_distributed
+    from contra_ray.distill.remote import run_distributed
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     cfg = load_config("tiny_cpu", {"name": "w2", "output_dir": str(tmp_path / "out"), "threads": 1,
@@ -288,7 +287,7 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
     from test_data import make_tree
 
-    from contra_ray.artifact import DistilledSet
+    from contra_ray.distill.artifact import DistilledSet
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the job client in this process
@@ -381,10 +380,10 @@ def test_kuberay_manifest_has_the_raycluster_required_fields():
 
 def test_use_gpu_without_gpus_is_refused_before_work_and_without_workers(ray_local, tmp_path, capsys, monkeypatch):
     """A user finding: --use-gpu --num-workers 1 on a machine without GPUs waited forever for a GPU."""
-    from contra_ray.distill import main as distill_main
-    from contra_ray.distributed import run_distributed
+    from contra_ray.distill.cli import main as distill_main
+    from contra_ray.distill.remote import run_distributed
 
-    monkeypatch.setattr("contra_ray.stages.prepare_data", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", lambda *a, **k: pytest.fail("work started"))
     cfg = load_config("tiny_cpu", {"name": "g", "output_dir": str(tmp_path), "threads": 1})
     assert run_distributed(cfg, num_workers=1, use_gpu=True) == 2
     assert "--use-gpu with --num-workers=1 needs 1 GPUs, the Ray cluster has 0" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from contra_ray import evaluate as ev
-from contra_ray.artifact import ArtifactMismatchError, DistilledSet
+from contra_ray.distill.artifact import ArtifactMismatchError, DistilledSet
 from contra_ray.config import Config, EvalConfig
 from contra_ray.models import ModelSpec
 from conftest import assert_shared_vocabulary
@@ -208,7 +208,7 @@ def fake_modules(monkeypatch):
         return types.SimpleNamespace(images=to_uint8(x), labels=y, classes=["pos", "neg"], dataset_id="toy",
                                      content_hash="h")
 
-    from contra_ray.data import real_images_per_class
+    from contra_ray.data.sources import real_images_per_class
 
     data = types.ModuleType("contra_ray.data")
     data.Preprocessor, data.load_split, data.real_images_per_class = Pre, load_split, real_images_per_class

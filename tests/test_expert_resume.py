@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from contra_ray.config import Config, ExpertConfig
-from contra_ray.expert_store import ExpertStore, PartialExpert
-from contra_ray.experts import ShuffledOrder, train_expert
+from contra_ray.experts.store import ExpertStore, PartialExpert
+from contra_ray.experts.curriculum import ShuffledOrder
+from contra_ray.experts.training import train_expert
 from contra_ray.models import ModelSpec
-from contra_ray.seeds import derive_seed
+from contra_ray.common.seeds import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -109,7 +110,7 @@ def ray_local():
 
 
 def test_ray_task_killed_at_epoch_3_is_retried_and_resumes_then_store_grows(tmp_path, ray_local):
-    from contra_ray.experts_ray import train_experts
+    from contra_ray.experts.remote import train_experts
 
     store_dir, log = tmp_path / "experts", tmp_path / "epochs.log"
     cfg = Config()

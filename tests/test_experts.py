@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from contra_ray import expert_store, experts_ray
+from contra_ray.experts import store as expert_store
 from contra_ray import experts as ex
-from contra_ray import experts_ray
+from contra_ray.experts import remote as experts_ray
 from contra_ray.config import Config, ExpertConfig
-from contra_ray.expert_store import ExpertStore, ExpertStoreError
-from contra_ray.experts import (CurriculumOrder, ShuffledOrder, TensorBatchLoader, difficulty_from_first_correct,
-                                first_correct_epoch, train_expert)
-from contra_ray.experts_ray import train_experts
-from contra_ray.seeds import derive_seed
+from contra_ray.experts.store import ExpertStore, ExpertStoreError
+from contra_ray.experts.curriculum import CurriculumOrder, ShuffledOrder, difficulty_from_first_correct
+from contra_ray.data.loaders import TensorBatchLoader
+from contra_ray.experts.training import first_correct_epoch, train_expert
+from contra_ray.experts.remote import train_experts
+from contra_ray.common.seeds import derive_seed
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -314,7 +315,7 @@ def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
     meta = {k: v for k, v in META.items() if k not in ("model_spec", "epochs")}
     store = train_experts(cfg, *data, SPEC, meta, {"mean": torch.zeros(3)}, order_factory=order_factory)
     assert sorted(calls) == [0, 1] and store.expert_ids == [0, 1]
-    seeds = [derive_seed(40, "expert", 0), derive_seed(40, "expert", 1)]  # seed roles (contra_ray.seeds)
+    seeds = [derive_seed(40, "expert", 0), derive_seed(40, "expert", 1)]  # seed roles (contra_ray.common.seeds)
     assert store.index["seed"].tolist() == seeds
     t0, t1 = store.trajectory(0), store.trajectory(1)
     assert t0.shape == (3, t1.shape[1]) and not torch.equal(t0, t1)
@@ -349,14 +350,14 @@ def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
 def test_an_existing_store_that_differs_from_the_config_is_refused_without_training(tmp_path, monkeypatch, experts,
                                                                                     message):
     """A user finding: num_experts / epochs above the store's were recorded in the run but never used."""
-    from contra_ray import stages
+    from contra_ray.experts import remote as stages
     from contra_ray.config import load_config
-    from contra_ray.expert_store import ExpertStoreError
+    from contra_ray.experts.store import ExpertStoreError
 
     class Stored:
         expert_ids, epochs = [0, 1], 8
 
-    monkeypatch.setattr("contra_ray.expert_store.ExpertStore.open", lambda path: Stored())
+    monkeypatch.setattr("contra_ray.experts.store.ExpertStore.open", lambda path: Stored())
     cfg = load_config("tiny_cpu", {"experts": experts, "output_dir": str(tmp_path)})
     with pytest.raises(ExpertStoreError, match=message):
         stages.ensure_experts(cfg, data=None, train_missing=False)

@@ -57,7 +57,7 @@ def prepared(tmp_path_factory):
 def test_prepare_cli_writes_beton_with_dataset_id_and_hash(prepared):
     tmp, root, out = prepared
     from contra_ray.config import DataConfig
-    from contra_ray.data import load_split
+    from contra_ray.data.sources import load_split
 
     beton = tmp / "betons" / "tiny-imagenet@16px-train-raw.beton"
     meta = json.loads(Path(str(beton) + ".json").read_text())
@@ -76,8 +76,8 @@ SCRIPT = textwrap.dedent("""
     from contra_ray.config import Config, DataConfig, ExpertConfig
     from contra_ray.data import fit_preprocessor, load_split
     from contra_ray.experts import CurriculumOrder, ShuffledOrder, train_expert
-    from contra_ray.ffcv_data import FFCVBatchLoader, check_beton_for
-    from contra_ray.stages import store_meta
+    from contra_ray.data.ffcv_beton import FFCVBatchLoader, check_beton_for
+    from contra_ray.experts.remote import store_meta
 
     root, tmp, beton = sys.argv[1:4]
     dcfg = DataConfig(dataset="tiny-imagenet", root=root, resolution=16, cache_dir=tmp + "/cache", zca=False)
@@ -116,8 +116,8 @@ SCRIPT = textwrap.dedent("""
 
     # 3. experts as Ray tasks reading the .beton (experts.loader=ffcv), vs the in-memory loader
     import ray
-    from contra_ray.experts_ray import train_experts
-    from contra_ray.seeds import derive_seed
+    from contra_ray.experts.remote import train_experts
+    from contra_ray.common.seeds import derive_seed
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg.experts = dataclasses.replace(ecfg, epochs=2, num_experts=1, seed=3, store=tmp + "/experts", loader="ffcv",
@@ -162,8 +162,8 @@ def test_ffcv_expert_matches_memory_loader_serves_curriculum_and_runs_in_ray(pre
 def test_beton_for_another_resolution_or_dataset_is_refused_naming_the_path(prepared, tmp_path):
     tmp, root, _ = prepared
     from contra_ray.config import DataConfig
-    from contra_ray.data import load_split
-    from contra_ray.ffcv_data import check_beton_for
+    from contra_ray.data.sources import load_split
+    from contra_ray.data.ffcv_beton import check_beton_for
 
     beton = tmp / "betons" / "tiny-imagenet@16px-train-raw.beton"
     at32 = load_split(DataConfig(dataset="tiny-imagenet", root=str(root), resolution=32,
@@ -186,7 +186,7 @@ def test_beton_for_another_resolution_or_dataset_is_refused_naming_the_path(prep
 
     # the expert fan-out refuses it before training anything (experts.loader=ffcv, a .beton of 16 px data)
     from contra_ray.config import Config, ExpertConfig
-    from contra_ray.experts_ray import train_experts
+    from contra_ray.experts.remote import train_experts
 
     cfg = Config()
     cfg.experts = ExpertConfig(epochs=1, num_experts=1, store=str(tmp_path / "experts"), loader="ffcv",

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from contra_ray.fileio import YAMLFileError, ensure_writable_dir, load_yaml
+from contra_ray.common.fileio import YAMLFileError, ensure_writable_dir, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_YAML = sorted(p.relative_to(ROOT).as_posix() for d in ("contra_ray/presets", "tune_spaces", "clusters")
@@ -60,7 +60,7 @@ def test_atomic_write_gives_files_the_umask_mode_even_from_writers_that_create_0
     import torch
     from safetensors.torch import save_file
 
-    from contra_ray.fileio import atomic_write
+    from contra_ray.common.fileio import atomic_write
 
     old = os.umask(0o022)
     try:

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from contra_ray.config import ConfigError, DataConfig, load_config
-from contra_ray.data import Preprocessor, fit_preprocessor, load_split
-from contra_ray.disk_images import DiskImages, PreprocessedImages, write_npy
-from contra_ray.imagenet_data import decode_resized
-from contra_ray.seeds import derive_seed
+from contra_ray.data.sources import Preprocessor, fit_preprocessor, load_split
+from contra_ray.data.disk_images import DiskImages, PreprocessedImages, write_npy
+from contra_ray.data.imagenet import decode_resized
+from contra_ray.common.seeds import derive_seed
 
 WNIDS = ["n02085620", "n01443537", "n04067472"]  # wnids.txt order is not sorted
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n02085620": "Chihuahua",
@@ -180,7 +180,7 @@ def test_disk_images_index_like_a_tensor_and_pickle_as_a_path(tmp_path):
     full = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
     labels = np.arange(10) % 3
     digest = write_npy(tmp_path / "x.npy", tuple(full.shape), [full[:4].numpy(), full[4:].numpy()], labels)
-    from contra_ray.data import content_hash
+    from contra_ray.data.sources import content_hash
 
     assert digest == content_hash(full, torch.from_numpy(labels))
     d = DiskImages(tmp_path / "x.npy")

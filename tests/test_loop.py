@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from contra_ray.checkpoint import LocalCheckpoints, checkpoint_dirs, read_checkpoint
+from contra_ray.distill.checkpoint import LocalCheckpoints, checkpoint_dirs, read_checkpoint
 from contra_ray.config import ConfigError, load_config
-from contra_ray.distiller import Distiller
-from contra_ray.evaluate import evaluation_seeds
-from contra_ray.loop import LocalSync, run_loop
+from contra_ray.distill.distiller import Distiller
+from contra_ray.evaluate.training import evaluation_seeds
+from contra_ray.distill.loop import LocalSync, run_loop
 from contra_ray.models import ModelSpec, build_model, flat_params
-from contra_ray.seeds import ROLES, derive_seed
+from contra_ray.common.seeds import ROLES, derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -149,8 +149,9 @@ def test_no_import_cycle_among_modules_lazy_imports_included():
 
 
 def test_the_core_imports_neither_ray_nor_mlflow():
-    code = ("import sys, contra_ray.loop, contra_ray.distiller, contra_ray.matching, contra_ray.checkpoint, "
-            "contra_ray.stages, contra_ray.experts, contra_ray.expert_store, contra_ray.artifact; "
+    code = ("import sys, contra_ray.distill.loop, contra_ray.distill.distiller, contra_ray.distill.matching, "
+            "contra_ray.distill.checkpoint, contra_ray.distill.memory, contra_ray.data, contra_ray.experts, "
+            "contra_ray.distill.artifact, contra_ray.models, contra_ray.augment, contra_ray.evaluate.training; "
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -178,8 +179,8 @@ def test_non_finite_and_negative_settings_are_refused_by_name(override, field):
 
 def test_switching_num_workers_does_not_bypass_the_resume_check(tmp_path):
     """A Ray Train checkpoint of a run name also guards the in-process run of that name (and vice versa)."""
-    from contra_ray.checkpoint import write_checkpoint
-    from contra_ray.distill import precheck_resume
+    from contra_ray.distill.checkpoint import write_checkpoint
+    from contra_ray.distill.cli import precheck_resume
 
     cfg, d = make(tmp_path, ["distill.iterations=2", "name=nw2"])
     write_checkpoint(tmp_path / "ray_train" / "nw2" / "checkpoint_x",
@@ -191,7 +192,7 @@ def test_switching_num_workers_does_not_bypass_the_resume_check(tmp_path):
 
 def _checkpointed_run(tmp_path, name):
     """A run directory holding one valid local checkpoint of ``make``'s config (beta 0.5)."""
-    from contra_ray.checkpoint import write_checkpoint
+    from contra_ray.distill.checkpoint import write_checkpoint
 
     cfg, d = make(tmp_path, ["distill.iterations=2", f"name={name}"])
     write_checkpoint(cfg.run_dir() / "checkpoints" / "iter_00000002",
@@ -212,7 +213,7 @@ def test_cli_resume_refusal_is_one_line_exit_2_and_no_resume_passes_the_check(tm
             "--set", "distill.K=2", "--set", "distill.R=1", "--set", "distill.max_start_epoch=2",
             "--set", "distill.expert_epochs=1", "--set", "experts.epochs=6", "--set", "distill.ipc=2"]
     started = []
-    monkeypatch.setattr("contra_ray.stages.prepare_data", lambda *a, **k: started.append(1) or 1 / 0)
+    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", lambda *a, **k: started.append(1) or 1 / 0)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "distill.beta=0.5 in the checkpoint, 0.2 now" in err and "Traceback" not in err and not started
@@ -222,10 +223,10 @@ def test_cli_resume_refusal_is_one_line_exit_2_and_no_resume_passes_the_check(tm
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
-    from contra_ray.fileio import RunInUse, run_lock
+    from contra_ray.common.fileio import RunInUse, run_lock
 
     with run_lock(tmp_path / "run"):
-        code = ("import sys; from contra_ray.fileio import run_lock\n"
+        code = ("import sys; from contra_ray.common.fileio import run_lock\n"
                 f"with run_lock({str(tmp_path / 'run')!r}): pass")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 1 and "RunInUse" in out.stderr
@@ -247,14 +248,14 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, module, capsys, mon
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("contra_ray.stages.prepare_data", interrupted)
+    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", interrupted)
     base = ["--preset", "tiny_cpu", "--name", "c", "--output-dir", str(tmp_path), "--no-tracking"]
     rc = cli.main(base + ["--set", "distill.checkpoint_every=5"])
     err = capsys.readouterr().err
     assert rc == 130 and "Traceback" not in err
     assert "interrupted before the first checkpoint (every distill.checkpoint_every=5 iterations): rerunning" in err
     cfg, d = make(tmp_path, ["name=c"])
-    from contra_ray.checkpoint import write_checkpoint
+    from contra_ray.distill.checkpoint import write_checkpoint
 
     write_checkpoint(tmp_path / "c" / "checkpoints" / "iter_00000002",
                      {"distiller": d.state_dict(), "history": {}, "config": cfg.to_dict()})
@@ -268,10 +269,10 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, module, capsys, mon
 
 def test_a_second_expert_training_waits_for_the_first(tmp_path, capsys):
     """A user finding: two runs sharing one expert store trained the same experts at once and corrupted it."""
-    from contra_ray.fileio import wait_lock
+    from contra_ray.common.fileio import wait_lock
 
     lock, done = tmp_path / ".experts.lock", tmp_path / "first_done"
-    code = ("import sys, time; from pathlib import Path; from contra_ray.fileio import wait_lock\n"
+    code = ("import sys, time; from pathlib import Path; from contra_ray.common.fileio import wait_lock\n"
             f"with wait_lock({str(lock)!r}, 'first'):\n"
             "    print('held', flush=True); time.sleep(1.0)\n"
             f"    Path({str(done)!r}).write_text('x')\n")

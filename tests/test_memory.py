@@ -5,9 +5,8 @@ import torch
 
 from contra_ray.augment import DSA
 from contra_ray.config import ConfigError, load_config
-from contra_ray.matching import (accumulate_matching_gradients, constant_memory_gradients, make_plan,
-                                 matching_loss, step_gradient, unroll)
-from contra_ray.memory import MemoryPlan, measure_step_memory, plan_unroll_memory
+from contra_ray.distill.matching import (accumulate_matching_gradients, constant_memory_gradients, make_plan, matching_loss, step_gradient, unroll)
+from contra_ray.distill.memory import MemoryPlan, measure_step_memory, plan_unroll_memory
 from contra_ray.models import MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward, is_distillable
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -221,7 +220,7 @@ def test_distillable_models_are_exactly_those_without_running_statistics():
 
 def test_table5_preset_that_cannot_fit_is_refused_with_both_numbers_and_auto_picks_constant():
     """cifar10_ipc10 (Table 5: N = 80, ConvNet-3 width 128, 100 images) with an injected budget."""
-    from contra_ray.memory import plan_for_config
+    from contra_ray.distill.memory import plan_for_config
 
     cfg = load_config("cifar10_ipc10", ["distill.syn_steps=80"])
     spec = cfg.model_spec(10, 32, 3)

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from contra_ray.models import (MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward, is_distillable,
-                               load_flat_params, num_params)
+from contra_ray.models import (MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward, is_distillable, load_flat_params, num_params)
 
 
 def test_convnet3_matches_mtt_parameter_count():
@@ -182,7 +181,7 @@ def test_batchnorm_networks_are_evaluation_only(spec):
 def test_vit_trains_on_a_few_images():
     # the evaluation loop itself (contra_ray.evaluate.train_and_test), one full batch of 20 images per epoch
     from contra_ray.config import EvalConfig
-    from contra_ray.evaluate import train_and_test
+    from contra_ray.evaluate.training import train_and_test
 
     torch.manual_seed(0)
     x, y = torch.randn(20, 3, 32, 32), torch.arange(20) % 10

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from contra_ray import nas
-from contra_ray.artifact import DistilledSet
+from contra_ray.distill.artifact import DistilledSet
 from contra_ray.config import Config, EvalConfig
 from contra_ray.models import ModelSpec, build_model, num_params
 
@@ -169,7 +169,7 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
         raise ConfigError("data.root='/nowhere': no such dataset")
 
     monkeypatch.setattr(nas, "_run_cli", bad)
-    monkeypatch.setattr("contra_ray.artifact.DistilledSet.load", staticmethod(lambda path: object()))
+    monkeypatch.setattr("contra_ray.distill.artifact.DistilledSet.load", staticmethod(lambda path: object()))
     with pytest.raises(SystemExit) as e:
         nas.main(["--artifact", str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err

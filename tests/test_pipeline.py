@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from contra_ray.artifact import DistilledSet
+from contra_ray.distill.artifact import DistilledSet
 from contra_ray.config import load_config
-from contra_ray.distill import main as distill_main
-from contra_ray.expert_store import ExpertStore
+from contra_ray.distill.cli import main as distill_main
+from contra_ray.experts.store import ExpertStore
 from contra_ray.pipeline import run_pipeline
 from conftest import CIFAR_TARBALL, assert_shared_vocabulary
 
@@ -104,7 +104,7 @@ def test_distill_cli_bad_input_exits_2(tmp_path, capsys):
 
 def test_readme_step2_evaluate_runs_on_the_distill_output(pipeline_run, capsys):
     """README step 2 on step 1's real output (the issue: it stopped with "meta has no 'model' entry")."""
-    from contra_ray.evaluate import main as evaluate_main
+    from contra_ray.evaluate.cli import main as evaluate_main
 
     cfg = pipeline_run
     res = evaluate_main(["--artifact", str(cfg.run_dir() / "distilled.safetensors"), "--models", "convnet",
@@ -117,7 +117,7 @@ def test_readme_step2_evaluate_runs_on_the_distill_output(pipeline_run, capsys):
 def test_readme_cross_architecture_row_on_the_distill_output(pipeline_run, capsys):
     """README step 2's Table 2-style row, on step 1's real output (a cheap pair of networks: ConvNet and
     AlexNet; the README's ResNet-18, VGG-11 and ViT take the same path, parameter counts in test_models)."""
-    from contra_ray.evaluate import main as evaluate_main
+    from contra_ray.evaluate.cli import main as evaluate_main
 
     cfg = pipeline_run
     res = evaluate_main(["--artifact", str(cfg.run_dir() / "distilled.safetensors"), "--models", "convnet,alexnet",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from contra_ray import raycluster
-from contra_ray.raycluster import available_cpus, cgroup_cpu_limit
+from contra_ray.common import raycluster
+from contra_ray.common.raycluster import available_cpus, cgroup_cpu_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_available_cpus_takes_the_smaller_of_affinity_and_quota(tmp_path, monkey
 
 
 def test_available_cpus_under_taskset_is_1():
-    code = "from contra_ray.raycluster import available_cpus; print(available_cpus())"
+    code = "from contra_ray.common.raycluster import available_cpus; print(available_cpus())"
     env = {k: v for k, v in os.environ.items() if k != raycluster.NUM_CPUS_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cpu = sorted(os.sched_getaffinity(0))[0]

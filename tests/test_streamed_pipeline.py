@@ -52,7 +52,7 @@ def base_config(tree: Path, tmp: Path, resolution: int, **over) -> dict:
 # run holds besides a batch does not grow with N: oneDNN's im2col workspace for a 1000-image forward
 # (~110 MB at 32 px; experts' test pass and the distiller's initialization use batches of 1000), the
 # synthetic set (1000 x 32 px float32 = 12 MB, x3 with gradient and momentum) and the initializing
-# expert's logits over stages.init_pool's per-class sample ([10,000, 1000] float32 = 40 MB; over the
+# expert's logits over distill.distiller.init_pool's per-class sample ([10,000, 1000] float32 = 40 MB; over the
 # whole train set they would be [N, 1000] = 160 MB, more than U: that is why init_pool exists).
 # 40 images per class (not 3) so that the data set dwarfs those fixed costs and the bound separates the
 # two paths; 32 px (not the preset's 64) keeps the CPU time of two expert epochs near a minute.
@@ -61,14 +61,16 @@ RSS_SCRIPT = textwrap.dedent("""
     import torch
     from contra_ray.augment import DSA
     from contra_ray.config import config_from_dict
-    from contra_ray.disk_images import PreprocessedImages
-    from contra_ray.distiller import Distiller
+    from contra_ray.data.disk_images import PreprocessedImages
+    from contra_ray.distill.distiller import Distiller
     from contra_ray.evaluate import evaluate_runs, random_real_set
-    from contra_ray.expert_store import ExpertStore
+    from contra_ray.experts.store import ExpertStore
     from contra_ray.experts import train_expert
-    from contra_ray.loop import run_loop
-    from contra_ray.seeds import derive_seed
-    from contra_ray.stages import init_pool, prepare_data, store_meta
+    from contra_ray.distill.loop import run_loop
+    from contra_ray.common.seeds import derive_seed
+    from contra_ray.data.prepare import prepare_data
+    from contra_ray.distill.distiller import init_pool
+    from contra_ray.experts.remote import store_meta
 
     def status(key):
         return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -124,7 +126,7 @@ def test_streamed_imagenet_pipeline_peak_memory_below_an_in_ram_decode(tmp_path)
 @pytest.mark.slow
 def test_streamed_imagenet_through_the_real_pipeline_with_ray(tmp_path):
     from contra_ray.config import config_from_dict
-    from contra_ray.expert_store import ExpertStore
+    from contra_ray.experts.store import ExpertStore
     from contra_ray.pipeline import run_pipeline
 
     tree = make_imagenet_tree(tmp_path / "imagenet", train_per_class=3)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from contra_ray.config import Config, ConfigError
-from contra_ray.tracking import (RunLogger, check_destinations, flatten_params, init_tracking, save_curves,
-                                 save_image_grid, store_lock)
+from contra_ray.tracking import RunLogger, check_destinations, flatten_params, init_tracking, store_lock
+from contra_ray.plots import save_curves, save_image_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,12 +315,12 @@ def test_check_destinations(tmp_path):
 def test_clis_check_destinations_before_any_work(tmp_path, monkeypatch, capsys, cli):
     import importlib
 
-    import contra_ray.stages
+    import contra_ray.data.prepare
 
     def work(*a, **k):
         raise AssertionError("work started before the destinations were checked")
 
-    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)  # every CLI imports it from stages when it runs
+    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)  # every CLI imports it from stages when it runs
     main = importlib.import_module(f"contra_ray.{cli}").main
     head = ["correlation"] if cli == "analyze" else []
     (tmp_path / "file").write_text("")
@@ -335,7 +335,7 @@ def test_clis_check_destinations_before_any_work(tmp_path, monkeypatch, capsys, 
 def test_unknown_tracking_uri_schemes_are_refused_early(tmp_path, monkeypatch, capsys):
     import importlib.metadata
 
-    from contra_ray.distill import main
+    from contra_ray.distill.cli import main
 
     for uri in ("bogus://x", "s3://bucket/mlruns", "mlflow:/x"):
         with pytest.raises(ConfigError, match=rf"^tracking.uri='{re.escape(uri)}': unknown scheme "
@@ -360,12 +360,12 @@ def test_unknown_tracking_uri_schemes_are_refused_early(tmp_path, monkeypatch, c
     check_destinations(None, "bogus://x")  # an installed plugin's scheme is MLflow's to open
     monkeypatch.undo()
 
-    import contra_ray.stages
+    import contra_ray.data.prepare
 
     def work(*a, **k):
         raise AssertionError("work started before the tracking URI was checked")
 
-    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
     assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--tracking-uri", "bogus://x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: tracking.uri='bogus://x': unknown scheme 'bogus:'") and err.count("\n") == 1

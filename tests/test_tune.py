@@ -16,8 +16,7 @@ import pytest
 
 from conftest import assert_shared_vocabulary
 from contra_ray.config import ConfigError, load_config
-from contra_ray.tune import (SweepError, asha_settings, expand_space, expert_key, expert_store_resolver, load_space,
-                             main, searched_fields)
+from contra_ray.tune.sweep import (SweepError, asha_settings, expand_space, expert_key, expert_store_resolver, load_space, main, searched_fields)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "cpu_smoke.yaml"
@@ -107,13 +106,13 @@ def test_space_with_a_key_given_twice_is_refused(tmp_path):
 def _no_work(monkeypatch):
     """Make any start of real work (Ray, data, experts) fail the test loudly."""
     import contra_ray.evaluate
-    import contra_ray.stages
+    import contra_ray.data.prepare
 
     def work(*a, **k):
         raise AssertionError("work started before the inputs were checked")
 
     monkeypatch.setattr(contra_ray.evaluate, "ensure_ray", work)
-    monkeypatch.setattr(contra_ray.stages, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
@@ -188,7 +187,7 @@ def test_stopped_trials_end_killed_in_mlflow(tmp_path):
     from mlflow import MlflowClient
 
     from contra_ray.tracking import init_tracking
-    from contra_ray.tune import _close_child_runs
+    from contra_ray.tune.sweep import _close_child_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = init_tracking(uri, "t")
@@ -302,7 +301,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def sweep(local_ray, tmp_path_factory, cache_dir):
     """The 4-trial cpu_smoke sweep on real CIFAR-10 (tiny_cpu preset), 2 trials at a time."""
-    from contra_ray.tune import run_sweep
+    from contra_ray.tune.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("sweep")
     t0 = time.time()
@@ -331,7 +330,7 @@ proxy: {eval_every: 1, epochs: 1, runs: 1}
 def seed_sweep(sweep, tmp_path_factory, cache_dir):
     """2 distillation seeds x 2 groups (sequential K=0 vs concurrent K=2) on tiny_cpu, 3 iterations, in
     the smoke sweep's output directory (same data cache and expert store) and MLflow store."""
-    from contra_ray.tune import run_sweep
+    from contra_ray.tune.sweep import run_sweep
 
     result, out = sweep
     space = tmp_path_factory.mktemp("space") / "seeds.yaml"
@@ -493,7 +492,7 @@ def test_mlflow_server_serves_the_sweep(sweep, tmp_path):
                                                   ("--gpus-per-trial", "nan", "expected a non-negative number")])
 def test_cli_refuses_counts_that_cannot_run_also_in_dry_run(flag, value, message, capsys):
     """A user finding: --dry-run accepted --workers-per-trial -1, and --max-concurrent 0 was ignored."""
-    from contra_ray import tune as tune_cli
+    from contra_ray.tune import sweep as tune_cli
 
     with pytest.raises(SystemExit) as e:
         tune_cli.main(["--space", "cpu_smoke", "--dry-run", flag, value])
@@ -511,7 +510,7 @@ def test_sweep_name_must_be_one_folder_inside_output_dir(tmp_path, monkeypatch, 
 
 
 def test_dry_run_checks_the_sweep_name_like_the_real_run(capsys):
-    from contra_ray import tune as tune_cli
+    from contra_ray.tune import sweep as tune_cli
 
     assert tune_cli.main(["--space", "cpu_smoke", "--dry-run", "--name", "../x"]) == 2
     assert capsys.readouterr().err.startswith("error: --name='../x': ")

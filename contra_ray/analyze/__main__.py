@@ -1,0 +1,5 @@
+import sys
+
+from contra_ray.analyze.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from contra_ray.data.sources import main
+
+sys.exit(main())

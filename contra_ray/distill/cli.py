@@ -1,0 +1,158 @@
+"""Distillation from the command line: ``python -m contra_ray.distill --preset cifar10_ipc1 [--K 3 ...]``.
+
+Learns synthetic images, soft labels and syn_lr by concurrent trajectory matching (paper Algorithm 1):
+in this process (default) or sharded over ``--num-workers W`` Ray Train workers (:mod:`contra_ray.distill.remote`).
+Both run the one loop :func:`contra_ray.distill.loop.run_loop`. Overrides: ``--set section.field=value`` or the
+``--ipc/--K/--beta/--R/--syn-steps/...`` flags. A re-run with the same ``--name`` and ``--output-dir``
+resumes from the newest valid checkpoint; a changed field that alters the result is refused by name
+(``--no-resume`` starts over). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input (or the run directory in use by another
+process), 130 interrupted (Ctrl-C; the newest checkpoint is kept).
+"""
+
+from __future__ import annotations
+from contra_ray.common.cli import DISTILL_HELP, add_common_args, config_from_args, cli_error
+
+import argparse
+import dataclasses
+import sys
+
+from contra_ray.config import (Config, ConfigError, DistillConfig, check_device, load_config, parse_overrides, set_dotted)
+
+__all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume",
+           "interrupted_message", "run_in_run_dir", "main"]
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m contra_ray.distill", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    g = p.add_argument_group("distillation (override the preset; see paper Table 5)")
+    for f in dataclasses.fields(DistillConfig):
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"distill.{f.name}", default=None,
+                       help=DISTILL_HELP.get(f.name, f.name))
+    p.add_argument("--experts", help="expert store directory (default: <run dir>/experts)")
+    p.add_argument("--no-train-experts", action="store_true",
+                   help="fail instead of training missing experts")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="Ray Train workers sharing the students (0: run in this process)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--note", default=None, help="description of the MLflow run (tag mlflow.note.content)")
+    return p
+
+
+def precheck_resume(cfg: Config, distributed: bool) -> None:
+    """Before any work: refuse to resume a checkpoint made with a config that gives another result.
+
+    Looks at the newest valid checkpoint of the run in both places a run of this name keeps them
+    (``<run dir>/checkpoints`` in one process, ``<output_dir>/ray_train/<name>`` for Ray Train): the result
+    does not depend on the worker count, so switching ``--num-workers`` must not bypass the check.
+
+    Raises:
+        ConfigError: naming the changed fields (see :func:`contra_ray.distill.checkpoint.check_resumable`).
+    """
+    from pathlib import Path
+
+    from contra_ray.distill.checkpoint import check_resumable, checkpoint_dirs, newest_valid
+
+    for root in (cfg.run_dir() / "checkpoints", Path(cfg.output_dir) / "ray_train" / cfg.name):
+        found = newest_valid(checkpoint_dirs(root), log=lambda line: None)  # the loop reports a torn one
+        if found is not None:
+            check_resumable(found[1].get("config"), cfg, found[0], int(found[1]["distiller"]["iteration"]))
+
+
+def interrupted_message(cfg: Config) -> str:
+    """What a user reads after Ctrl-C: where the run stands and how to go on."""
+    from pathlib import Path
+
+    from contra_ray.distill.checkpoint import checkpoint_dirs
+
+    every = cfg.distill.checkpoint_every
+    if not every:
+        return "interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts over"
+    if checkpoint_dirs(cfg.run_dir() / "checkpoints") or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name):
+        return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
+                "iterations); rerun the same command to resume from it")
+    return (f"interrupted before the first checkpoint (every distill.checkpoint_every={every} iterations): rerunning "
+            "the same command starts the distillation over (finished experts and data are kept)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        extra = {k: v for k, v in vars(args).items() if k.startswith("distill.")}
+        cfg = config_from_args(args, extra, verbatim={"experts.store": args.experts})
+        if args.num_workers < 0:
+            raise ConfigError(f"--num-workers={args.num_workers}: must be >= 0 (0: in this process)")
+        if args.num_workers == 0:  # Ray Train workers get their own device (--use-gpu)
+            check_device(cfg.device)
+        if args.use_gpu and args.num_workers == 0:
+            raise ConfigError("--use-gpu: GPUs for Ray Train workers (--num-workers >= 1); in this process set "
+                              "--set device=cuda instead")
+        if args.num_workers > 0 and cfg.distill.monitor_every:
+            raise ConfigError(f"distill.monitor_every={cfg.distill.monitor_every}: the forgetting monitor runs "
+                              "in-process only; use --num-workers 0")
+        if not args.no_resume:
+            precheck_resume(cfg, distributed=args.num_workers > 0)
+        from contra_ray.tracking import check_destinations
+
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
+    except ConfigError as e:
+        return cli_error(e)
+    return run_in_run_dir(cfg, lambda: _run(cfg, args))
+
+
+def run_in_run_dir(cfg: Config, work) -> int:
+    """``work()`` (returns an exit status) holding the run directory's lock (:func:`contra_ray.common.fileio.run_lock`).
+
+    Returns 2 with one line if another process holds the run directory, and 130 with
+    :func:`interrupted_message` on Ctrl-C; otherwise ``work()``'s status.
+    """
+    from contra_ray.common.fileio import RunInUse, run_lock
+
+    try:
+        with run_lock(cfg.run_dir()):  # one process per run directory
+            return work()
+    except RunInUse as e:
+        return cli_error(e)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(cfg)}", file=sys.stderr)
+        return 130
+
+
+def _run(cfg: Config, args: argparse.Namespace) -> int:
+    if args.num_workers > 0:
+        from contra_ray.distill.remote import run_distributed
+
+        return run_distributed(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                               resume=not args.no_resume, train_missing=not args.no_train_experts, note=args.note)
+    from contra_ray.distill.distiller import DistillationDiverged
+    from contra_ray.experts.store import ExpertStoreError
+    from contra_ray.distill.loop import run_distillation
+    from contra_ray.distill.memory import check_memory
+    from contra_ray.experts.remote import ensure_experts
+    from contra_ray.plots import log_set_visuals
+    from contra_ray.data.prepare import prepare_data
+    from contra_ray.tracking import RunLogger, init_tracking
+
+    try:
+        data = prepare_data(cfg)
+        check_memory(cfg, data)
+        store = ensure_experts(cfg, data, train_missing=not args.no_train_experts)
+    except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
+        return cli_error(e)
+    if cfg.tracking.enabled:
+        init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
+    try:
+        with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=args.note) as logger:
+            artifact, history = run_distillation(cfg, data, store, logger, resume=not args.no_resume)
+            out = cfg.run_dir() / "distilled.safetensors"
+            artifact.save(out)
+            logger.log_artifact(str(out))
+            log_set_visuals(cfg, artifact, history, data.preprocessor, logger)
+    except DistillationDiverged as e:
+        return cli_error(f"{type(e).__name__}: {e}", 1)
+    print(f"distilled set: {out}  (syn_lr {artifact.syn_lr:.5f})")
+    return 0

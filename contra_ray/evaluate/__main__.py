@@ -1,0 +1,3 @@
+from contra_ray.evaluate.cli import main
+
+main()

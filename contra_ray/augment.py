@@ -38,7 +38,7 @@ from kornia.geometry.transform import warp_affine
 
 from contra_ray.config import AUG_FAMILIES
 
-__all__ = ["AugParams", "DSA", "AUG_FAMILIES"]
+__all__ = ["AugParams", "DSA", "AUG_FAMILIES", "dsa_if"]
 
 # ParamDiffAug constants (MTT utils.py)
 PROB_FLIP = 0.5
@@ -308,3 +308,9 @@ def _warp_like_affine_grid(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor
     trans = d.view(1, 2) - (lin @ d.view(2, 1)).view(n, 2)  # c - L c (c = d)
     m = torch.cat([lin, trans.unsqueeze(-1)], dim=-1).to(x.dtype)
     return warp_affine(x, m, dsize=(h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def dsa_if(enabled: bool) -> DSA | None:
+    """``DSA()`` (every family, per-sample parameters) when a config's ``dsa`` flag is on, else ``None``
+    (no augmentation): the ``augment`` argument of expert training, the distiller and evaluation."""
+    return DSA() if enabled else None

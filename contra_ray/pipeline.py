@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bool = True) -> int:
     import torch
 
-    from contra_ray.augment import DSA
     from contra_ray.distill.distiller import DistillationDiverged
     from contra_ray.experts.store import ExpertStoreError
     from contra_ray.distill.loop import run_distillation
@@ -62,9 +61,8 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
     from contra_ray.plots import log_set_visuals
     from contra_ray.data.prepare import prepare_data
     from contra_ray.common.fileio import atomic_write
-    from contra_ray.evaluate.remote import evaluate_runs
-    from contra_ray.evaluate.training import evaluation_seeds, random_real_set, summarize
-    from contra_ray.evaluate.sets import format_table
+    from contra_ray.evaluate.sets import EvalSet, evaluate_sets, format_table, summary_by_metric
+    from contra_ray.evaluate.training import random_real_set
     from contra_ray.common.seeds import derive_seed
     from contra_ray.tracking import RunLogger, accuracy_metrics, init_tracking, main_model
 
@@ -108,29 +106,19 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
 
         t0 = time.time()
         e = cfg.eval
-        seeds = evaluation_seeds(e.seed, e.runs)
-        dsa = DSA() if e.dsa else None
-        rows, results = [], {}
-        summary: dict[str, dict] = {"final_acc": {}, "random_real_acc": {}}  # metric name -> model -> (mean, std)
-        for model_name in e.models:
-            spec = data.spec.for_network(model_name)
-            sets = [("ConTra" if cfg.distill.K else "MTT", "final_acc", artifact.images, artifact.targets(),
-                     artifact.syn_lr)]
-            if baseline:
-                imgs, tg = random_real_set(data.train_x, data.train.labels, cfg.distill.ipc, data.spec.num_classes,
-                                           seed=derive_seed(e.seed, "baseline"))
-                sets.insert(0, ("random real", "random_real_acc", imgs, tg, cfg.experts.lr))
-            for method, metric, imgs, tg, lr in sets:
-                accs = evaluate_runs(imgs, tg, e.lr or lr, spec, e, data.test_x, data.test.labels, seeds,
-                                     augment=dsa, device=cfg.device)
-                mean, std = summarize(accs)
-                rows.append({"method": method, "model": model_name, "ipc": cfg.distill.ipc, "runs": len(accs),
-                             "mean": mean, "std": std})
-                results[f"{method}/{model_name}"] = {"accs": accs, "mean": mean, "std": std}
-                summary[metric][model_name] = (mean, std)
+        sets = [EvalSet("contra" if cfg.distill.K else "mtt", artifact.images, artifact.targets(), artifact.syn_lr)]
+        if baseline:
+            imgs, tg = random_real_set(data.train_x, data.train.labels, cfg.distill.ipc, data.spec.num_classes,
+                                       seed=derive_seed(e.seed, "baseline"))
+            sets.insert(0, EvalSet("random_real", imgs, tg, cfg.experts.lr))
+        rows, accs = evaluate_sets(sets, e.models, data.spec, e, data.test_x, data.test.labels, ipc=cfg.distill.ipc,
+                                   device=cfg.device)
+        results = {f"{r['method']}/{r['model']}": {"accs": accs[(r["method"], r["model"])], "mean": r["mean"],
+                                                     "std": r["std"]} for r in rows}
+        summary = summary_by_metric(rows)
         main = main_model(cfg)
-        logger.log_metrics({**accuracy_metrics(summary["final_acc"], main),
-                            **accuracy_metrics(summary["random_real_acc"], main, "random_real_acc"),
+        logger.log_metrics({**accuracy_metrics(summary.get("final_acc", {}), main),
+                            **accuracy_metrics(summary.get("random_real_acc", {}), main, "random_real_acc"),
                             "total_minutes": (time.time() - t_start) / 60}, step=cfg.distill.iterations)
         stage("evaluate", t0)
         table = format_table(rows)

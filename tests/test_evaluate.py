@@ -160,8 +160,8 @@ def test_summarize_and_table():
                               "std": 1.25}])
     lines = table.splitlines()
     assert lines[0].split() == ["method", "model", "IPC", "runs", "acc", "(%)"]
-    assert lines[2].split() == ["contra", "convnet", "1", "5", "46.12", "±", "0.50"]
-    assert lines[3].split() == ["random_real", "resnet18", "1", "5", "14.40", "±", "1.25"]
+    assert lines[2].split() == ["ConTra", "convnet", "1", "5", "46.12", "±", "0.50"]
+    assert lines[3].split() == ["random", "real", "resnet18", "1", "5", "14.40", "±", "1.25"]
 
 
 def test_cross_architecture_row_has_one_column_per_network_with_its_norm():
@@ -174,9 +174,9 @@ def test_cross_architecture_row_has_one_column_per_network_with_its_norm():
     lines = ev.format_cross_architecture(rows).splitlines()
     assert lines[0].split() == ["method", "convnet", "(instancenorm)", "resnet18", "(instancenorm)", "alexnet",
                                 "(none)", "vit", "(layernorm)"]
-    assert lines[2].split() == ["contra", "46.00", "±", "0.50", "40.25", "±", "0.50", "30.00", "±", "0.50",
+    assert lines[2].split() == ["ConTra", "46.00", "±", "0.50", "40.25", "±", "0.50", "30.00", "±", "0.50",
                                 "25.00", "±", "0.50"]
-    assert lines[3].split() == ["random_real", "26.00", "±", "0.50", "20.25", "±", "0.50", "10.00", "±", "0.50", "-"]
+    assert lines[3].split() == ["random", "real", "26.00", "±", "0.50", "20.25", "±", "0.50", "10.00", "±", "0.50", "-"]
 
 
 # ---------------------------------------------------------------------- CLI, with fake data/augment modules
@@ -242,7 +242,7 @@ def test_cli_end_to_end_with_tracking(tmp_path, fake_modules, capsys):
     assert all(len(v) == 2 for v in res.values())
     assert res[("contra", "convnet")] == [1.0, 1.0]
     out = capsys.readouterr().out
-    assert "contra" in out and "random_real" in out and "100.00 ± 0.00" in out
+    assert "ConTra" in out and "random real" in out and "100.00 ± 0.00" in out
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("contra_ray")
     (run,) = client.search_runs([exp.experiment_id])

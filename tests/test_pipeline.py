@@ -28,7 +28,7 @@ def test_pipeline_outputs(pipeline_run):
     cfg = pipeline_run
     res = json.loads((cfg.run_dir() / "results.json").read_text())
     methods = {r["method"] for r in res["rows"]}
-    assert methods == {"random real", "ConTra"}
+    assert methods == {"random_real", "contra"}  # the MLflow/method vocabulary; tables print the labels
     for r in res["rows"]:
         assert r["runs"] == cfg.eval.runs and 0 <= r["mean"] <= 100
     art = DistilledSet.load(cfg.run_dir() / "distilled.safetensors")
@@ -111,7 +111,7 @@ def test_readme_step2_evaluate_runs_on_the_distill_output(pipeline_run, capsys):
                          "--runs", "1", "--epochs", "2", "--inline", "--no-tracking", "--baseline", "random-real"])
     assert set(res) == {("contra", "convnet"), ("random_real", "convnet")}
     assert all(len(a) == 1 and 0.0 <= a[0] <= 1.0 for a in res.values())
-    assert "random_real" in capsys.readouterr().out
+    assert "random real" in capsys.readouterr().out  # METHOD_LABELS, as in the pipeline's table
 
 
 def test_readme_cross_architecture_row_on_the_distill_output(pipeline_run, capsys):
@@ -126,7 +126,7 @@ def test_readme_cross_architecture_row_on_the_distill_output(pipeline_run, capsy
     out = capsys.readouterr().out.splitlines()
     head = out.index(next(line for line in out if line.startswith("cross-architecture")))
     assert out[head + 1].split() == ["method", "convnet", "(instancenorm)", "alexnet", "(none)"]
-    assert out[head + 3].split()[0] == "contra" and len(out[head + 3].split()) == 7  # two "mean ± std" cells
+    assert out[head + 3].split()[0] == "ConTra" and len(out[head + 3].split()) == 7  # two "mean ± std" cells
 
 
 def test_distill_rerun_with_another_beta_and_K_is_refused_before_work(pipeline_run, capsys):

@@ -139,7 +139,7 @@ def test_streamed_imagenet_through_the_real_pipeline_with_ray(tmp_path):
 
         ray.shutdown()
     results = json.loads((cfg.run_dir() / "results.json").read_text())
-    assert {row["method"] for row in results["rows"]} == {"random real", "ConTra"}
+    assert {row["method"] for row in results["rows"]} == {"random_real", "contra"}
     store = ExpertStore.open(cfg.expert_store())
     assert store.expert_ids == [0, 1] and store.meta["dataset_id"] == "imagenet@16px/train"
     assert store.meta["classes"][:2] == ["n00000000", "n00000001"] and len(store.meta["classes"]) == 1000

@@ -67,7 +67,7 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
     import torch
 
     from contra_ray.analyze.correlation import (ForgettingMonitor, correlation_losses, mode_config, pearson_matrix, save_correlation_csv, save_correlation_heatmap, triangle_summary)
-    from contra_ray.augment import DSA
+    from contra_ray.augment import dsa_if
     from contra_ray.distill.distiller import Distiller
     from contra_ray.distill.distiller import init_pool
 
@@ -84,7 +84,7 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
 
         def make_distiller(i: int | None, mcfg=mcfg, state: dict | None = None) -> Distiller:
             dist = Distiller(mcfg, store, data.spec, *init_pool(mcfg, data),
-                             augment=DSA() if mcfg.distill.dsa else None, expert_ids=others, device=cfg.device,
+                             augment=dsa_if(mcfg.distill.dsa), expert_ids=others, device=cfg.device,
                              fixed_start=i)
             if state is not None:
                 dist.load_state_dict(copy.deepcopy(state))  # a copy: optimizers may share loaded buffers

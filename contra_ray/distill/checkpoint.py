@@ -113,7 +113,7 @@ def read_checkpoint(directory: str | os.PathLike) -> dict:
     """
     d = Path(directory)
     _verify_files(d, read_manifest(d))
-    return torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def resume_mismatches(saved: dict, now: dict) -> list[str]:

@@ -163,14 +163,14 @@ class LoopResult:
 def periodic_accuracy(cfg: Config, distiller: Distiller, data, done: int) -> float:
     """Mean test accuracy (%) of ``distill.eval_runs_periodic`` fresh networks trained on the current set
     (``cfg.eval`` recipe; networks seeded ``derive_seed(distill.seed, "periodic_eval", done, r)``)."""
-    from contra_ray.augment import DSA
+    from contra_ray.augment import dsa_if
     from contra_ray.evaluate.training import train_and_test
 
     runs = cfg.distill.eval_runs_periodic
     accs = [train_and_test(distiller.images.detach().float(), distiller.targets().float(),
                            float(distiller.syn_lr.detach()), data.spec, cfg.eval, data.test_x, data.test.labels,
                            seed=derive_seed(cfg.distill.seed, "periodic_eval", done, r),
-                           augment=DSA() if cfg.eval.dsa else None, device=str(distiller.device))
+                           augment=dsa_if(cfg.eval.dsa), device=str(distiller.device))
             for r in range(runs)]
     return 100 * sum(accs) / len(accs)
 
@@ -322,7 +322,7 @@ def run_distillation(cfg: Config, data, store, logger=None, resume: bool = True,
         ConfigError: the checkpoint was made with another config (names the fields).
         DistillationDiverged: see :func:`run_loop`.
     """
-    from contra_ray.augment import DSA
+    from contra_ray.augment import dsa_if
     from contra_ray.distill.checkpoint import LocalCheckpoints
     from contra_ray.distill.distiller import init_pool
 
@@ -338,7 +338,7 @@ def run_distillation(cfg: Config, data, store, logger=None, resume: bool = True,
         epochs = d.monitor_epochs or list(range(d.min_start_epoch, d.max_start_epoch + 1))
         monitor = ForgettingMonitor(store, ref, epochs, d.expert_epochs, seed=derive_seed(d.seed, "monitor"))
     distiller = Distiller(cfg, store, data.spec, *init_pool(cfg, data),
-                          augment=DSA() if d.dsa else None, expert_ids=expert_ids, device=cfg.device)
+                          augment=dsa_if(d.dsa), expert_ids=expert_ids, device=cfg.device)
     line = distiller.init_report.line(data.train.names, d.ipc)
     if progress is not None:
         print(distiller.memory_plan.describe(), flush=True)

@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from contra_ray.augment import DSA
+    from contra_ray.augment import dsa_if
 
     cfg = config_from_dict(config["cfg"])
     d = cfg.distill
@@ -212,7 +212,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     data, store = setup(cfg, rank == 0 and d.eval_every > 0)
     distiller = Distiller(cfg, store, data.spec, *init_pool(cfg, data),
-                          augment=DSA() if d.dsa else None, device=str(device), workers=world)
+                          augment=dsa_if(d.dsa), device=str(device), workers=world)
     if rank == 0:
         print(f"[distill] {distiller.memory_plan.describe()}", flush=True)
     progress = {"start": distiller.iteration, "s_per_iter": float("nan")}

@@ -1,50 +1,27 @@
-"""Evaluation of a distilled set: train fresh networks on it, report test top-1 accuracy.
-
-Protocol (paper App. D, following MTT ``evaluate_synset`` / DATM): a randomly initialized network is
-trained on the synthetic set with SGD (momentum 0.9, weight decay 5e-4, batch 256) at the learned step
-size α for ``eval.epochs`` epochs, with DSA augmentation on every batch and the learning rate multiplied
-by 0.1 at ``epochs // 2``; the loss is the soft-label cross-entropy on ``softmax(label_logits)`` (DATM).
-The mean and (population) standard deviation of the top-1 test accuracy over ``eval.runs`` seeds is
-reported, as MTT/DATM do with ``np.mean`` / ``np.std``.
-
-The training function is plain PyTorch; :func:`evaluate_runs` fans the runs out as Ray tasks, and
-``python -m contra_ray.evaluate --artifact PATH`` evaluates a saved :class:`~contra_ray.distill.artifact.DistilledSet`.
+"""``python -m contra_ray.evaluate --artifact PATH``: fresh networks trained on a saved distilled set
+(:class:`~contra_ray.distill.artifact.DistilledSet`) with its recipe, test top-1 accuracy mean ± std per
+network (:func:`contra_ray.evaluate.sets.evaluate_sets`), optionally beside the random-real baseline.
 """
 
 from __future__ import annotations
 
-from contra_ray.common.cli import cli_error
-from contra_ray.evaluate.training import evaluation_seeds, random_real_set, summarize
-from contra_ray.evaluate.remote import evaluate_runs
-from contra_ray.evaluate.sets import check_artifact_matches, format_cross_architecture, format_table, test_meta_for
-
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
+from contra_ray import data
 from contra_ray.common.argtypes import positive_float, positive_int
-from contra_ray.config import ConfigError, EvalConfig
-from contra_ray.models import MODEL_NAMES, ModelSpec, build_model
+from contra_ray.common.cli import cli_error
 from contra_ray.common.seeds import derive_seed
+from contra_ray.config import ConfigError, config_from_dict
+from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
+from contra_ray.evaluate.sets import (EvalSet, check_artifact_matches, evaluate_sets, format_cross_architecture,
+                                      format_table, summary_by_metric, test_meta_for)
+from contra_ray.evaluate.training import random_real_set
+from contra_ray.models import MODEL_NAMES
 
-__all__ = ["ArtifactMismatchError", "evaluation_seeds", "evaluate_runs", "ensure_ray", "random_real_set", "check_artifact_matches", "test_meta_for", "summarize", "format_table", "format_cross_architecture", "main"]
-
-
-
-from contra_ray.common.raycluster import ensure_ray
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def _spec_for(name: str, base: ModelSpec) -> ModelSpec:
-    return base.for_network(name)
+__all__ = ["build_parser", "main"]
 
 
 def _model_list(s: str) -> list[str]:
@@ -120,8 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
-    from contra_ray import data
-    from contra_ray.config import config_from_dict
     from contra_ray.tracking import RunLogger, accuracy_metrics, main_model
 
     if "config" not in art.meta:
@@ -166,39 +141,22 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
         where = cfg.data.root or cfg.data.dataset
         raise ArtifactMismatchError(f"{args.artifact} does not fit the test data of {where}: {e}") from None
     test_x = pre(test.images)
-    augment = None
-    if ecfg.dsa:
-        from contra_ray.augment import DSA
-        augment = DSA()
-    base = art.model_spec()
-    seeds = evaluation_seeds(ecfg.seed, ecfg.runs)
-    sets = [("contra" if art.meta.get("method", "contra") == "contra" else art.meta["method"],
-             art.images, art.targets(), ecfg.lr or art.syn_lr)]
+    method = art.meta.get("method", "contra")
+    sets = [EvalSet(method, art.images, art.targets(), art.syn_lr)]
     if args.baseline == "random-real":
         train = data.load_split(cfg.data, "train")
         bx, by = random_real_set(pre(train.images), train.labels, art.ipc, art.num_classes,
                                  derive_seed(ecfg.seed, "baseline"))
-        sets.append(("random_real", bx, by, ecfg.lr or cfg.experts.lr))
+        sets.append(EvalSet("random_real", bx, by, cfg.experts.lr))
 
-    results: dict = {}
-    rows = []
     name = f"eval-{Path(args.artifact).stem}"
-    summary: dict[str, dict] = {}  # metric name -> model -> (mean, std)
-    set_method = sets[0][0] if sets[0][0] in ("contra", "mtt") else None  # tag (None: from the config's K)
-    with RunLogger(cfg, name, enabled=cfg.tracking.enabled, method=set_method, note=args.note) as log:
+    tag_method = method if method in ("contra", "mtt") else None  # None: from the config's K
+    with RunLogger(cfg, name, enabled=cfg.tracking.enabled, method=tag_method, note=args.note) as log:
         log.log_params({"eval_cli.seed": ecfg.seed, "eval_cli.baseline": args.baseline, "eval_cli.syn_lr": art.syn_lr})
         log.set_tags({"path.artifact": str(Path(args.artifact).resolve())})
-        for method, x, t, lr in sets:
-            for model in ecfg.models:
-                spec = _spec_for(model, base)
-                accs = evaluate_runs(x, t, lr, spec, ecfg, test_x, test.labels, seeds,
-                                     augment=augment, device=device, threads=cfg.threads, use_ray=not args.inline)
-                mean, std = summarize(accs)
-                results[(method, model)] = accs
-                rows.append({"method": method, "model": model, "norm": spec.norm, "ipc": art.ipc,
-                             "runs": len(accs), "mean": mean, "std": std})
-                metric = "random_real_acc" if method == "random_real" else "final_acc"
-                summary.setdefault(metric, {})[model] = (mean, std)
+        rows, results = evaluate_sets(sets, ecfg.models, art.model_spec(), ecfg, test_x, test.labels, ipc=art.ipc,
+                                      device=device, threads=cfg.threads, use_ray=not args.inline)
+        summary = summary_by_metric(rows)
         main = main_model(cfg)
         log.log_metrics({k: v for metric, per_model in summary.items()
                          for k, v in accuracy_metrics(per_model, main, metric).items()},

@@ -5,21 +5,27 @@ The Ray edge of expert training; the training itself is :func:`contra_ray.expert
 """
 
 from __future__ import annotations
-from contra_ray.data.prepare import PreparedData
-from contra_ray.common.fileio import atomic_write
 
 import json
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from contra_ray.config import Config, ExpertConfig
-from contra_ray.experts.store import ExpertStore
-from contra_ray.experts.training import Augment, train_expert
-from contra_ray.experts.curriculum import SampleOrder
-from contra_ray.models import ModelSpec
+from contra_ray.analyze.correlation import reference_expert_id
+from contra_ray.augment import DSA, dsa_if
+from contra_ray.common.fileio import atomic_write, wait_lock
+from contra_ray.common.raycluster import ensure_ray
 from contra_ray.common.seeds import derive_seed
+from contra_ray.config import Config, ExpertConfig
+from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
+from contra_ray.data.prepare import PreparedData
+from contra_ray.data.sources import Preprocessor
+from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, difficulty_from_first_correct
+from contra_ray.experts.store import ExpertStore, ExpertStoreError
+from contra_ray.experts.training import Augment, first_correct_epoch, train_expert
+from contra_ray.models import ModelSpec
 
 __all__ = ["train_experts", "choose_loader"]
 
@@ -84,9 +90,7 @@ def choose_loader(cfg: ExpertConfig, train_x) -> str:
 def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, spec: ModelSpec,
                   preprocessor_state: dict):
     """The checked ``.beton`` of this train set as an :class:`~contra_ray.data.ffcv_beton.FFCVLoaderFactory`."""
-    from pathlib import Path
 
-    from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
 
     if not cfg.ffcv_dir:
         raise ValueError("experts.ffcv_dir=None: the FFCV loader needs the folder of the .beton files "
@@ -97,7 +101,6 @@ def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, sp
     path = Path(cfg.ffcv_dir).expanduser() / beton_name(store_meta["dataset_id"], cfg.ffcv_mode)
     check_beton(path, dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
                 resolution=spec.image_size, num_samples=len(train_y))
-    from contra_ray.data.sources import Preprocessor
 
     return FFCVLoaderFactory(path, Preprocessor.from_state_dict(preprocessor_state), cfg.batch_size)
 
@@ -161,8 +164,6 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         raise ValueError(f"experts.gpus_per_expert={x.gpus_per_expert}: device={cfg.device!r} needs a GPU per "
                          "task (Ray hides GPUs from tasks that request none)")
     if x.dsa and augment_factory is None:
-        from contra_ray.augment import DSA
-
         augment_factory = DSA
 
     meta = dict(store_meta)
@@ -189,7 +190,6 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     if not todo:
         return store
 
-    from contra_ray.common.raycluster import ensure_ray
 
     started = ensure_ray()
     cpus = ray.cluster_resources().get("CPU", 0.0)
@@ -251,18 +251,14 @@ def curriculum_rank(cfg: Config, data: PreparedData) -> torch.Tensor:
     a sample's difficulty is the first epoch after which that expert classifies it correctly (earlier =
     easier, ties by index). Cached in ``<expert store>/difficulty_rank.pt`` (atomic write).
     """
-    from contra_ray.experts.curriculum import difficulty_from_first_correct
-    from contra_ray.experts.training import first_correct_epoch, train_expert
-    from contra_ray.augment import DSA
-
     path = cfg.expert_store() / "difficulty_rank.pt"
     if path.exists():
-        rank = torch.load(path)
+        rank = torch.load(path, weights_only=True)
         if len(rank) == len(data.train_x):
             return rank
     print("curriculum: training a ranking expert for sample difficulty (App. B)", flush=True)
     traj, _ = train_expert(-1, derive_seed(cfg.experts.seed, "ranking_expert"), data.train_x, data.train.labels, data.test_x,
-                           data.test.labels, data.spec, cfg.experts, augment=DSA() if cfg.experts.dsa else None,
+                           data.test.labels, data.spec, cfg.experts, augment=dsa_if(cfg.experts.dsa),
                            device=cfg.device)
     first = first_correct_epoch(data.spec, list(traj[1:]), data.train_x, data.train.labels, device=cfg.device)
     rank = difficulty_from_first_correct(first)
@@ -283,25 +279,17 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
         ConfigError: with the forgetting monitor on, a ``distill.reference_expert`` not in the store or a
             store of one expert (:func:`contra_ray.analyze.correlation.reference_expert_id`).
     """
-    from contra_ray.experts.store import ExpertStore, ExpertStoreError
-
     path = cfg.expert_store()
     if train_missing:
-        from contra_ray.augment import DSA
-        from contra_ray.common.fileio import wait_lock
-
         # two runs sharing a store (--experts, one preset's default) must not train the same expert at once
         with wait_lock(path.parent / f".{path.name}.lock", f"training the experts of {path}"):
             order_factory = None
             if cfg.experts.curriculum:
-                from contra_ray.experts.curriculum import CurriculumOrder
-
                 rank = curriculum_rank(cfg, data)
                 order_factory = lambda i: CurriculumOrder(rank, cfg.experts.curriculum_lambda,  # noqa: E731
                                                           cfg.experts.curriculum_gamma)
             store = train_experts(cfg, data.train_x, data.train.labels, data.test_x, data.test.labels, data.spec,
                                   store_meta(cfg, data), data.preprocessor.state_dict(),
-                                  augment_factory=(lambda: DSA()) if cfg.experts.dsa else None,
                                   order_factory=order_factory)
     else:
         store = ExpertStore.open(path)
@@ -320,7 +308,6 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
     store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
                            data.preprocessor.fingerprint())
     if d.monitor_every:  # the forgetting monitor's inputs, before distillation rather than when it is built
-        from contra_ray.analyze.correlation import reference_expert_id
 
         reference_expert_id(store, d.reference_expert)
         if d.monitor_epochs:

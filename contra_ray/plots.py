@@ -1,14 +1,20 @@
-"""Figures: the class-row image grid of a synthetic set and the training curves (matplotlib, Agg).
+"""Figures: the class-row image grid of a synthetic set (``torchvision.utils.make_grid``, class names by
+matplotlib) and the training curves (matplotlib, Agg), next to the artifact and in MLflow.
 """
 
 from __future__ import annotations
-from contra_ray.data.prepare import class_names
-from contra_ray.config import Config
+
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 import torch
+from torchvision.utils import make_grid
+
 from contra_ray.common.fileio import atomic_write
+from contra_ray.config import Config
+from contra_ray.data.prepare import class_names
 
 
 def log_set_visuals(cfg: Config, artifact, history: dict, preprocessor, logger, eval_every: int | None = None) -> None:
@@ -22,8 +28,6 @@ def log_set_visuals(cfg: Config, artifact, history: dict, preprocessor, logger, 
         eval_every: period of ``history["eval_acc"]`` (default ``cfg.distill.eval_every``; a Tune trial
             passes its proxy period).
     """
-    from contra_ray.plots import save_curves, save_image_grid
-
     grid = cfg.run_dir() / "distilled_grid.png"
     classes = list(artifact.meta.get("classes") or [])
     names = artifact.meta.get("class_names") or (class_names(cfg, classes) if classes else None)
@@ -63,7 +67,7 @@ def save_image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: lis
     smoothing: each synthetic pixel stays a visible block), so a 32 px CIFAR image is shown at 64 px.
     Row ``c`` holds the first ``max_per_class`` images with ``labels == c`` (a title says when more were
     left out). Drawn with matplotlib's Agg canvas (``figimage``: pixels copied 1:1, no resampling) and
-    written atomically.
+    written atomically. The cells are laid out by ``torchvision.utils.make_grid`` (4 px white padding).
 
     Args:
         images: float ``[n, C, H, W]`` display images in [0, 1] (clamped), C = 1 or 3.
@@ -75,8 +79,6 @@ def save_image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: lis
         ``{"rows", "cols", "cell_px", "size": (width, height), "image_box": (left, top, width, height)}``
         in pixels of the written picture.
     """
-    import numpy as np
-
     x = images.detach().float().cpu().clamp(0, 1)
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"images: expected [n, 1 or 3, H, W], got {tuple(x.shape)}")
@@ -88,13 +90,13 @@ def save_image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: lis
     h, w = x.shape[2], x.shape[3]
     scale = max(1, -(-min_px // min(h, w)))
     ch, cw, pad = h * scale, w * scale, 4
-    canvas = np.full((n_cls * (ch + pad) + pad, cols * (cw + pad) + pad, 3), 255, dtype=np.uint8)
+    cells = torch.ones(n_cls * cols, 3, ch, cw)  # a class with fewer images leaves white cells
     for r, idx in enumerate(per_class):
         for c, i in enumerate(idx[:cols]):
             img = x[i].repeat(3, 1, 1) if x.shape[1] == 1 else x[i]
-            big = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-            y0, x0 = pad + r * (ch + pad), pad + c * (cw + pad)
-            canvas[y0:y0 + ch, x0:x0 + cw] = (big.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            cells[r * cols + c] = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    grid = make_grid(cells, nrow=cols, padding=pad, pad_value=1.0)  # [3, rows*(ch+pad)+pad, cols*(cw+pad)+pad]
+    canvas = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     more = max((len(i) for i in per_class), default=0) > cols
     head = title or "distilled set"
     head += f" ({cols} of {max(len(i) for i in per_class)} per class shown)" if more else ""

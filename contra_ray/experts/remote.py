@@ -134,7 +134,7 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         cfg: validated config; uses ``experts.*``, ``device`` and ``expert_store()``.
         train_x: float32 ``[N, C, H, W]`` preprocessed; train_y: int64 ``[N]``; test_x/test_y likewise.
         spec: the expert network (``cfg.model_spec(...)``).
-        store_meta: data-side meta, see :func:`make_store_meta`; ``model_spec``, ``epochs`` and ``recipe``
+        store_meta: data-side meta, see :func:`store_meta`; ``model_spec``, ``epochs`` and ``recipe``
             (the ``experts`` training fields) are filled in here.
         preprocessor_state: ``Preprocessor.state_dict()``, saved with a new store.
         augment_factory: zero-argument callable returning the augmentation, called inside each task; if
@@ -234,6 +234,10 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
 
 
 def store_meta(cfg: Config, data: PreparedData) -> dict:
+    """The data side of an expert store's ``store.json``: ``model_spec``, ``dataset_id``, ``content_hash``,
+    ``zca``, ``zca_eps``, ``preprocessor_fingerprint``, ``classes``, ``epochs`` (and ``class_names`` where the
+    data set has readable names); :func:`train_experts` adds the recipe. What a later run's store is checked
+    against (:meth:`ExpertStore.check_compatible`)."""
     meta = {"model_spec": data.spec.to_dict(), "dataset_id": data.train.dataset_id,
             "content_hash": data.train.content_hash, "zca": cfg.data.zca, "zca_eps": cfg.data.zca_eps,
             "preprocessor_fingerprint": data.preprocessor.fingerprint(), "classes": list(data.train.classes),

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from contra_ray.common.fileio import atomic_write, sha256_file
 from contra_ray.models import ModelSpec
 
-__all__ = ["STORE_FORMAT", "PARTIAL_FORMAT", "ExpertStoreError", "ExpertStore", "PartialExpert", "make_store_meta"]
+__all__ = ["STORE_FORMAT", "PARTIAL_FORMAT", "ExpertStoreError", "ExpertStore", "PartialExpert"]
 
 STORE_FORMAT = "contra_ray.experts.store/1"
 PARTIAL_FORMAT = "contra_ray.expert_partial/1"
@@ -49,22 +49,6 @@ _INDEX_SCHEMA = pa.schema([
 class ExpertStoreError(ValueError):
     """The expert store is missing, corrupt, or does not fit the configuration; the message names the store
     path, the field and the values."""
-
-
-def make_store_meta(data: Any, preprocessor: Any) -> dict:
-    """Store-level meta describing the data side of an expert store.
-
-    Args:
-        data: a ``contra_ray.data.ImageSet`` (uses ``dataset_id``, ``content_hash``, ``classes``).
-        preprocessor: its ``contra_ray.data.Preprocessor`` (``zca``, ``zca_eps``, ``fingerprint()``).
-
-    Returns:
-        dict with ``dataset_id``, ``content_hash``, ``classes``, ``zca``, ``zca_eps``,
-        ``preprocessor_fingerprint``; :func:`train_experts` adds ``model_spec``, ``epochs`` and the recipe.
-    """
-    return {"dataset_id": str(data.dataset_id), "content_hash": str(data.content_hash),
-            "classes": [str(c) for c in data.classes], "zca": bool(preprocessor.zca),
-            "zca_eps": float(preprocessor.zca_eps), "preprocessor_fingerprint": str(preprocessor.fingerprint())}
 
 
 class ExpertStore:

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from contra_ray.config import ExpertConfig
-from contra_ray.experts.store import ExpertStore, ExpertStoreError, PartialExpert, make_store_meta
+from contra_ray.experts.store import ExpertStore, ExpertStoreError, PartialExpert
 from contra_ray.models import ModelSpec, build_model, flat_params, load_flat_params
 
-__all__ = ["SampleOrder", "ShuffledOrder", "CurriculumOrder", "first_correct_epoch", "BatchLoader", "TensorBatchLoader", "StreamingBatchLoader", "EpochStats", "train_expert", "ExpertStoreError", "ExpertStore", "make_store_meta"]
+__all__ = ["EpochStats", "first_correct_epoch", "train_expert"]
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 

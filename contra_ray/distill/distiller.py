@@ -20,6 +20,7 @@ from contra_ray.config import Config, ConfigError
 from contra_ray.distill.matching import SegmentPlan, accumulate_matching_gradients, make_plan
 from contra_ray.models import ModelSpec, build_model, functional_forward
 from contra_ray.common.seeds import derive_seed
+from contra_ray.experts.store import ExpertStore
 
 __all__ = ["Distiller", "DistillationDiverged", "InitReport", "HARD_LABEL_LOGIT"]
 
@@ -84,8 +85,8 @@ class Distiller:
             :func:`contra_ray.distill.memory.plan_unroll_memory`).
     """
 
-    def __init__(self, cfg: Config, store, spec: ModelSpec, train_x: torch.Tensor, train_y: torch.Tensor,
-                 augment=None, expert_ids: list[int] | None = None, device: str = "cpu",
+    def __init__(self, cfg: Config, store: ExpertStore, spec: ModelSpec, train_x: torch.Tensor, train_y: torch.Tensor,
+                 augment: Callable[..., torch.Tensor] | None = None, expert_ids: list[int] | None = None, device: str = "cpu",
                  fixed_start: int | None = None, workers: int = 1, available_bytes: int | None = None):
         self.cfg, self.d, self.store, self.spec = cfg, cfg.distill, store, spec
         self.device = torch.device(device)

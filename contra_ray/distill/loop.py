@@ -27,11 +27,25 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from contra_ray.distill.checkpoint import check_resumable
+from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config
+from contra_ray.data.prepare import PreparedData
+from contra_ray.distill.artifact import DistilledSet
+from contra_ray.distill.checkpoint import check_resumable
 from contra_ray.distill.distiller import Distiller
 from contra_ray.distill.matching import SegmentPlan
-from contra_ray.common.seeds import derive_seed
+from contra_ray.experts.store import ExpertStore
+
+
+class MetricLogger(Protocol):
+    """Where rank 0's metrics go (:class:`contra_ray.tracking.RunLogger`, a Tune trial's logger, a test list)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+#: ``monitor(distiller) -> metrics`` every ``distill.monitor_every`` iterations on rank 0
+#: (:class:`contra_ray.analyze.correlation.ForgettingMonitor`)
+Monitor = Callable[[Distiller], dict[str, float]]
 
 __all__ = ["GradientSync", "LocalSync", "AllReduceSync", "worker_share", "Checkpointer", "LoopResult",
            "run_loop", "periodic_accuracy"]
@@ -206,8 +220,9 @@ class _Progress:
             self.bar.close()
 
 
-def run_loop(distiller: Distiller, cfg: Config, data=None, *, sync: GradientSync | None = None,
-             checkpoints: Checkpointer | None = None, logger=None, monitor=None, resume: bool = True,
+def run_loop(distiller: Distiller, cfg: Config, data: PreparedData | None = None, *, sync: GradientSync | None = None,
+             checkpoints: Checkpointer | None = None, logger: MetricLogger | None = None,
+             monitor: Monitor | None = None, resume: bool = True,
              progress: str | None = "bar", before_iteration: Callable[[int], None] | None = None) -> LoopResult:
     """Run the distillation iterations that remain (see the module docstring).
 
@@ -303,8 +318,8 @@ def run_loop(distiller: Distiller, cfg: Config, data=None, *, sync: GradientSync
 
 # ---------------------------------------------------------------------------------------------- one process
 
-def run_distillation(cfg: Config, data, store, logger=None, resume: bool = True,
-                     progress: str | None = "bar") -> tuple[Any, dict[str, list[float]]]:
+def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger: MetricLogger | None = None,
+                     resume: bool = True, progress: str | None = "bar") -> tuple[DistilledSet, dict[str, list[float]]]:
     """Distill in this process: build the :class:`Distiller` (DSA, forgetting monitor if
     ``distill.monitor_every``), run :func:`run_loop` with :class:`LocalSync` and, if
     ``distill.checkpoint_every``, :class:`~contra_ray.distill.checkpoint.LocalCheckpoints` in

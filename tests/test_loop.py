@@ -1,6 +1,5 @@
 """The one loop: local checkpoints with fallback and config check, seed roles, module structure."""
 
-import ast
 import json
 import subprocess
 import sys
@@ -120,42 +119,7 @@ def test_evaluation_never_starts_from_an_experts_initialization():
     assert set(evaluation_seeds(0, 5)).isdisjoint(derive_seed(0, "expert", i) for i in range(5))
 
 
-# ---------------------------------------------------------------------------------------------- structure
-
-def _relative_imports(path: Path, modules: set[str]) -> set[str]:
-    deps = set()
-    for n in ast.walk(ast.parse(path.read_text())):
-        if isinstance(n, ast.ImportFrom) and n.level == 1:
-            deps |= {n.module.split(".")[0]} if n.module else {a.name for a in n.names}
-    return deps & modules - {path.stem}
-
-
-def test_no_import_cycle_among_modules_lazy_imports_included():
-    pkg = ROOT / "contra_ray"
-    modules = {p.stem for p in pkg.glob("*.py")}
-    graph = {m: _relative_imports(pkg / f"{m}.py", modules) for m in modules}
-
-    def reachable(a):
-        seen, todo = set(), [a]
-        while todo:
-            for b in graph[todo.pop()]:
-                if b not in seen:
-                    seen.add(b)
-                    todo.append(b)
-        return seen
-
-    cycles = sorted(m for m in modules if m in reachable(m))
-    assert cycles == [], f"modules on an import cycle: {cycles}"
-
-
-def test_the_core_imports_neither_ray_nor_mlflow():
-    code = ("import sys, contra_ray.distill.loop, contra_ray.distill.distiller, contra_ray.distill.matching, "
-            "contra_ray.distill.checkpoint, contra_ray.distill.memory, contra_ray.data, contra_ray.experts, "
-            "contra_ray.distill.artifact, contra_ray.models, contra_ray.augment, contra_ray.evaluate.training; "
-            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "[]"
-
+# ---------------------------------------------------------------------------------------------- resume
 
 def test_lowering_iterations_below_the_checkpoint_is_refused(tmp_path):
     """A user finding: resuming at iteration 4 with distill.iterations=2 saved the 4-iteration set."""

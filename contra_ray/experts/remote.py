@@ -97,7 +97,7 @@ def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, sp
     path = Path(cfg.ffcv_dir).expanduser() / beton_name(store_meta["dataset_id"], cfg.ffcv_mode)
     check_beton(path, dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
                 resolution=spec.image_size, num_samples=len(train_y))
-    from contra_ray.data.sources import Preprocessor
+    from contra_ray.data.preprocess import Preprocessor
 
     return FFCVLoaderFactory(path, Preprocessor.from_state_dict(preprocessor_state), cfg.batch_size)
 

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     import torch
 
     from contra_ray.config import DataConfig
-    from contra_ray.data.sources import ImageSet, _imagefolder_root, content_hash, fit_preprocessor, load_split
+    from contra_ray.data.preprocess import fit_preprocessor
+    from contra_ray.data.sources import ImageSet, content_hash, imagefolder_root, load_split
     from contra_ray.experts.curriculum import ShuffledOrder
     from contra_ray.data.loaders import TensorBatchLoader
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         from torch.utils.data import DataLoader, Subset
         from torchvision.datasets import ImageFolder
 
-        folder = _imagefolder_root(Path(args.cache_dir) / "cifar10-jpeg") / "train"
+        folder = imagefolder_root(Path(args.cache_dir) / "cifar10-jpeg") / "train"
         tf = T.Compose([T.ToTensor(), T.Normalize(pre.mean.tolist(), pre.std.tolist())])
         ds = Subset(ImageFolder(str(folder), transform=tf), idx.tolist())
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from conftest import CIFAR_TARBALL
 from contra_ray import data
 from contra_ray.config import DataConfig
-from contra_ray.data.sources import ImageSet, Preprocessor, fit_preprocessor, load_split, real_images_per_class
+from contra_ray.data.preprocess import Preprocessor, fit_preprocessor, real_images_per_class
+from contra_ray.data.sources import ImageSet, load_split
 
 CLASSES = ("cat", "dog", "frog")
 

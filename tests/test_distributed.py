@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from contra_ray.config import load_config
-from contra_ray.data.sources import ImageSet, Preprocessor, content_hash
+from contra_ray.data.preprocess import Preprocessor
+from contra_ray.data.sources import ImageSet, content_hash
 from contra_ray.data.prepare import PreparedData
 from contra_ray.distill.remote import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint, worker_share, write_checkpoint)
 from contra_ray.experts.store import ExpertStore

@@ -208,7 +208,7 @@ def fake_modules(monkeypatch):
         return types.SimpleNamespace(images=to_uint8(x), labels=y, classes=["pos", "neg"], dataset_id="toy",
                                      content_hash="h")
 
-    from contra_ray.data.sources import real_images_per_class
+    from contra_ray.data.preprocess import real_images_per_class
 
     data = types.ModuleType("contra_ray.data")
     data.Preprocessor, data.load_split, data.real_images_per_class = Pre, load_split, real_images_per_class

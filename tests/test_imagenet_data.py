@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from contra_ray.config import ConfigError, DataConfig, load_config
-from contra_ray.data.sources import Preprocessor, fit_preprocessor, load_split
+from contra_ray.data.preprocess import Preprocessor, fit_preprocessor
+from contra_ray.data.sources import load_split
 from contra_ray.data.disk_images import DiskImages, PreprocessedImages, write_npy
 from contra_ray.data.imagenet import decode_resized
 from contra_ray.common.seeds import derive_seed

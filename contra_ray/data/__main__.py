@@ -1,5 +1,5 @@
 import sys
 
-from contra_ray.data.sources import main
+from contra_ray.data.cli import main
 
 sys.exit(main())

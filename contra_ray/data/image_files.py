@@ -2,8 +2,8 @@
 
 :func:`decode_images` decodes files as torchvision's ``ImageFolder`` default loader does
 (``PIL.Image.convert("RGB")``), refusing images whose samples are not 8-bit; :func:`check_split_classes`
-refuses ImageFolder splits that list different classes. Used by :mod:`contra_ray.data` (which re-exports
-both) and :mod:`contra_ray.data.imagenet`.
+refuses ImageFolder splits that list different classes; :func:`list_split` lists one split of a tree after
+that check. Used by :mod:`contra_ray.data.sources` and :mod:`contra_ray.data.imagenet`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
 
-__all__ = ["decode_images", "check_split_classes", "find_classes", "list_image_folder", "differences", "NOT_8BIT"]
+__all__ = ["decode_images", "check_split_classes", "find_classes", "list_image_folder", "list_split", "split_dir",
+           "differences", "NOT_8BIT"]
 
 # PIL modes whose samples are not 8-bit (16/32-bit integer, float): PIL's convert("RGB") clips them to
 # 0..255 instead of scaling, so they are refused rather than silently flattened
-NOT_8BIT = _NOT_8BIT = ("I", "F")
+NOT_8BIT = ("I", "F")
 
 
-def _split_dir(root: Path, split: str) -> Path:
+def split_dir(root: Path, split: str) -> Path:
+    """``root/train`` for ``split="train"``, else ``root/test`` or (without it) ``root/val``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory, or the split's folder is missing (names both).
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={str(root)!r}: no such directory")
     names = ("train",) if split == "train" else ("test", "val")
@@ -74,9 +83,6 @@ def list_image_folder(folder: str | os.PathLike):
         FileNotFoundError: no class folders; a class folder without image files (names the folder's path
             and the image extensions looked for).
     """
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     folder = Path(folder)
 
     class _VisibleFolder(ImageFolder):
@@ -96,6 +102,19 @@ def list_image_folder(folder: str | os.PathLike):
         raise FileNotFoundError(f"{folder / empty[0]}: class folder holds no image files ({', '.join(IMG_EXTENSIONS)})"
                                 f"{more}; add its images or remove the folder from every split")
     return listing
+
+
+def list_split(root: Path, split: str):
+    """``(folder, listing)``: the folder of ``split`` in the ImageFolder tree ``root`` (:func:`split_dir`) and
+    its :func:`list_image_folder` listing, after :func:`check_split_classes`.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`split_dir`, :func:`check_split_classes` and
+            :func:`list_image_folder`.
+    """
+    folder = split_dir(root, split)
+    check_split_classes(root)
+    return folder, list_image_folder(folder)
 
 
 def check_split_classes(root: str | os.PathLike) -> None:
@@ -144,8 +163,6 @@ def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
         ValueError: no files; an image whose size differs from the first image's (names both files); an
             image whose mode is not 8-bit or cannot be converted to RGB (names the file and its mode).
     """
-    from tqdm import tqdm
-
     try:  # deprecated in torchvision 0.29 (superseded by TorchCodec); PIL is the fallback
         from torchvision.io import ImageReadMode, decode_image
     except ImportError:
@@ -174,7 +191,7 @@ def _decode_one(path: str, decode_image, tv_mode, first: str, hw: tuple[int, int
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ValueError(f"{path}: not a readable image ({e})") from None
     with im:
-        if im.mode.startswith(_NOT_8BIT):
+        if im.mode.startswith(NOT_8BIT):
             raise ValueError(f"{path}: image mode {im.mode!r} is not 8 bits per channel; PIL's convert('RGB') would "
                              f"clip its values to 0..255 instead of scaling them. Convert the file to 8-bit RGB "
                              f"or grayscale first")

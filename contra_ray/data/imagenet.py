@@ -25,18 +25,24 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
 
-from contra_ray.data.disk_images import DiskImages, write_npy
 from contra_ray.common.fileio import atomic_write
+from contra_ray.common.raycluster import available_cpus
+from contra_ray.data.cache import files_key
+from contra_ray.data.disk_images import DiskImages, write_npy
+from contra_ray.data.image_files import NOT_8BIT, decode_images, differences, list_split
 
 __all__ = ["Listing", "tiny_imagenet_listing", "imagefolder_listing", "read_class_names", "load_imagenet_split",
            "IMAGENET_DEFAULT_RESOLUTION", "decode_resized"]
@@ -44,12 +50,9 @@ __all__ = ["Listing", "tiny_imagenet_listing", "imagefolder_listing", "read_clas
 IMAGENET_DEFAULT_RESOLUTION = 64
 _CACHE_VERSION = "npy-v1"  # bump when the decoded layout or the resizing changes
 _CHUNK = 256  # images per decoding job
-from contra_ray.data.image_files import NOT_8BIT as _NOT_8BIT
 
 
 def _image_ext(name: str) -> bool:
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -139,8 +142,6 @@ def tiny_imagenet_listing(root: str | os.PathLike, split: str) -> Listing:
             raise FileNotFoundError(f"data.root={str(root)!r}: no train/ folder in {root}")
         folders = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
         if folders != classes:
-            from contra_ray.data.image_files import differences
-
             missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
             raise ValueError(f"data.root={str(root)!r}: {train} holds other classes than {wnids_path}: "
                              f"{differences(missing, extra, 'missing', 'extra', sep=', ')} ({len(folders)} folders, "
@@ -197,12 +198,8 @@ def imagefolder_listing(root: str | os.PathLike, split: str) -> Listing:
         FileNotFoundError / ValueError: as :func:`contra_ray.data.image_files.check_split_classes`, a missing split,
             or an empty class folder (named by its path).
     """
-    from contra_ray.data.image_files import _split_dir, check_split_classes, list_image_folder
-
     root = Path(root).expanduser()
-    folder = _split_dir(root, split)
-    check_split_classes(root)
-    listing = list_image_folder(folder)
+    folder, listing = list_split(root, split)
     names_file = next((root / n for n in ("words.txt", "LOC_synset_mapping.txt") if (root / n).is_file()),
                       root / "words.txt")
     names = read_class_names(names_file, list(listing.classes), required=False)
@@ -217,14 +214,12 @@ def decode_resized(path: str, resolution: int) -> np.ndarray:
     Raises:
         ValueError: unreadable file, or a mode that is not 8 bits per channel (names the file and mode).
     """
-    import torchvision.transforms.functional as TF
-
     try:
         im = Image.open(path)
     except Exception as e:  # noqa: BLE001 - PIL raises many types
         raise ValueError(f"{path}: not a readable image ({e})") from None
     with im:
-        if im.mode.startswith(_NOT_8BIT):
+        if im.mode.startswith(NOT_8BIT):
             raise ValueError(f"{path}: image mode {im.mode!r} is not 8 bits per channel; convert it to 8-bit RGB first")
         rgb = im.convert("RGB")
     out = TF.center_crop(TF.resize(rgb, resolution, interpolation=TF.InterpolationMode.BILINEAR), resolution)
@@ -233,8 +228,6 @@ def decode_resized(path: str, resolution: int) -> np.ndarray:
 
 def _decode_chunk(files: list[str], resolution: int | None) -> np.ndarray:
     if resolution is None:
-        from contra_ray.data.image_files import decode_images
-
         return decode_images(files).numpy()
     return np.stack([decode_resized(f, resolution) for f in files])
 
@@ -243,19 +236,14 @@ def _release_freed_memory() -> None:
     """Hand memory freed by the decoding threads back to the OS (glibc ``malloc_trim``; no-op elsewhere):
     their per-thread malloc arenas otherwise keep it resident for the rest of the process."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
 def _cache_key(listing: Listing, resolution: int | None, name: str) -> str:
-    h = hashlib.sha256(f"{_CACHE_VERSION}\0{name}\0{resolution}\0{listing.folder.resolve()}".encode())
-    for path, label in zip(listing.files, listing.labels.tolist()):
-        st = os.stat(path)
-        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return files_key([_CACHE_VERSION, name, resolution, listing.folder.resolve()],
+                     zip(listing.files, listing.labels.tolist()))
 
 
 def decoded_cache(listing: Listing, split: str, name: str, resolution: int | None, cache_dir: str | os.PathLike,
@@ -277,16 +265,12 @@ def decoded_cache(listing: Listing, split: str, name: str, resolution: int | Non
     if not listing.files:
         raise ValueError(f"{listing.folder}: no images")
     if threads <= 0:
-        from contra_ray.common.raycluster import available_cpus
-
         threads = available_cpus()
     first = _decode_chunk(listing.files[:1], resolution)[0]
     shape = (len(listing.files), *first.shape)
     chunks = [listing.files[s:s + _CHUNK] for s in range(0, len(listing.files), _CHUNK)]
 
     def decoded():
-        from tqdm import tqdm
-
         window = 2 * max(1, threads)  # chunks in flight: decoded chunks never pile up ahead of the writer
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             pending = collections.deque()
@@ -306,6 +290,7 @@ def decoded_cache(listing: Listing, split: str, name: str, resolution: int | Non
 
     digest = write_npy(folder / "images.npy", shape, decoded(), listing.labels)
     _release_freed_memory()
+
     def save_labels(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
             np.save(f, listing.labels.astype(np.int64))

@@ -2,9 +2,16 @@
 """
 
 from __future__ import annotations
+
 import dataclasses
+from pathlib import Path
+
 import torch
+
 from contra_ray.config import Config
+from contra_ray.data.imagenet import read_class_names
+from contra_ray.data.preprocess import fit_preprocessor
+from contra_ray.data.sources import load_split
 from contra_ray.models import ModelSpec
 
 
@@ -33,8 +40,6 @@ def prepare_data(cfg: Config, with_test: bool = True) -> PreparedData:
         ConfigError: IPC or batch_syn too large for the data (:meth:`Config.validate_data`).
         FileNotFoundError: dataset missing (see :func:`contra_ray.data.load_split`).
     """
-    from contra_ray.data.sources import fit_preprocessor, load_split
-
     train = load_split(cfg.data, "train")
     cfg.validate_data(train.num_classes, int(train.class_counts().min()))
     test = load_split(cfg.data, "test") if with_test else None
@@ -48,10 +53,6 @@ def class_names(cfg: Config, classes: list[str]) -> list[str]:
     (or ``LOC_synset_mapping.txt``) under ``data.root`` for ``tiny-imagenet`` / ``imagenet``, else ``classes``."""
     if cfg.data.dataset not in ("tiny-imagenet", "imagenet") or not cfg.data.root:
         return list(classes)
-    from pathlib import Path
-
-    from contra_ray.data.imagenet import read_class_names
-
     root = Path(cfg.data.root).expanduser()
     names = next((root / n for n in ("words.txt", "LOC_synset_mapping.txt") if (root / n).is_file()), None)
     return read_class_names(names, list(classes), required=False) if names else list(classes)

@@ -1,4 +1,4 @@
-"""Real image data: loading, class-balanced subsets, and the preprocessing every stage shares.
+"""Real image data: loading and class-balanced subsets.
 
 * :func:`load_split` returns an :class:`ImageSet` (uint8 images, int64 labels, class names, a dataset id
   and a content hash) for ``cifar10`` / ``cifar100`` (torchvision format), ``cifar10-jpeg`` (the tarball
@@ -6,12 +6,9 @@
   ``imagefolder`` tree; ``tiny-imagenet`` (the published folder layout) and ``imagenet`` (an ImageFolder
   tree, resized to ``data.resolution``) come from :mod:`contra_ray.data.imagenet`, streamed from an
   on-disk cache when ``data.in_memory`` is false (:mod:`contra_ray.data.disk_images`). Decoded images are
-  cached in ``cfg.cache_dir`` so the JPEGs are decoded once.
-* :class:`Preprocessor` / :func:`fit_preprocessor`: ``/255``, per-channel normalisation and ZCA
-  whitening (kornia ``ZCAWhitening``, as in the MTT / DATM reference ``utils.get_dataset``), plus the
-  inverse used to display synthetic images. It is saved with every artifact (``state_dict``) and
-  identified by :meth:`Preprocessor.fingerprint`.
-* :func:`real_images_per_class` picks ``ipc`` random real images per class (baselines, initialisation).
+  cached in ``cfg.cache_dir`` (:mod:`contra_ray.data.cache`) so the JPEGs are decoded once.
+
+The preprocessing (mean/std, ZCA) is :mod:`contra_ray.data.preprocess`.
 
 Inputs are never silently wrong: the splits of a data set must list the same classes (else a test image of
 class ``c`` would be scored as another class's index), every image is decoded to 8-bit RGB as
@@ -25,8 +22,6 @@ Every cache write goes to a temporary file or directory first and is moved into 
 """
 
 from __future__ import annotations
-
-from contra_ray.common.cli import cli_error
 
 import dataclasses
 import hashlib
@@ -42,30 +37,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contra_ray.data.disk_images import DiskImages, PreprocessedImages
-from contra_ray.data.image_files import _names, _split_dir, check_split_classes, decode_images, list_image_folder
 from contra_ray.common.fileio import atomic_write, sha256_file
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import DataConfig
+from contra_ray.data.cache import DECODER, files_key, read_decoded, write_decoded
+from contra_ray.data.disk_images import DiskImages
+from contra_ray.data.image_files import decode_images, list_split
+from contra_ray.data.imagenet import effective_resolution, load_imagenet_split
 
-__all__ = [
-    "ImageSet",
-    "load_split",
-    "Preprocessor",
-    "fit_preprocessor",
-    "real_images_per_class",
-    "content_hash",
-    "decode_images",
-    "check_split_classes",
-    "shared_dir",
-    "SPLITS",
-]
+__all__ = ["ImageSet", "load_split", "content_hash", "imagefolder_root", "shared_dir", "SPLITS"]
 
 SPLITS = ("train", "test")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _MARKER = ".contra_ray_extracted.json"
-_CHUNK = 4096  # images per chunk when normalising / whitening
-_DECODER = "rgb8v2"  # in every decoded-cache name: bump when decoding changes (v2: always RGB, modes checked)
+_CHUNK = 4096  # images per chunk when hashing a streamed set
 
 
 def shared_dir() -> Path:
@@ -174,8 +159,6 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     class_names = None
     dataset_id = f"{cfg.dataset}/{split}"
     if cfg.dataset in ("tiny-imagenet", "imagenet"):
-        from contra_ray.data.imagenet import effective_resolution, load_imagenet_split
-
         images, labels, classes, class_names, digest = load_imagenet_split(cfg, split)
         res = effective_resolution(cfg)
         if res is not None:
@@ -253,15 +236,15 @@ def _load_cifar10_jpeg(cfg: DataConfig, split: str):
     name = tarball.name.split(".")[0]
 
     def cache_for(sha: str) -> Path:
-        return Path(cfg.cache_dir) / "decoded" / f"{name}-{sha[:16]}-{_DECODER}-{split}.pt"
+        return Path(cfg.cache_dir) / "decoded" / f"{name}-{sha[:16]}-{DECODER}-{split}.pt"
 
     marker = _read_marker(Path(cfg.cache_dir) / name)
     if marker and _same_stat(marker, tarball):  # verified before: no hashing, no listing
-        cached = _read_decoded(cache_for(marker["sha256"]))
+        cached = read_decoded(cache_for(marker["sha256"]))
         if cached is not None:
             return cached
     folder, sha = _extract_tarball(tarball, Path(cfg.cache_dir))
-    return _decode_cached(_imagefolder_root(folder), split, cache_for(sha))
+    return _decode_cached(imagefolder_root(folder), split, cache_for(sha))
 
 
 def _expected_sha256(tarball: Path) -> str | None:
@@ -357,7 +340,7 @@ def _bad_tarball(tarball: Path, what: str, e: BaseException | None = None) -> Va
                       "of the data set tarball, or point data.root at an extracted folder")
 
 
-def _imagefolder_root(folder: Path) -> Path:
+def imagefolder_root(folder: Path) -> Path:
     """``folder`` itself if it holds ``train/``, else its single subdirectory that does."""
     if (folder / "train").is_dir():
         return folder
@@ -371,316 +354,22 @@ def _imagefolder_root(folder: Path) -> Path:
 
 def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
     """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
-    folder = _split_dir(root, split)
-    check_split_classes(root)
-    listing = list_image_folder(folder)
-    h = hashlib.sha256(f"{_DECODER}\0{folder.resolve()}".encode())
-    for path, label in listing.samples:
-        st = os.stat(path)
-        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    key = f"imagefolder-{h.hexdigest()[:16]}-{split}.pt"
-    return _decode_cached(folder.parent, split, Path(cache_dir) / "decoded" / key, listing=listing)
-
-
-def _read_decoded(path: Path):
-    if not path.is_file():
-        return None
-    d = torch.load(path, weights_only=True)
-    return d["images"], d["labels"], list(d["classes"]), d["content_hash"]
+    folder, listing = list_split(root, split)
+    key = files_key([DECODER, folder.resolve()], listing.samples)
+    return _decode_cached(folder.parent, split, Path(cache_dir) / "decoded" / f"imagefolder-{key}-{split}.pt",
+                          listing=listing)
 
 
 def _decode_cached(root: Path, split: str, cache: Path, listing=None):
     """Decoded ``(images, labels, classes, content_hash)`` of ``root/<split>``, from ``cache`` if present."""
-    cached = _read_decoded(cache)
+    cached = read_decoded(cache)
     if cached is not None:
         return cached
     if listing is None:
-        check_split_classes(root)
-        listing = list_image_folder(_split_dir(root, split))
+        _, listing = list_split(root, split)
     files = [p for p, _ in listing.samples]
     images = decode_images(files, desc=f"decoding {root.name}/{split}")
     labels = torch.as_tensor(listing.targets, dtype=torch.int64)
     digest = content_hash(images, labels)
-    atomic_write(cache, lambda tmp: torch.save({"images": images, "labels": labels,
-                                                "classes": list(listing.classes), "content_hash": digest}, tmp))
+    write_decoded(cache, images, labels, listing.classes, digest)
     return images, labels, list(listing.classes), digest
-
-
-# ---------------------------------------------------------------------------------------- preprocessing
-
-@dataclasses.dataclass
-class Preprocessor:
-    """uint8 images -> network input, and back for display (paper App. D: ZCA as in MTT / DATM).
-
-    Forward: ``x = images / 255``; ``x = (x - mean) / std`` per channel; if ``zca``,
-    ``x = (flatten(x) - zca_mean) @ zca_matrix`` (kornia ``ZCAWhitening`` convention,
-    ``zca_matrix = U (S + eps)^-1/2 U^T`` of the train covariance).
-
-    Attributes:
-        mean, std: float32 ``[C]`` (in units of ``images / 255``).
-        zca: whether ZCA whitening is applied.
-        zca_eps: the eigenvalue shrinkage ``eps`` of the fit.
-        zca_mean: float32 ``[1, C*H*W]`` (kornia ``mean_vector``) or ``None``.
-        zca_matrix: float32 ``[D, D]``, ``D = C*H*W`` (kornia ``transform_matrix``) or ``None``.
-        zca_inverse: float32 ``[D, D]`` (kornia ``transform_inv``) or ``None``.
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    zca: bool = False
-    zca_eps: float = 0.1
-    zca_mean: torch.Tensor | None = None
-    zca_matrix: torch.Tensor | None = None
-    zca_inverse: torch.Tensor | None = None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[N, C, H, W]`` -> float32 ``[N, C, H, W]`` on the same device (processed in chunks).
-
-        A streamed :class:`DiskImages` gives a lazy :class:`~contra_ray.data.disk_images.PreprocessedImages`
-        (rows are read and preprocessed when indexed), never the whole float32 tensor.
-
-        Raises:
-            TypeError: ``images`` is not uint8 (float input would be scaled twice).
-            ValueError: shape does not match the fitted channels / ZCA dimension.
-        """
-        if isinstance(images, DiskImages):
-            self._check_shape(images)
-            return PreprocessedImages(images, self)
-        if images.dtype != torch.uint8:
-            raise TypeError(f"Preprocessor expects uint8 images, got {images.dtype}")
-        self._check_shape(images)
-        dev = images.device
-        mean, std = self.mean.to(dev).view(1, -1, 1, 1), self.std.to(dev).view(1, -1, 1, 1)
-        zm, zt = (self.zca_mean.to(dev), self.zca_matrix.to(dev)) if self.zca else (None, None)
-        out = torch.empty(images.shape, dtype=torch.float32, device=dev)
-        for s in range(0, len(images), _CHUNK):
-            x = (images[s:s + _CHUNK].float() / 255.0 - mean) / std
-            if self.zca:
-                x = ((x.flatten(1) - zm) @ zt).view_as(x)
-            out[s:s + _CHUNK] = x
-        return out
-
-    def to_display(self, x: torch.Tensor) -> torch.Tensor:
-        """Network-space float ``[N, C, H, W]`` -> float ``[N, C, H, W]`` in [0, 1] (same dtype and device).
-
-        Inverse ZCA (``x @ zca_inverse + zca_mean``), un-normalise, clamp to [0, 1]; for image grids.
-        """
-        self._check_shape(x)
-        x = x.detach()
-        dev, dt = x.device, x.dtype
-        mean, std = self.mean.to(dev, dt).view(1, -1, 1, 1), self.std.to(dev, dt).view(1, -1, 1, 1)
-        out = torch.empty_like(x)
-        for s in range(0, len(x), _CHUNK):
-            y = x[s:s + _CHUNK]
-            if self.zca:
-                y = (y.flatten(1) @ self._inverse().to(dev, dt) + self.zca_mean.to(dev, dt)).view_as(y)
-            out[s:s + _CHUNK] = (y * std + mean).clamp(0.0, 1.0)
-        return out
-
-    def _inverse(self) -> torch.Tensor:
-        """The inverse ZCA matrix: kept from the fit, else computed once (in float64) from zca_matrix;
-        it is not stored in state_dict, which halves every artifact that carries the statistics."""
-        if self.zca_inverse is None:
-            self.zca_inverse = torch.linalg.inv(self.zca_matrix.double()).float()
-        return self.zca_inverse
-
-    def _check_shape(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != len(self.mean):
-            raise ValueError(f"expected images [N, {len(self.mean)}, H, W], got {tuple(x.shape)}")
-        if self.zca and int(np.prod(x.shape[1:])) != self.zca_matrix.shape[0]:
-            raise ValueError(f"ZCA was fitted on images of {self.zca_matrix.shape[0]} values, got "
-                             f"{tuple(x.shape[1:])}")
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only (safetensors-compatible): mean, std, zca (uint8 0/1), zca_eps (float64 scalar)
-        and, with ZCA, zca_mean, zca_matrix (the inverse is recomputed on load when needed)."""
-        d = {"mean": self.mean.float().contiguous(), "std": self.std.float().contiguous(),
-             "zca": torch.tensor(int(self.zca), dtype=torch.uint8),
-             "zca_eps": torch.tensor(float(self.zca_eps), dtype=torch.float64)}
-        if self.zca:
-            d.update(zca_mean=self.zca_mean.contiguous(), zca_matrix=self.zca_matrix.contiguous())
-        return d
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "Preprocessor":
-        """Inverse of :meth:`state_dict`.
-
-        Raises:
-            KeyError: a required entry is missing (names it).
-        """
-        for key in ("mean", "std", "zca", "zca_eps"):
-            if key not in d:
-                raise KeyError(f"preprocessor state has no {key!r} entry")
-        zca = bool(int(d["zca"]))
-        if zca:
-            for key in ("zca_mean", "zca_matrix"):
-                if key not in d:
-                    raise KeyError(f"preprocessor state has zca=1 but no {key!r} entry")
-        return cls(mean=d["mean"].float(), std=d["std"].float(), zca=zca, zca_eps=float(d["zca_eps"]),
-                   zca_mean=d.get("zca_mean") if zca else None, zca_matrix=d.get("zca_matrix") if zca else None,
-                   zca_inverse=d.get("zca_inverse") if zca else None)
-
-    def fingerprint(self) -> str:
-        """First 16 hex digits of sha256 over the state dict (keys sorted, dtype, shape and bytes)."""
-        h = hashlib.sha256()
-        for key, t in sorted(self.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()[:16]
-
-
-def fit_preprocessor(train: ImageSet, cfg: DataConfig, *, zca_on_normalized: bool = False) -> Preprocessor:
-    """Fit the preprocessing on the train set (cached in ``cfg.cache_dir/preprocessors``).
-
-    * Without ZCA: per-channel mean and std (population, float64 accumulation) of ``images / 255``.
-    * With ZCA (default, reference behaviour): ``mean = 0, std = 1`` and kornia
-      ``ZCAWhitening(eps=cfg.zca_eps, compute_inv=True)`` fitted on the whole ``images / 255`` train set,
-      or with ``cfg.zca_samples`` on that many train images drawn without replacement by a generator
-      seeded ``derive_seed(cfg.subset_seed, "zca_sample")`` (kept in index order; required for a streamed
-      set, whose ``images / 255`` would not fit in memory).
-      This is what the MTT and DATM reference ``utils.get_dataset`` do: with ``--zca`` their transform is
-      ``ToTensor()`` only (no ``Normalize``) and ZCA (eps 0.1) is fitted on the full train set. With
-      ``zca_on_normalized=True`` the mean/std normalisation is fitted and applied first and ZCA is fitted
-      on the normalised images instead (not the reference: eps=0.1 then shrinks ~16x less).
-
-    The result is cached (safetensors, atomic write) under a key of ``train.content_hash``, zca, eps and
-    the normalisation mode; a cache hit is returned without refitting.
-
-    Args:
-        train: the train :class:`ImageSet` (uint8 ``[N, C, H, W]``).
-        cfg: data config (``zca``, ``zca_eps``, ``cache_dir``).
-        zca_on_normalized: see above.
-
-    Raises:
-        ValueError: fewer than 2 training images; ZCA on a streamed set without ``data.zca_samples``.
-    """
-    from safetensors.torch import load_file, save_file
-
-    if len(train) < 2:
-        raise ValueError(f"fit_preprocessor needs at least 2 training images, got {len(train)}")
-    mode = "norm" if (zca_on_normalized or not cfg.zca) else "raw"
-    sample = cfg.zca_samples if (cfg.zca and cfg.zca_samples is not None and cfg.zca_samples < len(train)) else None
-    if cfg.zca and sample is None and isinstance(train.images, DiskImages):
-        raise ValueError(f"data.zca=true with data.zca_samples={cfg.zca_samples}: {train.dataset_id} is streamed "
-                         f"({len(train)} images); fit ZCA on a sample (e.g. data.zca_samples=20000)")
-    tag = f"-sample{sample}-seed{cfg.subset_seed}" if sample is not None else ""
-    key = f"{train.content_hash}-zca{int(cfg.zca)}-eps{cfg.zca_eps!r}-{mode}{tag}.safetensors"
-    path = Path(cfg.cache_dir) / "preprocessors" / key
-    if path.is_file():
-        return Preprocessor.from_state_dict(load_file(str(path)))
-
-    c = train.channels
-    if mode == "norm":
-        s1 = torch.zeros(c, dtype=torch.float64)
-        s2 = torch.zeros(c, dtype=torch.float64)
-        # a streamed set in chunks of ~4M values (32 MB of float64), not 4096 images (400 MB at 64 px)
-        step = max(1, min(_CHUNK, (1 << 22) // max(1, int(np.prod(train.images.shape[1:]))))) \
-            if isinstance(train.images, DiskImages) else _CHUNK
-        for s in range(0, len(train), step):
-            x = train.images[s:s + step].to(torch.float64) / 255.0
-            s1 += x.sum(dim=(0, 2, 3))
-            s2 += (x * x).sum(dim=(0, 2, 3))
-        count = len(train) * train.images.shape[2] * train.images.shape[3]
-        mean = s1 / count
-        std = (s2 / count - mean**2).clamp_min(1e-12).sqrt()
-        mean, std = mean.float(), std.float()
-    else:
-        mean, std = torch.zeros(c), torch.ones(c)
-    pre = Preprocessor(mean=mean, std=std, zca=False, zca_eps=cfg.zca_eps)
-    if cfg.zca:
-        import kornia
-
-        zca = kornia.enhance.ZCAWhitening(eps=float(cfg.zca_eps), compute_inv=True)
-        if sample is not None:
-            gen = torch.Generator().manual_seed(derive_seed(cfg.subset_seed, "zca_sample"))
-            idx = torch.randperm(len(train), generator=gen)[:sample].sort().values
-            zca.fit(pre(train.images[idx]))
-        else:
-            zca.fit(pre(train.images))
-        pre = dataclasses.replace(pre, zca=True, zca_mean=zca.mean_vector.detach().float().contiguous(),
-                                  zca_matrix=zca.transform_matrix.detach().float().contiguous(),
-                                  zca_inverse=zca.transform_inv.detach().float().contiguous())
-    atomic_write(path, lambda tmp: save_file(pre.state_dict(), str(tmp)))
-    return pre
-
-
-# ---------------------------------------------------------------------------------------- selection
-
-def real_images_per_class(images_float: torch.Tensor, labels: torch.Tensor, ipc: int,
-                          generator: torch.Generator, num_classes: int | None = None) -> torch.Tensor:
-    """Indices of ``ipc`` random real images per class, class order 0..C-1 (``ipc`` each).
-
-    For each class ``c`` in turn, draws ``torch.randperm(count_c, generator=generator)`` and keeps the
-    first ``ipc`` members (MTT / DATM ``get_images(c, n)``).
-
-    Args:
-        images_float: ``[N, C, H, W]`` images (any dtype; only its length is checked).
-        labels: int64 ``[N]``.
-        ipc: images per class (>= 1).
-        generator: CPU generator; the result depends only on its state and on ``labels``.
-        num_classes: C; default ``labels.max() + 1``.
-
-    Returns:
-        int64 ``[ipc * C]`` indices into ``images_float``, on the CPU.
-
-    Raises:
-        ValueError: ``ipc < 1``, length mismatch, or a class with fewer than ``ipc`` images.
-    """
-    if ipc < 1:
-        raise ValueError(f"ipc={ipc}: must be >= 1")
-    if len(images_float) != len(labels):
-        raise ValueError(f"{len(images_float)} images but {len(labels)} labels")
-    labels = labels.detach().cpu()
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    out = []
-    for c in range(num_classes):
-        members = torch.nonzero(labels == c).flatten()
-        if len(members) < ipc:
-            raise ValueError(f"ipc={ipc}: class {c} has only {len(members)} images")
-        out.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m contra_ray.data prepare ...``: write FFCV ``.beton`` files of a data set (see
-    :func:`contra_ray.data.ffcv_beton.write_beton`), each with its dataset id and content hash in a JSON beside it."""
-    import argparse
-    import sys
-    import time
-
-    from contra_ray.config import DATASETS, ConfigError, config_from_dict, default_cache_dir
-
-    p = argparse.ArgumentParser(prog="python -m contra_ray.data", description="data utilities")
-    sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("prepare", help="write FFCV .beton files (+ dataset id and content hash in a JSON) for "
-                                       "experts.loader=ffcv")
-    q.add_argument("--dataset", required=True, choices=DATASETS, help="data.dataset")
-    q.add_argument("--root", default=None, help="data.root (dataset folder, tarball or ImageFolder root)")
-    q.add_argument("--resolution", type=int, default=None,
-                   help="data.resolution (tiny-imagenet / imagenet; default: native, 64 for imagenet)")
-    q.add_argument("--mode", choices=("raw", "jpeg"), default="raw", help="raw: exact pixels; jpeg: lossy, smaller")
-    q.add_argument("--out", required=True, help="folder for the .beton files (experts.ffcv_dir)")
-    q.add_argument("--splits", default="train", help="comma-separated splits (train, test); default train")
-    q.add_argument("--cache-dir", default=default_cache_dir(), help="data.cache_dir (decoded images)")
-    q.add_argument("--train-per-class", type=int, default=None, help="data.train_per_class (class-balanced subset)")
-    q.add_argument("--subset-seed", type=int, default=0, help="data.subset_seed")
-    q.add_argument("--workers", type=int, default=1, help="FFCV writer processes")
-    args = p.parse_args(argv)
-    try:
-        cfg = config_from_dict({"data": {"dataset": args.dataset, "root": args.root, "resolution": args.resolution,
-                                         "cache_dir": args.cache_dir, "train_per_class": args.train_per_class,
-                                         "subset_seed": args.subset_seed}}).data
-        from contra_ray.data.ffcv_beton import write_beton
-
-        print(f"{'split':<6} {'images':>9} {'content hash':<17} {'seconds':>8}  file")
-        for split in [s for s in args.splits.split(",") if s]:
-            t0 = time.time()
-            data = load_split(cfg, split)
-            path = write_beton(data, args.out, args.mode, num_workers=args.workers)
-            print(f"{split:<6} {len(data):>9} {data.content_hash:<17} {time.time() - t0:>8.1f}  {path}", flush=True)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError, TimeoutError) as e:
-        return cli_error(e)
-    return 0

@@ -21,7 +21,7 @@ from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
 from contra_ray.data.prepare import PreparedData
-from contra_ray.data.sources import Preprocessor
+from contra_ray.data.preprocess import Preprocessor
 from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, difficulty_from_first_correct
 from contra_ray.experts.store import ExpertStore, ExpertStoreError
 from contra_ray.experts.training import Augment, first_correct_epoch, train_expert

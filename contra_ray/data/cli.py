@@ -1,0 +1,47 @@
+"""``python -m contra_ray.data prepare``: FFCV ``.beton`` files of a data set for ``experts.loader=ffcv``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from contra_ray.common.cli import cli_error
+from contra_ray.config import DATASETS, ConfigError, config_from_dict, default_cache_dir
+from contra_ray.data.ffcv_beton import write_beton
+from contra_ray.data.sources import load_split
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m contra_ray.data prepare ...``: write FFCV ``.beton`` files of a data set (see
+    :func:`contra_ray.data.ffcv_beton.write_beton`), each with its dataset id and content hash in a JSON beside it."""
+    p = argparse.ArgumentParser(prog="python -m contra_ray.data", description="data utilities")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("prepare", help="write FFCV .beton files (+ dataset id and content hash in a JSON) for "
+                                       "experts.loader=ffcv")
+    q.add_argument("--dataset", required=True, choices=DATASETS, help="data.dataset")
+    q.add_argument("--root", default=None, help="data.root (dataset folder, tarball or ImageFolder root)")
+    q.add_argument("--resolution", type=int, default=None,
+                   help="data.resolution (tiny-imagenet / imagenet; default: native, 64 for imagenet)")
+    q.add_argument("--mode", choices=("raw", "jpeg"), default="raw", help="raw: exact pixels; jpeg: lossy, smaller")
+    q.add_argument("--out", required=True, help="folder for the .beton files (experts.ffcv_dir)")
+    q.add_argument("--splits", default="train", help="comma-separated splits (train, test); default train")
+    q.add_argument("--cache-dir", default=default_cache_dir(), help="data.cache_dir (decoded images)")
+    q.add_argument("--train-per-class", type=int, default=None, help="data.train_per_class (class-balanced subset)")
+    q.add_argument("--subset-seed", type=int, default=0, help="data.subset_seed")
+    q.add_argument("--workers", type=int, default=1, help="FFCV writer processes")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_dict({"data": {"dataset": args.dataset, "root": args.root, "resolution": args.resolution,
+                                         "cache_dir": args.cache_dir, "train_per_class": args.train_per_class,
+                                         "subset_seed": args.subset_seed}}).data
+        print(f"{'split':<6} {'images':>9} {'content hash':<17} {'seconds':>8}  file")
+        for split in [s for s in args.splits.split(",") if s]:
+            t0 = time.time()
+            data = load_split(cfg, split)
+            path = write_beton(data, args.out, args.mode, num_workers=args.workers)
+            print(f"{split:<6} {len(data):>9} {data.content_hash:<17} {time.time() - t0:>8.1f}  {path}", flush=True)
+    except (ConfigError, FileNotFoundError, ValueError, ImportError, TimeoutError) as e:
+        return cli_error(e)
+    return 0

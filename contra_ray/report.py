@@ -86,32 +86,17 @@ def format_report(rows: list[dict], searched: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- over seeds
 
-# Student t 0.975 quantiles (two-sided 95 %), scipy.stats.t.ppf(0.975, df) to 6 decimals.
-_T975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912, 7: 2.364624,
-         8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 12: 2.178813, 13: 2.160369, 14: 2.144787,
-         15: 2.13145, 16: 2.119905, 17: 2.109816, 18: 2.100922, 19: 2.093024, 20: 2.085963, 21: 2.079614,
-         22: 2.073873, 23: 2.068658, 24: 2.063899, 25: 2.059539, 26: 2.055529, 27: 2.051831, 28: 2.048407,
-         29: 2.04523, 30: 2.042272, 40: 2.021075, 60: 2.000298, 120: 1.97993}
-_Z975 = 1.959964
-
-
 def t_quantile_975(df: int) -> float:
-    """``t(0.975, df)``: exact (to 1e-6) for df <= 30, 40, 60, 120; otherwise linear in 1/df between those
-    and the normal quantile 1.959964 (error < 1e-3).
+    """``t(0.975, df)``, the two-sided 95 % Student-t quantile (``scipy.stats.t.ppf(0.975, df)``).
 
     Raises:
         ValueError: ``df < 1``.
     """
+    from scipy.stats import t as student_t  # heavy import, only needed with --baseline
+
     if df < 1:
         raise ValueError(f"t quantile needs df >= 1, got {df}")
-    if df in _T975:
-        return _T975[df]
-    knots = [(1 / k, v) for k, v in sorted(_T975.items()) if k >= 30] + [(0.0, _Z975)]
-    x = 1 / df
-    for (x0, y0), (x1, y1) in zip(knots, knots[1:]):
-        if x1 <= x <= x0:
-            return y1 + (y0 - y1) * (x - x1) / (x0 - x1)
-    raise AssertionError("unreachable")
+    return float(student_t.ppf(0.975, df))
 
 
 def _key(value: Any) -> Any:

@@ -16,7 +16,9 @@ import pytest
 
 from conftest import assert_shared_vocabulary
 from contra_ray.config import ConfigError, load_config
-from contra_ray.tune.sweep import (SweepError, asha_settings, expand_space, expert_key, expert_store_resolver, load_space, main, searched_fields)
+from contra_ray.tune.cli import main
+from contra_ray.tune.space import SweepError, asha_settings, expand_space, load_space, searched_fields
+from contra_ray.tune.stores import expert_key, expert_store_resolver
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "cpu_smoke.yaml"
@@ -105,14 +107,13 @@ def test_space_with_a_key_given_twice_is_refused(tmp_path):
 
 def _no_work(monkeypatch):
     """Make any start of real work (Ray, data, experts) fail the test loudly."""
-    import contra_ray.evaluate
-    import contra_ray.data.prepare
+    import contra_ray.tune.sweep  # where run_sweep looks them up
 
     def work(*a, **k):
         raise AssertionError("work started before the inputs were checked")
 
-    monkeypatch.setattr(contra_ray.evaluate, "ensure_ray", work)
-    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
+    monkeypatch.setattr(contra_ray.tune.sweep, "ensure_ray", work)
+    monkeypatch.setattr(contra_ray.tune.sweep, "prepare_data", work)
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
@@ -492,7 +493,7 @@ def test_mlflow_server_serves_the_sweep(sweep, tmp_path):
                                                   ("--gpus-per-trial", "nan", "expected a non-negative number")])
 def test_cli_refuses_counts_that_cannot_run_also_in_dry_run(flag, value, message, capsys):
     """A user finding: --dry-run accepted --workers-per-trial -1, and --max-concurrent 0 was ignored."""
-    from contra_ray.tune import sweep as tune_cli
+    from contra_ray.tune import cli as tune_cli
 
     with pytest.raises(SystemExit) as e:
         tune_cli.main(["--space", "cpu_smoke", "--dry-run", flag, value])
@@ -510,7 +511,7 @@ def test_sweep_name_must_be_one_folder_inside_output_dir(tmp_path, monkeypatch, 
 
 
 def test_dry_run_checks_the_sweep_name_like_the_real_run(capsys):
-    from contra_ray.tune import sweep as tune_cli
+    from contra_ray.tune import cli as tune_cli
 
     assert tune_cli.main(["--space", "cpu_smoke", "--dry-run", "--name", "../x"]) == 2
     assert capsys.readouterr().err.startswith("error: --name='../x': ")

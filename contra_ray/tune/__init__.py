@@ -1,9 +1,11 @@
-"""Ray Tune sweeps of β, K, R and the ablations over ``tune_spaces/*.yaml`` (docs/SWEEPS.md).
+"""Ray Tune sweeps of β, K, R and the ablations over ``tune_spaces/*.yaml`` (docs/SWEEPS.md): the space
+(:mod:`.space`), expert stores (:mod:`.stores`), the trial side (:mod:`.trial`), the driver (:mod:`.sweep`).
 CLI: ``python -m contra_ray.tune --space NAME``.
 """
 
-from contra_ray.tune.sweep import SweepError, SweepSpec, TrialPoint, expand_space, load_space, run_sweep
+from contra_ray.tune.space import SweepError, SweepSpec, TrialPoint, expand_space, load_space
+from contra_ray.tune.sweep import run_sweep
 
-from contra_ray.tune.sweep import main
+from contra_ray.tune.cli import main
 
 __all__ = ["main", "SweepError", "SweepSpec", "TrialPoint", "expand_space", "load_space", "run_sweep"]

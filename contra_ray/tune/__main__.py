@@ -1,5 +1,5 @@
 import sys
 
-from contra_ray.tune.sweep import main
+from contra_ray.tune.cli import main
 
 sys.exit(main())

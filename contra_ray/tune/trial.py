@@ -15,16 +15,16 @@ import time
 
 import torch
 
-from contra_ray.augment import DSA
-from contra_ray.config import Config, config_from_dict
+from contra_ray.config import Config, EvalConfig, config_from_dict
+from contra_ray.data import PreparedData
 from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.checkpoint import read_checkpoint
 from contra_ray.distill.distiller import DistillationDiverged
 from contra_ray.distill.loop import run_distillation
 from contra_ray.distill.remote import make_trainer
-from contra_ray.evaluate.remote import evaluate_runs
-from contra_ray.evaluate.training import evaluation_seeds, summarize, train_and_test
+from contra_ray.evaluate.sets import EvalSet, evaluate_sets
+from contra_ray.evaluate.training import summarize
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, accuracy_metrics
@@ -116,28 +116,23 @@ def _distill_with_ray_train(cfg: Config, ctx: SweepContext, run_id: str | None):
     return DistilledSet.load(cfg.run_dir() / "distilled.safetensors"), history
 
 
-def _final_accuracies(artifact, data, ecfg, device: str, threads: int, as_tasks: bool) -> list[float]:
-    """Test accuracies of ``ecfg.runs`` networks trained on the distilled set (``evaluation_seeds``).
+def final_accuracies(artifact: DistilledSet, data: PreparedData, ecfg: EvalConfig, device: str, threads: int,
+                     as_tasks: bool) -> list[float]:
+    """Test accuracies of ``ecfg.runs`` networks of the distillation model trained on the distilled set
+    (:func:`contra_ray.evaluate.sets.evaluate_sets`).
 
-    ``as_tasks`` (W >= 1): one Ray task per run with ``ecfg.cpus_per_run`` / ``ecfg.gpus_per_run``, scheduled
-    outside the trial's placement group (which holds only the Train driver's 0.01 CPU; Tune would
-    otherwise capture the tasks into it). Else sequentially in the trial process, on its own CPUs / GPU.
+    ``as_tasks`` (W >= 1): one Ray task per run with ``ecfg.cpus_per_run`` / ``ecfg.gpus_per_run`` (on a GPU
+    only if it asks for one), scheduled outside the trial's placement group (which holds only the Train
+    driver's 0.01 CPU; Tune would otherwise capture the tasks into it). Else sequentially in the trial
+    process on ``device``, on its own CPUs / GPU.
     """
-    seeds = evaluation_seeds(ecfg.seed, ecfg.runs)
-    augment = DSA() if ecfg.dsa else None
-    lr = ecfg.lr or artifact.syn_lr
-    if not as_tasks:
-        return evaluate_runs(artifact.images, artifact.targets(), lr, data.spec, ecfg,
-                             data.test_x, data.test.labels, seeds, augment, device, threads, use_ray=False)
-    import ray
-
-    task = ray.remote(train_and_test).options(num_cpus=ecfg.cpus_per_run, num_gpus=ecfg.gpus_per_run,
-                                              scheduling_strategy="DEFAULT")
-    refs = [ray.put(t) for t in (artifact.images, artifact.targets(), data.test_x, data.test.labels)]
-    run_device = "cuda" if ecfg.gpus_per_run > 0 else "cpu"
-    return [float(a) for a in ray.get([task.remote(refs[0], refs[1], lr, data.spec, ecfg, refs[2],
-                                                   refs[3], s, augment, run_device, max(1, int(ecfg.cpus_per_run)))
-                                       for s in seeds])]
+    if as_tasks:
+        device = "cuda" if ecfg.gpus_per_run > 0 else "cpu"
+    method = artifact.meta.get("method", "contra")
+    _, accs = evaluate_sets([EvalSet(method, artifact.images, artifact.targets(), artifact.syn_lr)], [data.spec.name],
+                            data.spec, ecfg, data.test_x, data.test.labels, ipc=artifact.ipc, device=device,
+                            threads=threads, use_ray=as_tasks)
+    return accs[(method, data.spec.name)]
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
@@ -171,7 +166,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         artifact.meta["eval"], artifact.meta["config"] = dataclasses.asdict(final_eval), cfg.to_dict()
         out = cfg.run_dir() / "distilled.safetensors"
         artifact.save(out)
-        accs = _final_accuracies(artifact, data, final_eval, str(cfg.device), ctx.threads,
+        accs = final_accuracies(artifact, data, final_eval, str(cfg.device), ctx.threads,
                                  as_tasks=ctx.workers_per_trial > 0)
         mean, std = summarize(accs)
         # the trial evaluates the distillation network only: it is final_acc's main model

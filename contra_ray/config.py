@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -540,6 +540,24 @@ def set_dotted(d: dict, dotted: str, value: Any) -> dict:
                               "with fields")
     node[parts[-1]] = value
     return d
+
+
+def get_dotted(d: dict, dotted: str) -> Any:
+    """``d["a"]["b"]`` for ``dotted = "a.b"`` (KeyError if absent)."""
+    for p in dotted.split("."):
+        d = d[p]
+    return d
+
+
+def flatten_dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"distill": {"K": 0}, "eval.runs": 1}`` -> ``{"distill.K": 0, "eval.runs": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load_config(preset: str | None = None, overrides: list[str] | dict | None = None,

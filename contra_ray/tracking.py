@@ -40,7 +40,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from contra_ray.config import ConfigError
+from contra_ray.config import ConfigError, flatten_dotted
 from contra_ray.common.fileio import atomic_write, ensure_writable_dir
 
 __all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger", "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of", "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH"]
@@ -247,11 +247,7 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
     ``"..."``).
     """
     out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_params(value, f"{name}."))
-            continue
+    for name, value in flatten_dotted(config, prefix).items():
         if isinstance(value, (list, tuple)):
             try:
                 text = json.dumps(list(value))

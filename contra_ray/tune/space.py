@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from contra_ray.common.fileio import YAMLFileError, load_yaml
-from contra_ray.config import Config, ConfigError, load_config, set_dotted
+from contra_ray.config import Config, ConfigError, flatten_dotted, get_dotted, load_config, set_dotted
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepError", "load_space", "expand_space", "asha_settings", "check_schedule",
-           "space_path", "axis_fields", "searched_fields", "merge_nested", "get_dotted", "flatten_dotted",
+           "space_path", "axis_fields", "searched_fields", "merge_nested",
            "short_label"]
 
 SPACE_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
@@ -70,22 +70,8 @@ def _has_path(d: dict, dotted: str) -> bool:
     return True
 
 
-def get_dotted(d: dict, dotted: str) -> Any:
-    """``d["a"]["b"]`` for ``dotted = "a.b"`` (KeyError if absent)."""
-    for p in dotted.split("."):
-        d = d[p]
-    return d
 
 
-def flatten_dotted(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"distill": {"K": 0}, "eval.runs": 1}`` -> ``{"distill.K": 0, "eval.runs": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten_dotted(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def short_label(field: str, value: Any) -> str:

@@ -33,7 +33,6 @@ import dataclasses
 import itertools
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,6 +41,15 @@ import torch
 
 from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
 from contra_ray.models import ModelSpec
+from contra_ray import data
+from contra_ray.augment import DSA
+from contra_ray.common.fileio import ensure_writable_dir
+from contra_ray.common.raycluster import ensure_ray
+from contra_ray.config import ConfigError, check_device, config_from_dict
+from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
+from contra_ray.evaluate.sets import check_artifact_matches, test_meta_for
+from contra_ray.evaluate.training import train_and_test
+from contra_ray.tracking import RunLogger, check_destinations
 
 __all__ = [
     "SPACES",
@@ -183,7 +191,6 @@ def split_per_class(labels: torch.Tensor, num_classes: int, val_per_class: int, 
 
 def _score(train: tuple, lr: float, spec: ModelSpec, ecfg, test: tuple, seed: int, augment, device: str,
            threads: int) -> float:
-    from contra_ray.evaluate.training import train_and_test
 
     return train_and_test(train[0], train[1], lr, spec, ecfg, test[0], test[1], seed, augment, device, threads)
 
@@ -202,7 +209,6 @@ def score_architectures(specs: Sequence[ModelSpec], images: torch.Tensor, target
                 for s in specs]
     import ray
 
-    from contra_ray.common.raycluster import ensure_ray
 
     ensure_ray()
     task = ray.remote(_score).options(num_cpus=ecfg.cpus_per_run, num_gpus=ecfg.gpus_per_run)
@@ -352,8 +358,6 @@ def main(argv: list[str] | None = None) -> NasResult:
     Exits with status 2 and a one-line error for invalid input (bad flags, a missing or corrupt artifact,
     an artifact that does not fit the data, a bad config), as the other command lines do.
     """
-    from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
-    from contra_ray.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -368,10 +372,6 @@ def main(argv: list[str] | None = None) -> NasResult:
 
 
 def _run_cli(args: argparse.Namespace, art) -> NasResult:
-    from contra_ray import data
-    from contra_ray.config import ConfigError, config_from_dict
-    from contra_ray.evaluate.sets import check_artifact_matches, test_meta_for
-    from contra_ray.tracking import RunLogger
 
     cfgd = dict(art.meta["config"])  # DistilledSet.load guarantees "config", "eval" and "model"
     cfgd["eval"] = art.meta["eval"]
@@ -384,9 +384,6 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
         cfg.tracking.uri = args.tracking_uri
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from contra_ray.config import check_device
-    from contra_ray.common.fileio import ensure_writable_dir
-    from contra_ray.tracking import check_destinations
 
     check_device(device, field="--device")
     out = Path(args.out or f"runs/nas-{Path(args.artifact).stem}-{args.space}")
@@ -412,7 +409,6 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
     real_t = torch.nn.functional.one_hot(train.labels[real_idx], train.num_classes).float()
     augment = None
     if ecfg.dsa:
-        from contra_ray.augment import DSA
         augment = DSA()
 
     specs = architectures(SPACES[args.space], art.model_spec())

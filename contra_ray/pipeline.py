@@ -16,7 +16,6 @@ Stages (each reusable on its own: ``contra_ray.distill``, ``contra_ray.evaluate`
 
 from __future__ import annotations
 
-from contra_ray.common.cli import cli_error
 
 import argparse
 import json
@@ -24,11 +23,23 @@ import sys
 import time
 
 from contra_ray.config import ConfigError, check_device
+from contra_ray.common.cli import add_common_args, cli_error, config_from_args
+from contra_ray.common.fileio import atomic_write
+from contra_ray.common.seeds import derive_seed
+from contra_ray.data.prepare import prepare_data
+from contra_ray.distill.cli import precheck_resume, run_in_run_dir
+from contra_ray.distill.distiller import DistillationDiverged
+from contra_ray.distill.loop import run_distillation
+from contra_ray.distill.memory import check_memory
+from contra_ray.evaluate.sets import EvalSet, evaluate_sets, format_table, summary_by_metric
+from contra_ray.evaluate.training import random_real_set
+from contra_ray.experts.remote import ensure_experts
+from contra_ray.experts.store import ExpertStoreError
+from contra_ray.plots import log_set_visuals
+from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, init_tracking, main_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    from contra_ray.common.cli import add_common_args, config_from_args
-    from contra_ray.distill.cli import precheck_resume, run_in_run_dir
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
@@ -42,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_resume:
             precheck_resume(cfg, distributed=False)
         check_device(cfg.device)  # distillation runs in this process
-        from contra_ray.tracking import check_destinations
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
         return cli_error(e)
@@ -53,18 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bool = True) -> int:
     import torch
 
-    from contra_ray.distill.distiller import DistillationDiverged
-    from contra_ray.experts.store import ExpertStoreError
-    from contra_ray.distill.loop import run_distillation
-    from contra_ray.distill.memory import check_memory
-    from contra_ray.experts.remote import ensure_experts
-    from contra_ray.plots import log_set_visuals
-    from contra_ray.data.prepare import prepare_data
-    from contra_ray.common.fileio import atomic_write
-    from contra_ray.evaluate.sets import EvalSet, evaluate_sets, format_table, summary_by_metric
-    from contra_ray.evaluate.training import random_real_set
-    from contra_ray.common.seeds import derive_seed
-    from contra_ray.tracking import RunLogger, accuracy_metrics, init_tracking, main_model
 
     t_start = time.time()
     timings: dict[str, float] = {}

@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from contra_ray.config import ConfigError
+from contra_ray.config import Config, ConfigError
+from contra_ray.tracking import sqlite_path, check_destinations, tracking_client
 
 __all__ = ["sweep_rows", "format_report", "parse_baseline", "t_quantile_975", "aggregate_by_seed",
            "paired_differences", "format_aggregate", "plot_aggregate", "main"]
@@ -357,7 +358,6 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
     if min(a["n_seeds"] for a in aggs) < 3:
         print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
               "uncertainty (docs/EXPERIMENTS.md)")
-    from contra_ray.config import Config
 
     plot = Path(args.plot or Path(Config().output_dir) / f"report-{args.experiment}.png")
     plot_aggregate(aggs, diffs, plot, args.experiment, args.metric)
@@ -378,9 +378,8 @@ def _check_readable_store(uri: str) -> None:
     Raises:
         ConfigError: naming ``--tracking-uri`` and why.
     """
-    from contra_ray.tracking import _sqlite_path, check_destinations
 
-    db = _sqlite_path(uri) if uri.lower().startswith("sqlite") else None
+    db = sqlite_path(uri) if uri.lower().startswith("sqlite") else None
     if db is None:
         check_destinations(None, uri)  # the scheme is known, a server answers
     elif not db.is_file():
@@ -392,8 +391,6 @@ def _check_readable_store(uri: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from contra_ray.config import Config
-    from contra_ray.tracking import tracking_client
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.report", description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tune-<space name>)")

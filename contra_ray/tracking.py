@@ -38,10 +38,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
 
 from contra_ray.config import ConfigError, flatten_dotted
-from contra_ray.common.fileio import atomic_write, ensure_writable_dir
+from contra_ray.common.fileio import ensure_writable_dir
 
 __all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger", "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of", "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH"]
 
@@ -52,7 +51,7 @@ _MAX_PER_BATCH = 100  # params (and metrics, conservatively) per log_batch call
 STORE_LOCK_TIMEOUT_S = 300.0  # longest wait for another process's store creation / migration
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
@@ -72,7 +71,7 @@ def store_lock(uri: str, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[No
         TimeoutError: the lock is still held by another process after ``timeout_s`` seconds (names the
             lock file).
     """
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         yield
         return
@@ -127,7 +126,7 @@ def init_tracking(uri: str, experiment: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     artifact_location = None
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +207,7 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
                           "opens by default; use sqlite:///PATH/mlflow.db (the default is "
                           "sqlite:///<output_dir>/mlflow.db)")
     if scheme == "sqlite":
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         folder = db.parent if db is not None else None
         if db is None:
             return  # sqlite:// (in memory)

@@ -88,3 +88,18 @@ def test_the_core_imports_neither_ray_nor_mlflow():
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Whatever is imported first (a Ray worker unpickling a function, a user's script), no partially
+    initialized package: each module imported with no contra_ray module loaded before it."""
+    names = sorted(m for m in MODULES if not m.endswith("__main__"))
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    for loaded in [m for m in sys.modules if m == 'contra_ray' or m.startswith('contra_ray.')]:\n"
+            "        del sys.modules[loaded]\n"
+            "    importlib.import_module(name)\n"
+            "print('ok', len(" + repr(names) + "))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok", str(len(names))]

@@ -2,8 +2,17 @@
 forgetting monitor. CLI: ``python -m contra_ray.analyze correlation``.
 """
 
-from contra_ray.analyze.correlation import ForgettingMonitor, pearson_matrix, reference_expert_id, segment_loss_eval
+from contra_ray.analyze.correlation import pearson_matrix, triangle_summary
+from contra_ray.distill.monitor import ForgettingMonitor, segment_loss_eval
+from contra_ray.experts.store import reference_expert_id
 
-from contra_ray.analyze.cli import main
+__all__ = ["main", "ForgettingMonitor", "pearson_matrix", "reference_expert_id", "segment_loss_eval",
+           "triangle_summary"]
 
-__all__ = ["main", "ForgettingMonitor", "pearson_matrix", "reference_expert_id", "segment_loss_eval"]
+
+def __getattr__(name: str):
+    if name == "main":  # the CLI, imported only when asked for: importing the stage does not load it
+        from contra_ray.analyze.cli import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,18 +14,27 @@ table and logs everything to one MLflow run.
 
 from __future__ import annotations
 
-from contra_ray.common.cli import cli_error
 
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 from contra_ray.config import Config, ConfigError, check_device
 from contra_ray.common.fileio import atomic_write
 from contra_ray.common.seeds import derive_seed
+from contra_ray.analyze.correlation import (correlation_losses, mode_config, pearson_matrix, save_correlation_csv,
+                                          save_correlation_heatmap, triangle_summary)
+from contra_ray.distill.monitor import ForgettingMonitor
+from contra_ray.experts.store import reference_expert_id
+from contra_ray.augment import dsa_if
+from contra_ray.common.argtypes import non_negative_int
+from contra_ray.common.cli import add_common_args, cli_error, config_from_args
+from contra_ray.data.prepare import prepare_data
+from contra_ray.distill.distiller import Distiller, init_pool
+from contra_ray.experts.remote import ensure_experts
+from contra_ray.tracking import RunLogger, check_destinations, init_tracking
 
 
 def parse_epoch_range(text: str) -> tuple[int, int]:
@@ -66,10 +75,6 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
     """
     import torch
 
-    from contra_ray.analyze.correlation import (ForgettingMonitor, correlation_losses, mode_config, pearson_matrix, save_correlation_csv, save_correlation_heatmap, triangle_summary)
-    from contra_ray.augment import dsa_if
-    from contra_ray.distill.distiller import Distiller
-    from contra_ray.distill.distiller import init_pool
 
     configs = {mode: mode_config(cfg, mode) for mode in modes}  # validate every mode before any work
     M = cfg.distill.expert_epochs
@@ -158,8 +163,6 @@ def _at_least_3(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from contra_ray.common.argtypes import non_negative_int
-    from contra_ray.common.cli import add_common_args
 
     p = argparse.ArgumentParser(prog="python -m contra_ray.analyze", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,25 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from contra_ray.analyze.correlation import reference_expert_id
-    from contra_ray.common.cli import config_from_args
-    from contra_ray.experts.remote import ensure_experts
-    from contra_ray.data.prepare import prepare_data
-    from contra_ray.tracking import RunLogger, init_tracking
 
     try:
         if args.warmup < 0:
             raise ConfigError(f"--warmup={args.warmup}: must be >= 0")
         cfg = config_from_args(args, verbatim={"experts.store": args.experts})
         check_device(cfg.device)  # the probes distill in this process
-        from contra_ray.tracking import check_destinations
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
         if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out={args.out!r}: is a file, expected a directory")
         span = parse_epoch_range(args.epochs) if args.epochs else None
         modes = ["sequential", "concurrent"] if args.mode == "both" else [args.mode]
         if "concurrent" in modes:
-            from contra_ray.analyze.correlation import mode_config
 
             mode_config(cfg, "concurrent")  # fail on β = 0 before loading anything
         data = prepare_data(cfg)

@@ -9,7 +9,13 @@ from contra_ray.distill.distiller import DistillationDiverged, Distiller, InitRe
 from contra_ray.distill.loop import run_distillation, run_loop
 from contra_ray.distill.matching import SegmentPlan, make_plan
 
-from contra_ray.distill.cli import main
-
 __all__ = ["main", "ArtifactError", "ArtifactMismatchError", "DistillationDiverged", "DistilledSet", "Distiller", "InitReport",
            "SegmentPlan", "make_plan", "run_distillation", "run_loop"]
+
+
+def __getattr__(name: str):
+    if name == "main":  # the CLI, imported only when asked for: importing the stage does not load it
+        from contra_ray.distill.cli import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

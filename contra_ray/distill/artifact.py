@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from contra_ray.common.fileio import atomic_write
+from contra_ray.models import ModelSpec
 
 __all__ = ["ArtifactError", "ArtifactMismatchError", "DistilledSet", "FORMAT", "FORMAT_VERSION", "REQUIRED_META",
            "build_meta"]
@@ -96,7 +97,6 @@ class DistilledSet:
         Raises:
             ArtifactError: ``meta`` has no ``model`` entry.
         """
-        from contra_ray.models import ModelSpec
 
         if "model" not in self.meta:
             raise ArtifactError("distilled set meta has no 'model' entry (model spec)")

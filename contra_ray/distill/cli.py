@@ -16,7 +16,18 @@ import argparse
 import dataclasses
 import sys
 
-from contra_ray.config import (Config, ConfigError, DistillConfig, check_device, load_config, parse_overrides, set_dotted)
+from contra_ray.config import (Config, ConfigError, DistillConfig, check_device)
+from contra_ray.common.fileio import RunInUse, run_lock
+from contra_ray.data.prepare import prepare_data
+from contra_ray.distill.checkpoint import check_resumable, checkpoint_dirs, newest_valid
+from contra_ray.distill.distiller import DistillationDiverged
+from contra_ray.distill.loop import run_distillation
+from contra_ray.distill.memory import check_memory
+from contra_ray.distill.remote import run_distributed
+from contra_ray.experts.remote import ensure_experts
+from contra_ray.experts.store import ExpertStoreError
+from contra_ray.plots import log_set_visuals
+from contra_ray.tracking import RunLogger, check_destinations, init_tracking
 
 __all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume",
            "interrupted_message", "run_in_run_dir", "main"]
@@ -55,7 +66,6 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
     """
     from pathlib import Path
 
-    from contra_ray.distill.checkpoint import check_resumable, checkpoint_dirs, newest_valid
 
     for root in (cfg.run_dir() / "checkpoints", Path(cfg.output_dir) / "ray_train" / cfg.name):
         found = newest_valid(checkpoint_dirs(root), log=lambda line: None)  # the loop reports a torn one
@@ -67,7 +77,6 @@ def interrupted_message(cfg: Config) -> str:
     """What a user reads after Ctrl-C: where the run stands and how to go on."""
     from pathlib import Path
 
-    from contra_ray.distill.checkpoint import checkpoint_dirs
 
     every = cfg.distill.checkpoint_every
     if not every:
@@ -96,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
                               "in-process only; use --num-workers 0")
         if not args.no_resume:
             precheck_resume(cfg, distributed=args.num_workers > 0)
-        from contra_ray.tracking import check_destinations
 
         check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
     except ConfigError as e:
@@ -110,7 +118,6 @@ def run_in_run_dir(cfg: Config, work) -> int:
     Returns 2 with one line if another process holds the run directory, and 130 with
     :func:`interrupted_message` on Ctrl-C; otherwise ``work()``'s status.
     """
-    from contra_ray.common.fileio import RunInUse, run_lock
 
     try:
         with run_lock(cfg.run_dir()):  # one process per run directory
@@ -124,18 +131,9 @@ def run_in_run_dir(cfg: Config, work) -> int:
 
 def _run(cfg: Config, args: argparse.Namespace) -> int:
     if args.num_workers > 0:
-        from contra_ray.distill.remote import run_distributed
 
         return run_distributed(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
                                resume=not args.no_resume, train_missing=not args.no_train_experts, note=args.note)
-    from contra_ray.distill.distiller import DistillationDiverged
-    from contra_ray.experts.store import ExpertStoreError
-    from contra_ray.distill.loop import run_distillation
-    from contra_ray.distill.memory import check_memory
-    from contra_ray.experts.remote import ensure_experts
-    from contra_ray.plots import log_set_visuals
-    from contra_ray.data.prepare import prepare_data
-    from contra_ray.tracking import RunLogger, init_tracking
 
     try:
         data = prepare_data(cfg)

@@ -21,6 +21,9 @@ from contra_ray.distill.matching import SegmentPlan, accumulate_matching_gradien
 from contra_ray.models import ModelSpec, build_model, functional_forward
 from contra_ray.common.seeds import derive_seed
 from contra_ray.experts.store import ExpertStore
+from contra_ray.data.disk_images import is_lazy
+from contra_ray.distill.artifact import DistilledSet, build_meta
+from contra_ray.distill.memory import plan_unroll_memory, students_per_worker
 
 __all__ = ["Distiller", "DistillationDiverged", "InitReport", "HARD_LABEL_LOGIT"]
 
@@ -103,7 +106,6 @@ class Distiller:
         self.iteration = 0
         self._segment_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._init(train_x, train_y)
-        from contra_ray.distill.memory import plan_unroll_memory, students_per_worker
 
         self.memory_plan = plan_unroll_memory(
             lambda theta, x: functional_forward(self.model, theta, x),
@@ -277,7 +279,6 @@ class Distiller:
             train_set: the train ``data.ImageSet`` (class names, dataset id and hash).
             extra_meta: more JSON-serializable meta entries.
         """
-        from contra_ray.distill.artifact import DistilledSet, build_meta
 
         meta = build_meta(self.cfg, self.spec, preprocessor, train_set, iteration=self.iteration,
                           method="contra" if self.d.K > 0 else "mtt",
@@ -300,7 +301,6 @@ def init_pool(cfg: Config, data: PreparedData, per_class: int | None = None) -> 
     Returns:
         ``(x, y)``: float32 images ``[n, C, H, W]`` (or a lazy view) and int64 labels ``[n]``.
     """
-    from contra_ray.data.disk_images import is_lazy
 
     if not is_lazy(data.train_x):
         return data.train_x, data.train.labels

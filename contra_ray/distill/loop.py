@@ -31,10 +31,13 @@ from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config
 from contra_ray.data.prepare import PreparedData
 from contra_ray.distill.artifact import DistilledSet
-from contra_ray.distill.checkpoint import check_resumable
-from contra_ray.distill.distiller import Distiller
 from contra_ray.distill.matching import SegmentPlan
-from contra_ray.experts.store import ExpertStore
+from contra_ray.experts.store import ExpertStore, reference_expert_id
+from contra_ray.distill.monitor import ForgettingMonitor
+from contra_ray.augment import dsa_if
+from contra_ray.distill.checkpoint import LocalCheckpoints, check_resumable
+from contra_ray.distill.distiller import Distiller, init_pool
+from contra_ray.evaluate.training import train_and_test
 
 
 class MetricLogger(Protocol):
@@ -44,7 +47,7 @@ class MetricLogger(Protocol):
 
 
 #: ``monitor(distiller) -> metrics`` every ``distill.monitor_every`` iterations on rank 0
-#: (:class:`contra_ray.analyze.correlation.ForgettingMonitor`)
+#: (:class:`contra_ray.distill.monitor.ForgettingMonitor`)
 Monitor = Callable[[Distiller], dict[str, float]]
 
 __all__ = ["GradientSync", "LocalSync", "AllReduceSync", "worker_share", "Checkpointer", "LoopResult",
@@ -177,8 +180,6 @@ class LoopResult:
 def periodic_accuracy(cfg: Config, distiller: Distiller, data, done: int) -> float:
     """Mean test accuracy (%) of ``distill.eval_runs_periodic`` fresh networks trained on the current set
     (``cfg.eval`` recipe; networks seeded ``derive_seed(distill.seed, "periodic_eval", done, r)``)."""
-    from contra_ray.augment import dsa_if
-    from contra_ray.evaluate.training import train_and_test
 
     runs = cfg.distill.eval_runs_periodic
     accs = [train_and_test(distiller.images.detach().float(), distiller.targets().float(),
@@ -337,16 +338,12 @@ def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger
         ConfigError: the checkpoint was made with another config (names the fields).
         DistillationDiverged: see :func:`run_loop`.
     """
-    from contra_ray.augment import dsa_if
-    from contra_ray.distill.checkpoint import LocalCheckpoints
-    from contra_ray.distill.distiller import init_pool
 
     d = cfg.distill
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     monitor, expert_ids = None, None
     if d.monitor_every:  # hold τ_o out of distillation; only the monitor reads it
-        from contra_ray.analyze.correlation import ForgettingMonitor, reference_expert_id
 
         ref = reference_expert_id(store, d.reference_expert)
         expert_ids = [i for i in store.expert_ids if i != ref]

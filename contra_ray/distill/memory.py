@@ -37,6 +37,8 @@ import torch
 from contra_ray.config import ConfigError
 from contra_ray.distill.matching import Augment, Forward, step_gradient
 from contra_ray.config import Config
+from contra_ray.augment import DSA
+from contra_ray.models import build_model, flat_params, functional_forward
 
 __all__ = ["UNROLL_MEMORY_CHOICES", "StepMemory", "MemoryPlan", "measure_step_memory", "available_memory_bytes",
            "estimate_unroll_bytes", "plan_unroll_memory"]
@@ -235,8 +237,6 @@ def plan_for_config(cfg, spec, workers: int = 1, device: str | None = None,
     Raises:
         ConfigError: see :func:`plan_unroll_memory`.
     """
-    from contra_ray.augment import DSA
-    from contra_ray.models import build_model, flat_params, functional_forward
 
     d = cfg.distill
     dev = torch.device(device or cfg.device)

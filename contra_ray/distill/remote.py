@@ -42,6 +42,13 @@ from contra_ray.distill.loop import AllReduceSync, run_loop, worker_share
 from contra_ray.common.raycluster import ensure_ray
 from contra_ray.data.prepare import PreparedData, prepare_data
 from contra_ray.distill.distiller import init_pool
+from contra_ray.augment import dsa_if
+from contra_ray.distill.artifact import DistilledSet
+from contra_ray.distill.memory import check_memory
+from contra_ray.experts.remote import ensure_experts
+from contra_ray.experts.store import ExpertStore, ExpertStoreError
+from contra_ray.plots import log_set_visuals
+from contra_ray.tracking import RunLogger, init_tracking, tracking_client
 
 __all__ = ["CheckpointError", "FaultInjection", "PreparedSetup", "DistributedRun", "RayTrainCheckpoints",
            "worker_share", "write_checkpoint", "read_checkpoint", "train_loop_per_worker", "make_trainer",
@@ -87,14 +94,12 @@ class PreparedSetup:
     store_path: str
 
     def __call__(self, cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
-        from contra_ray.experts.store import ExpertStore
 
         return self.data, ExpertStore.open(self.store_path)
 
 
 def _default_setup(cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
     """Load the data through the on-disk cache the driver filled and open the (checked) expert store."""
-    from contra_ray.experts.store import ExpertStore
 
     data = prepare_data(cfg, with_test=with_test)
     store = ExpertStore.open(cfg.expert_store())
@@ -111,7 +116,6 @@ class _MetricSink:
     def __init__(self, uri: str | None, run_id: str | None):
         self.run_id = run_id
         if run_id is not None:
-            from contra_ray.tracking import tracking_client
 
             self.client = tracking_client(uri)
 
@@ -199,7 +203,6 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from contra_ray.augment import dsa_if
 
     cfg = config_from_dict(config["cfg"])
     d = cfg.distill
@@ -352,12 +355,6 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
     """
     from ray.train import TrainingFailedError
 
-    from contra_ray.distill.artifact import DistilledSet
-    from contra_ray.experts.store import ExpertStoreError
-    from contra_ray.distill.memory import check_memory
-    from contra_ray.experts.remote import ensure_experts
-    from contra_ray.plots import log_set_visuals
-    from contra_ray.tracking import RunLogger, init_tracking
 
     if num_workers < 1:
         return cli_error(f"--num-workers={num_workers}: must be >= 1")

@@ -8,7 +8,13 @@ from contra_ray.evaluate.sets import (EvalSet, check_artifact_matches, evaluate_
                                       test_meta_for)
 from contra_ray.evaluate.training import evaluation_seeds, lr_schedule, random_real_set, summarize, train_and_test
 
-from contra_ray.evaluate.cli import main
-
 __all__ = ["main", "EvalSet", "check_artifact_matches", "evaluate_sets", "format_cross_architecture", "evaluate_runs", "evaluation_seeds", "format_table", "lr_schedule",
            "random_real_set", "summarize", "test_meta_for", "train_and_test"]
+
+
+def __getattr__(name: str):
+    if name == "main":  # the CLI, imported only when asked for: importing the stage does not load it
+        from contra_ray.evaluate.cli import main
+
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

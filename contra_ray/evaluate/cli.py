@@ -20,6 +20,7 @@ from contra_ray.evaluate.sets import (EvalSet, check_artifact_matches, evaluate_
                                       format_table, summary_by_metric, test_meta_for)
 from contra_ray.evaluate.training import random_real_set
 from contra_ray.models import MODEL_NAMES
+from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, main_model
 
 __all__ = ["build_parser", "main"]
 
@@ -97,7 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
-    from contra_ray.tracking import RunLogger, accuracy_metrics, main_model
 
     if "config" not in art.meta:
         raise ConfigError(f"{args.artifact}: artifact meta has no 'config' (cannot rebuild the data config)")
@@ -127,7 +127,6 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
         cfg.tracking.uri = args.tracking_uri
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     cfg.validate()
-    from contra_ray.tracking import check_destinations
     check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
 
     try:

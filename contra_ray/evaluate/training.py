@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from contra_ray.config import EvalConfig
 from contra_ray.models import ModelSpec, build_model
 from contra_ray.common.seeds import derive_seed
+from contra_ray.data.preprocess import real_images_per_class
 
 
 Augment = Callable[..., torch.Tensor]  # DSA()(x, generator=torch.Generator) -> augmented x
@@ -146,7 +147,6 @@ def random_real_set(train_images: torch.Tensor, train_labels: torch.Tensor, ipc:
     Raises:
         ValueError: ``ipc < 1`` or some class has fewer than ``ipc`` images.
     """
-    from contra_ray.data.preprocess import real_images_per_class
 
     sel = real_images_per_class(train_images, train_labels, ipc, torch.Generator().manual_seed(seed), num_classes)
     return train_images[sel].clone(), F.one_hot(train_labels[sel].long(), num_classes).float()

@@ -4,12 +4,8 @@
 
 from __future__ import annotations
 import torch
-from contra_ray.config import Config
-from contra_ray.common.fileio import atomic_write
-from contra_ray.common.seeds import derive_seed
 import math
-from typing import Iterable, Protocol, runtime_checkable
-from contra_ray.models import ModelSpec, build_model, load_flat_params
+from typing import Protocol, runtime_checkable
 
 
 

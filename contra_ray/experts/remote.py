@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 
-from contra_ray.analyze.correlation import reference_expert_id
 from contra_ray.augment import DSA, dsa_if
 from contra_ray.common.fileio import atomic_write, wait_lock
 from contra_ray.common.raycluster import ensure_ray
@@ -23,7 +22,7 @@ from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beto
 from contra_ray.data.prepare import PreparedData
 from contra_ray.data.preprocess import Preprocessor
 from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, difficulty_from_first_correct
-from contra_ray.experts.store import ExpertStore, ExpertStoreError
+from contra_ray.experts.store import ExpertStore, ExpertStoreError, reference_expert_id
 from contra_ray.experts.training import Augment, first_correct_epoch, train_expert
 from contra_ray.models import ModelSpec
 
@@ -281,7 +280,7 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
             fewer experts than ``experts.num_experts`` or other than ``experts.epochs`` epochs (the run
             would record settings it did not use).
         ConfigError: with the forgetting monitor on, a ``distill.reference_expert`` not in the store or a
-            store of one expert (:func:`contra_ray.analyze.correlation.reference_expert_id`).
+            store of one expert (:func:`contra_ray.experts.store.reference_expert_id`).
     """
     path = cfg.expert_store()
     if train_missing:

@@ -30,9 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from contra_ray.common.fileio import atomic_write, sha256_file
+from contra_ray.config import ConfigError
 from contra_ray.models import ModelSpec
 
-__all__ = ["STORE_FORMAT", "PARTIAL_FORMAT", "ExpertStoreError", "ExpertStore", "PartialExpert"]
+__all__ = ["STORE_FORMAT", "PARTIAL_FORMAT", "ExpertStoreError", "ExpertStore", "PartialExpert", "reference_expert_id"]
 
 STORE_FORMAT = "contra_ray.experts.store/1"
 PARTIAL_FORMAT = "contra_ray.expert_partial/1"
@@ -408,3 +409,21 @@ class PartialExpert:
     def clear(self) -> None:
         """Remove the folder (nothing to resume)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def reference_expert_id(store, requested: int | None = None) -> int:
+    """The held-out reference trajectory τ_o: ``requested``, or the highest expert id in the store.
+
+    Raises:
+        ConfigError: ``requested`` is not in the store, or the store has fewer than 2 experts (τ_o must
+            leave at least one trajectory to distill from).
+    """
+    ids = list(store.expert_ids)
+    if len(ids) < 2:
+        raise ConfigError(f"distill.reference_expert: the expert store has {len(ids)} expert(s) {ids}; holding "
+                          "one out as τ_o needs at least 2 (raise experts.num_experts)")
+    if requested is None:
+        return max(ids)
+    if requested not in ids:
+        raise ConfigError(f"distill.reference_expert={requested}: not in the expert store (saved: {ids})")
+    return int(requested)

@@ -30,13 +30,13 @@ import hashlib
 import math
 import os
 import time
-from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from contra_ray.config import ExpertConfig
-from contra_ray.experts.store import ExpertStore, ExpertStoreError, PartialExpert
+from contra_ray.experts.store import PartialExpert
 from contra_ray.models import ModelSpec, build_model, flat_params, load_flat_params
 
 __all__ = ["EpochStats", "first_correct_epoch", "train_expert"]

@@ -15,13 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from contra_ray.config import load_config
-from contra_ray.data.sources import ImageSet, Preprocessor, content_hash
-from contra_ray.data.prepare import PreparedData
-from contra_ray.distill.remote import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint, worker_share, write_checkpoint)
-from contra_ray.experts.store import ExpertStore
 from contra_ray.common.fileio import load_yaml
+from contra_ray.config import load_config
+from contra_ray.data.prepare import PreparedData
+from contra_ray.data.sources import ImageSet, Preprocessor, content_hash
 from contra_ray.distill.matching import make_plan
+from contra_ray.distill.remote import (
+    CheckpointError,
+    FaultInjection,
+    PreparedSetup,
+    fit_distributed,
+    read_checkpoint,
+    worker_share,
+    write_checkpoint,
+)
+from contra_ray.experts.store import ExpertStore
 from contra_ray.models import ModelSpec, build_model, flat_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,10 +184,10 @@ def test_num_workers_run_logs_the_shared_vocabulary(ray_local, tmp_path):
     """`distill --num-workers 2` (run_distributed): rank 0's metrics and the driver's run read back from the
     store under the names and tags every run kind shares."""
     from mlflow.tracking import MlflowClient
-    from test_data import make_tree
 
     from conftest import assert_shared_vocabulary
     from contra_ray.distill.remote import run_distributed
+    from test_data import make_tree
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     cfg = load_config("tiny_cpu", {"name": "w2", "output_dir": str(tmp_path / "out"), "threads": 1,
@@ -285,9 +293,8 @@ def _stop_own_cluster(temp_dir: str) -> None:
 @pytest.mark.slow
 def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
-    from test_data import make_tree
-
     from contra_ray.distill.artifact import DistilledSet
+    from test_data import make_tree
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the job client in this process

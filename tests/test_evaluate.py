@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contra_ray import evaluate as ev
-from contra_ray.distill.artifact import ArtifactMismatchError, DistilledSet
-from contra_ray.config import Config, EvalConfig
-from contra_ray.models import ModelSpec
 from conftest import assert_shared_vocabulary
+from contra_ray import evaluate as ev
+from contra_ray.config import Config, EvalConfig
+from contra_ray.distill.artifact import ArtifactMismatchError, DistilledSet
+from contra_ray.models import ModelSpec
 
 SPEC = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
 ECFG = EvalConfig(epochs=6, batch_size=8, dsa=False, test_batch_size=32)

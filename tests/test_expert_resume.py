@@ -2,7 +2,6 @@
 (in a killed subprocess, and as a Ray task whose worker is SIGKILLed and retried); the store grows."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -12,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.experts.store import ExpertStore, PartialExpert
-from contra_ray.experts.curriculum import ShuffledOrder
 from contra_ray.experts.training import train_expert
 from contra_ray.models import ModelSpec
-from contra_ray.common.seeds import derive_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from contra_ray.experts import store as expert_store
 from contra_ray import experts as ex
-from contra_ray.experts import remote as experts_ray
-from contra_ray.config import Config, ExpertConfig
-from contra_ray.experts.store import ExpertStore, ExpertStoreError
-from contra_ray.experts.curriculum import CurriculumOrder, ShuffledOrder, difficulty_from_first_correct
-from contra_ray.data.loaders import TensorBatchLoader
-from contra_ray.experts.training import first_correct_epoch, train_expert
-from contra_ray.experts.remote import train_experts
 from contra_ray.common.seeds import derive_seed
+from contra_ray.config import Config, ExpertConfig
+from contra_ray.data.loaders import TensorBatchLoader
+from contra_ray.experts import remote as experts_ray
+from contra_ray.experts import store as expert_store
+from contra_ray.experts.curriculum import CurriculumOrder, ShuffledOrder, difficulty_from_first_correct
+from contra_ray.experts.remote import train_experts
+from contra_ray.experts.store import ExpertStore, ExpertStoreError
+from contra_ray.experts.training import first_correct_epoch, train_expert
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -194,7 +194,7 @@ def test_store_round_trip_lazy_params_and_index(tmp_path, trajectories, monkeypa
     monkeypatch.setattr(expert_store, "load_file", lambda *a, **k: pytest.fail("params must not load the whole file"))
     opened = ExpertStore.open(tmp_path / "st")
     assert opened.expert_ids == [0, 1] and opened.epochs == 3
-    for i, (traj, acc) in enumerate(trajectories):
+    for i, (traj, _acc) in enumerate(trajectories):
         for e in range(4):
             p = opened.params(i, e)
             assert p.dtype == torch.float32 and torch.equal(p, traj[e])
@@ -343,15 +343,16 @@ def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
 
 
 @pytest.mark.parametrize("experts, message", [({"num_experts": 3, "epochs": 8},
-                                               r"experts.num_experts=3: the store .* holds 2 expert\(s\) \(ids \[0, 1\]\)"),
+                                               r"experts.num_experts=3: the store .* holds 2 expert\(s\) "
+                                               r"\(ids \[0, 1\]\)"),
                                               ({"num_experts": 2, "epochs": 4},
                                                "experts.epochs=4: the store .* holds 8-epoch trajectories; "
                                                "set experts.epochs=8")])
 def test_an_existing_store_that_differs_from_the_config_is_refused_without_training(tmp_path, monkeypatch, experts,
                                                                                     message):
     """A user finding: num_experts / epochs above the store's were recorded in the run but never used."""
-    from contra_ray.experts import remote as stages
     from contra_ray.config import load_config
+    from contra_ray.experts import remote as stages
     from contra_ray.experts.store import ExpertStoreError
 
     class Stored:

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from contra_ray.common.seeds import derive_seed
 from contra_ray.config import ConfigError, DataConfig, load_config
-from contra_ray.data.sources import Preprocessor, fit_preprocessor, load_split
 from contra_ray.data.disk_images import DiskImages, PreprocessedImages, write_npy
 from contra_ray.data.imagenet import decode_resized
-from contra_ray.common.seeds import derive_seed
+from contra_ray.data.sources import Preprocessor, fit_preprocessor, load_split
 
 WNIDS = ["n02085620", "n01443537", "n04067472"]  # wnids.txt order is not sorted
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n02085620": "Chihuahua",
@@ -38,7 +38,7 @@ def make_tiny_imagenet(root, train_per_class=3, val_per_class=2, size=64, seed=0
         (root / "train" / w / f"{w}_boxes.txt").write_text("\n".join(boxes) + "\n")
     (root / "val" / "images").mkdir(parents=True)
     lines, k = [], 0
-    for i in range(val_per_class):
+    for _ in range(val_per_class):
         for w in reversed(WNIDS):
             arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             Image.fromarray(arr).save(root / "val" / "images" / f"val_{k}.JPEG", quality=95)

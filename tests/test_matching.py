@@ -3,7 +3,14 @@
 import torch
 import torch.nn.functional as F
 
-from contra_ray.distill.matching import (accumulate_matching_gradients, make_plan, matching_loss, minibatch_sequence, soft_cross_entropy, unroll)
+from contra_ray.distill.matching import (
+    accumulate_matching_gradients,
+    make_plan,
+    matching_loss,
+    minibatch_sequence,
+    soft_cross_entropy,
+    unroll,
+)
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
 
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)

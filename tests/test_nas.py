@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from contra_ray import nas
-from contra_ray.distill.artifact import DistilledSet
 from contra_ray.config import Config, EvalConfig
+from contra_ray.distill.artifact import DistilledSet
 from contra_ray.models import ModelSpec, build_model, num_params
 
 

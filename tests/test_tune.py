@@ -16,7 +16,16 @@ import pytest
 
 from conftest import assert_shared_vocabulary
 from contra_ray.config import ConfigError, load_config
-from contra_ray.tune.sweep import (SweepError, asha_settings, expand_space, expert_key, expert_store_resolver, load_space, main, searched_fields)
+from contra_ray.tune.sweep import (
+    SweepError,
+    asha_settings,
+    expand_space,
+    expert_key,
+    expert_store_resolver,
+    load_space,
+    main,
+    searched_fields,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "cpu_smoke.yaml"
@@ -105,8 +114,8 @@ def test_space_with_a_key_given_twice_is_refused(tmp_path):
 
 def _no_work(monkeypatch):
     """Make any start of real work (Ray, data, experts) fail the test loudly."""
-    import contra_ray.evaluate
     import contra_ray.data.prepare
+    import contra_ray.evaluate
 
     def work(*a, **k):
         raise AssertionError("work started before the inputs were checked")

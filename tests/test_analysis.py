@@ -27,8 +27,8 @@ from contra_ray.distill.distiller import Distiller
 from contra_ray.distill.loop import run_distillation
 from contra_ray.distill.matching import make_plan, matching_loss, unroll
 from contra_ray.experts.remote import store_meta
-from contra_ray.experts.store import ExpertStore
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+from helpers import fake_expert_store
 
 EPOCHS, REF = 4, 2  # saved epochs per expert; the default τ_o is the highest id
 
@@ -58,13 +58,8 @@ def setup(tmp_path_factory):
                 Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{k}.png")
     cfg = load_config("tiny_cpu", tiny_overrides(root, root))
     data = prepare_data(cfg)
-    store = ExpertStore.create(cfg.expert_store(), store_meta(cfg, data), data.preprocessor.state_dict())
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        torch.manual_seed(i)
-        theta = flat_params(build_model(data.spec))
-        steps = 0.05 * torch.randn(EPOCHS, theta.numel(), generator=g)
-        store.add(i, i, torch.cat([theta[None], theta[None] + steps.cumsum(0)]), [float("nan")] * EPOCHS)
+    store = fake_expert_store(cfg.expert_store(), store_meta(cfg, data), data.preprocessor.state_dict(), data.spec,
+                              num_experts=3, epochs=EPOCHS)
     return {"root": root, "cfg": cfg, "data": data, "store": store}
 
 

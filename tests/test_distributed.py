@@ -29,8 +29,8 @@ from contra_ray.distill.remote import (
     worker_share,
     write_checkpoint,
 )
-from contra_ray.experts.store import ExpertStore
-from contra_ray.models import ModelSpec, build_model, flat_params
+from contra_ray.models import ModelSpec
+from helpers import assert_shared_vocabulary, fake_expert_store, make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -48,12 +48,8 @@ def toy_setup(root: Path) -> PreparedSetup:
     meta = {"model_spec": SPEC.to_dict(), "epochs": EPOCHS, "dataset_id": train.dataset_id,
             "content_hash": train.content_hash, "zca": False, "zca_eps": 0.1,
             "preprocessor_fingerprint": pre.fingerprint(), "classes": train.classes}
-    store = ExpertStore.create(root / "experts", meta, pre.state_dict())
-    for i in range(2):
-        torch.manual_seed(i)
-        theta = flat_params(build_model(SPEC))
-        steps = 0.05 * torch.randn(EPOCHS, theta.numel(), generator=g)
-        store.add(i, i, torch.cat([theta[None], theta[None] + steps.cumsum(0)]), [float("nan")] * EPOCHS)
+    fake_expert_store(root / "experts", meta, pre.state_dict(), SPEC, num_experts=2, epochs=EPOCHS,
+                      generator=g)  # the steps continue g's stream after the images
     return PreparedSetup(data, str(root / "experts"))
 
 
@@ -64,18 +60,6 @@ def toy_config(out: Path, name: str, **distill):
     return load_config("tiny_cpu", {"name": name, "output_dir": str(out), "threads": 1,
                                     "model": {"width": 4}, "experts": {"epochs": EPOCHS, "store": str(out / "experts")},
                                     "tracking": {"enabled": False}, "distill": d})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:  # a private local instance, never someone else's `ray start` cluster on this host
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +169,7 @@ def test_num_workers_run_logs_the_shared_vocabulary(ray_local, tmp_path):
     store under the names and tags every run kind shares."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import assert_shared_vocabulary
     from contra_ray.distill.remote import run_distributed
-    from test_data import make_tree
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     cfg = load_config("tiny_cpu", {"name": "w2", "output_dir": str(tmp_path / "out"), "threads": 1,
@@ -294,7 +276,6 @@ def _stop_own_cluster(temp_dir: str) -> None:
 def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
     from contra_ray.distill.artifact import DistilledSet
-    from test_data import make_tree
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the job client in this process

@@ -20,18 +20,10 @@ from contra_ray.experts.remote import train_experts
 from contra_ray.experts.store import ExpertStore, ExpertStoreError
 from contra_ray.experts.training import first_correct_epoch, train_expert
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+from helpers import toy_data
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
 CFG = ExpertConfig(epochs=3, lr=0.05, momentum=0.9, batch_size=32, dsa=False, eval_every=1)
-
-
-def toy_data(n: int, seed: int):
-    """Learnable toy problem: each class is a fixed random 8x8 pattern plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(n) % 4
-    x = patterns[y] + 0.8 * torch.randn(n, 3, 8, 8, generator=g)
-    return x.float(), y.long()
 
 
 @pytest.fixture(scope="module")
@@ -291,15 +283,6 @@ def test_store_written_before_model_spec_had_norm_fields_still_matches(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- Ray
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_imagenet_data import make_tiny_imagenet
+from helpers import make_tiny_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
@@ -119,7 +119,7 @@ SCRIPT = textwrap.dedent("""
     from contra_ray.experts.remote import train_experts
     from contra_ray.common.seeds import derive_seed
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg.experts = dataclasses.replace(ecfg, epochs=2, num_experts=1, seed=3, store=tmp + "/experts", loader="ffcv",
                                       ffcv_dir=str(__import__("pathlib").Path(beton).parent))
     data_like = type("D", (), {"spec": spec, "train": train, "preprocessor": pre})()

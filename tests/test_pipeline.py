@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from conftest import CIFAR_TARBALL, assert_shared_vocabulary
 from contra_ray.config import load_config
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.cli import main as distill_main
 from contra_ray.experts.store import ExpertStore
 from contra_ray.pipeline import run_pipeline
+from helpers import CIFAR_TARBALL, assert_shared_vocabulary
 
 pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(),
                                 reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")

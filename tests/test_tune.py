@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_shared_vocabulary
 from contra_ray.config import ConfigError, load_config
 from contra_ray.tune.sweep import (
     SweepError,
@@ -26,6 +25,7 @@ from contra_ray.tune.sweep import (
     main,
     searched_fields,
 )
+from helpers import assert_shared_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "cpu_smoke.yaml"
@@ -296,19 +296,7 @@ def test_ablation_spaces_come_in_cpu_gpu_pairs_with_seeds_and_no_early_stopping(
 # ---------------------------------------------------------------------------------------------- (b) a sweep
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:  # a private local instance, never someone else's `ray start` cluster on this host
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def sweep(local_ray, tmp_path_factory, cache_dir):
+def sweep(ray_local, tmp_path_factory, cache_dir):
     """The 4-trial cpu_smoke sweep on real CIFAR-10 (tiny_cpu preset), 2 trials at a time."""
     from contra_ray.tune.sweep import run_sweep
 

@@ -22,9 +22,9 @@ from pathlib import Path
 def build_setup(root: Path, width: int, classes: int, image_size: int, epochs: int, seed: int = 0):
     import torch
 
+    from contra_ray.data.prepare import PreparedData
     from contra_ray.data.preprocess import Preprocessor
     from contra_ray.data.sources import ImageSet, content_hash
-    from contra_ray.data.prepare import PreparedData
     from contra_ray.distill.remote import PreparedSetup
     from contra_ray.experts.store import ExpertStore
     from contra_ray.models import ModelSpec, build_model, flat_params

@@ -39,16 +39,17 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=os.environ.get("CONTRA_RAY_CACHE", str(Path.home() / ".cache/contra_ray")),
                    help="decoded-image cache (data.cache_dir)")
     p.add_argument("--out", default=None, help="folder for the .beton files (default: a temporary folder)")
-    p.add_argument("--skip", default="", help="comma-separated loaders to skip (memory, ffcv-raw, ffcv-jpeg, torchvision)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated loaders to skip (memory, ffcv-raw, ffcv-jpeg, torchvision)")
     args = p.parse_args(argv)
 
     import torch
 
     from contra_ray.config import DataConfig
+    from contra_ray.data.loaders import TensorBatchLoader
     from contra_ray.data.preprocess import fit_preprocessor
     from contra_ray.data.sources import ImageSet, content_hash, imagefolder_root, load_split
     from contra_ray.experts.curriculum import ShuffledOrder
-    from contra_ray.data.loaders import TensorBatchLoader
 
     torch.set_num_threads(args.threads)
     cfg = DataConfig(dataset="cifar10-jpeg", cache_dir=args.cache_dir, zca=False)
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
             secs.append(time.perf_counter() - t0)
             assert n == len(train), (name, n)
         later = secs[1:] or secs
-        rows.append((name, len(train) / secs[0], len(train) * len(later) / sum(later), note() if callable(note) else note))
+        rows.append((name, len(train) / secs[0], len(train) * len(later) / sum(later),
+                     note() if callable(note) else note))
         print(f"  {name}: epoch 1 {secs[0]:.2f} s, later {sum(later) / len(later):.2f} s/epoch", flush=True)
 
     if "memory" not in skip:
@@ -90,8 +92,10 @@ def main(argv=None) -> int:
         written = time.perf_counter() - t0
         size = path.stat().st_size / 2**20
         ff = FFCVBatchLoader(path, pre, args.batch_size, num_workers=args.workers, timeout_s=300)
-        timed(f"ffcv-{mode}", ff.batches, lambda: f".beton {size:.0f} MiB written in {written:.1f} s; "
-                                                  f"{len(ff.construct_s)} Loader built in {sum(ff.construct_s):.1f} s")
+        timed(f"ffcv-{mode}", ff.batches,
+              lambda size=size, written=written, ff=ff: f".beton {size:.0f} MiB written in {written:.1f} s; "
+                                                        f"{len(ff.construct_s)} Loader built in "
+                                                        f"{sum(ff.construct_s):.1f} s")
 
     if "torchvision" not in skip:
         import torchvision.transforms as T

@@ -201,7 +201,8 @@ def main() -> None:
         full = [q for q in rows if (q["K"], q["exec"], q["mode"], q["N"]) == (r["K"], r["exec"], "full", r["N"])]
         t_ratio = f"{r['cpu_s_per_iter'] / full[0]['cpu_s_per_iter']:.2f}" if full else "-"
         m_ratio = f"{r['peak_bytes'] / max(full[0]['peak_bytes'], 1):.2f}" if full else "-"
-        print(f"{r['K']:>2} {r['exec']:>10} {r['mode']:>8} {r['N']:>4} {r['s_per_iter']:>8.2f} {r['cpu_s_per_iter']:>8.2f} "
+        print(f"{r['K']:>2} {r['exec']:>10} {r['mode']:>8} {r['N']:>4} {r['s_per_iter']:>8.2f} "
+              f"{r['cpu_s_per_iter']:>8.2f} "
               f"{r['peak_bytes'] / mib:>9.0f} {r['est'] / mib:>8.0f} "
               f"{r['peak_bytes'] / max(first['peak_bytes'], 1):>10.2f} {t_ratio:>9} {m_ratio:>9}")
     if len(args.executions) > 1:

@@ -1,13 +1,7 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CONTRA_RAY_SHARED", ROOT.parent / "shared"))
-CIFAR_TARBALL = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
 
 torch.set_num_threads(1)
 
@@ -18,23 +12,19 @@ def cache_dir(tmp_path_factory):
     return os.environ.get("CONTRA_RAY_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
 
 
-def assert_shared_vocabulary(client, run, *, role: str, entry_point: str, method: str, final: bool = True,
-                             iterations: int | None = None) -> None:
-    """A run read back from the store logs contra_ray.tracking's shared metric names and tags, and no paths
-    as params (every run kind: pipeline, distill, distill --num-workers, Tune trial, evaluate CLI)."""
-    from contra_ray.tracking import PATH_FIELDS
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray instance for the module (never a cluster that RAY_ADDRESS or `ray start` names);
+    one that is already running is reused and left running. Workers print to the driver (tests read it with
+    capfd), and get tests/helpers.py by value, as they cannot import it."""
+    import ray
 
-    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    assert tags["contra_ray.role"] == role and tags["mlflow.source.name"] == entry_point
-    assert tags["method"] == method and tags["dataset"] and tags["git_commit"]
-    for key in ("ipc", "K", "beta"):
-        assert tags[key] == params[f"distill.{key}"]
-    assert not set(PATH_FIELDS) & set(params) and tags["path.output_dir"]
-    if final:
-        assert 0 <= metrics["final_acc"] <= 100 and metrics["final_acc_std"] >= 0
-        model = params["model.name"]
-        assert metrics[f"final_acc/{model}"] == metrics["final_acc"]
-    if iterations is not None:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(iterations))
-        assert len(client.get_metric_history(run.info.run_id, "syn_lr")) == iterations
-        assert metrics["s_per_iter"] > 0
+    import helpers
+
+    ray.cloudpickle.register_pickle_by_value(helpers)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -9,15 +9,26 @@ import torch
 from PIL import Image
 from scipy.stats import pearsonr
 
-from contra_ray.analyze.correlation import (HEATMAP_SIZE_PX, ForgettingMonitor, correlation_losses, mode_config, pearson_matrix, reference_expert_id, save_correlation_csv, save_correlation_heatmap, segment_loss_eval, triangle_summary)
+from contra_ray.analyze.correlation import (
+    HEATMAP_SIZE_PX,
+    ForgettingMonitor,
+    correlation_losses,
+    mode_config,
+    pearson_matrix,
+    reference_expert_id,
+    save_correlation_csv,
+    save_correlation_heatmap,
+    segment_loss_eval,
+    triangle_summary,
+)
 from contra_ray.config import ConfigError, load_config
+from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.distiller import Distiller
 from contra_ray.distill.loop import run_distillation
-from contra_ray.data.prepare import prepare_data
-from contra_ray.experts.remote import store_meta
-from contra_ray.experts.store import ExpertStore
 from contra_ray.distill.matching import make_plan, matching_loss, unroll
+from contra_ray.experts.remote import store_meta
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+from helpers import fake_expert_store
 
 EPOCHS, REF = 4, 2  # saved epochs per expert; the default τ_o is the highest id
 
@@ -47,13 +58,8 @@ def setup(tmp_path_factory):
                 Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{k}.png")
     cfg = load_config("tiny_cpu", tiny_overrides(root, root))
     data = prepare_data(cfg)
-    store = ExpertStore.create(cfg.expert_store(), store_meta(cfg, data), data.preprocessor.state_dict())
-    g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        torch.manual_seed(i)
-        theta = flat_params(build_model(data.spec))
-        steps = 0.05 * torch.randn(EPOCHS, theta.numel(), generator=g)
-        store.add(i, i, torch.cat([theta[None], theta[None] + steps.cumsum(0)]), [float("nan")] * EPOCHS)
+    store = fake_expert_store(cfg.expert_store(), store_meta(cfg, data), data.preprocessor.state_dict(), data.spec,
+                              num_experts=3, epochs=EPOCHS)
     return {"root": root, "cfg": cfg, "data": data, "store": store}
 
 
@@ -325,8 +331,8 @@ def test_cli_correlation_refuses_spans_and_counts_that_give_no_correlation(tmp_p
 def test_monitor_inputs_are_checked_against_the_store_before_distillation(setup):
     import copy
 
-    from contra_ray.experts.store import ExpertStoreError
     from contra_ray.experts.remote import ensure_experts
+    from contra_ray.experts.store import ExpertStoreError
 
     cfg = copy.deepcopy(setup["cfg"])
     cfg.distill.monitor_every, cfg.distill.monitor_epochs = 1, [1, EPOCHS]

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
+from contra_ray.config import Config
 from contra_ray.distill import artifact as art_mod
 from contra_ray.distill.artifact import ArtifactError, DistilledSet, build_meta
-from contra_ray.config import Config
 from contra_ray.models import ModelSpec
 
 

@@ -1,8 +1,8 @@
 """Config loading and validation: every bad value is refused before work, naming field and value."""
 
+import re
 from pathlib import Path
 
-import re
 import pytest
 
 from contra_ray.config import PRESET_DIR, ConfigError, load_config
@@ -83,7 +83,7 @@ def test_yaml_path_preset(tmp_path: Path):
 def test_preset_with_a_key_given_twice_is_refused(tmp_path: Path):
     p = tmp_path / "dup.yaml"
     p.write_text("name: dup\ndata:\n  zca: false\n  zca_eps: 0.1\n  zca: true\n")
-    with pytest.raises(ConfigError, match=rf"dup.yaml:5: duplicate key 'zca' \(first given at line 3\)"):
+    with pytest.raises(ConfigError, match=r"dup.yaml:5: duplicate key 'zca' \(first given at line 3\)"):
         load_config(str(p))
     p.write_text("name: a\ndistill: {K: 1}\nname: b\n")
     with pytest.raises(ConfigError, match=r"dup.yaml:3: duplicate key 'name'"):
@@ -166,8 +166,8 @@ def test_run_name_from_the_cli_is_refused_before_any_work(tmp_path, monkeypatch,
 
 
 def test_cli_paths_and_name_are_taken_verbatim(tmp_path):
-    from contra_ray.distill.cli import build_parser
     from contra_ray.common.cli import config_from_args
+    from contra_ray.distill.cli import build_parser
 
     args = build_parser().parse_args(["--preset", "tiny_cpu", "--name", "yes", "--output-dir", str(tmp_path / "on"),
                                       "--experts", "1e3", "--ipc", "2"])

@@ -9,33 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import CIFAR_TARBALL
 from contra_ray import data
 from contra_ray.config import DataConfig
 from contra_ray.data.preprocess import Preprocessor, fit_preprocessor, real_images_per_class
 from contra_ray.data.sources import ImageSet, load_split
-
-CLASSES = ("cat", "dog", "frog")
-
-
-def make_tree(root, counts=None, size=8, test_name="test", mode="RGB", seed=0):
-    """ImageFolder tree of random PNGs; returns {split: (uint8 [N, C, H, W], labels)} in ImageFolder order."""
-    counts = counts or {"train": 6, test_name: 2}
-    rng = np.random.default_rng(seed)
-    out = {}
-    for split, per_class in counts.items():
-        imgs, labels = [], []
-        for c, name in enumerate(CLASSES):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                shape = (size, size) if mode == "L" else (size, size, 3)
-                arr = rng.integers(0, 256, shape, dtype=np.uint8)
-                Image.fromarray(arr, mode).save(d / f"{i:03d}.png")
-                imgs.append(arr[None] if mode == "L" else arr.transpose(2, 0, 1))
-                labels.append(c)
-        out[split] = (torch.from_numpy(np.stack(imgs)), torch.tensor(labels))
-    return out
+from helpers import CIFAR_TARBALL, CLASSES, make_tree
 
 
 def folder_cfg(root, tmp_path, **kw):

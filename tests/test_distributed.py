@@ -15,15 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from contra_ray.common.fileio import load_yaml
 from contra_ray.config import load_config
+from contra_ray.data.prepare import PreparedData
 from contra_ray.data.preprocess import Preprocessor
 from contra_ray.data.sources import ImageSet, content_hash
-from contra_ray.data.prepare import PreparedData
-from contra_ray.distill.remote import (CheckpointError, FaultInjection, PreparedSetup, fit_distributed, read_checkpoint, worker_share, write_checkpoint)
-from contra_ray.experts.store import ExpertStore
-from contra_ray.common.fileio import load_yaml
 from contra_ray.distill.matching import make_plan
-from contra_ray.models import ModelSpec, build_model, flat_params
+from contra_ray.distill.remote import (
+    CheckpointError,
+    FaultInjection,
+    PreparedSetup,
+    fit_distributed,
+    read_checkpoint,
+    worker_share,
+    write_checkpoint,
+)
+from contra_ray.models import ModelSpec
+from helpers import assert_shared_vocabulary, fake_expert_store, make_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -41,12 +49,8 @@ def toy_setup(root: Path) -> PreparedSetup:
     meta = {"model_spec": SPEC.to_dict(), "epochs": EPOCHS, "dataset_id": train.dataset_id,
             "content_hash": train.content_hash, "zca": False, "zca_eps": 0.1,
             "preprocessor_fingerprint": pre.fingerprint(), "classes": train.classes}
-    store = ExpertStore.create(root / "experts", meta, pre.state_dict())
-    for i in range(2):
-        torch.manual_seed(i)
-        theta = flat_params(build_model(SPEC))
-        steps = 0.05 * torch.randn(EPOCHS, theta.numel(), generator=g)
-        store.add(i, i, torch.cat([theta[None], theta[None] + steps.cumsum(0)]), [float("nan")] * EPOCHS)
+    fake_expert_store(root / "experts", meta, pre.state_dict(), SPEC, num_experts=2, epochs=EPOCHS,
+                      generator=g)  # the steps continue g's stream after the images
     return PreparedSetup(data, str(root / "experts"))
 
 
@@ -57,18 +61,6 @@ def toy_config(out: Path, name: str, **distill):
     return load_config("tiny_cpu", {"name": name, "output_dir": str(out), "threads": 1,
                                     "model": {"width": 4}, "experts": {"epochs": EPOCHS, "store": str(out / "experts")},
                                     "tracking": {"enabled": False}, "distill": d})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:  # a private local instance, never someone else's `ray start` cluster on this host
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +169,7 @@ def test_num_workers_run_logs_the_shared_vocabulary(ray_local, tmp_path):
     """`distill --num-workers 2` (run_distributed): rank 0's metrics and the driver's run read back from the
     store under the names and tags every run kind shares."""
     from mlflow.tracking import MlflowClient
-    from test_data import make_tree
 
-    from conftest import assert_shared_vocabulary
     from contra_ray.distill.remote import run_distributed
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
@@ -286,8 +276,6 @@ def _stop_own_cluster(temp_dir: str) -> None:
 @pytest.mark.slow
 def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
-    from test_data import make_tree
-
     from contra_ray.distill.artifact import DistilledSet
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})

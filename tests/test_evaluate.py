@@ -8,34 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from contra_ray import evaluate as ev
-from contra_ray.distill.artifact import ArtifactMismatchError, DistilledSet
 from contra_ray.config import Config, EvalConfig
+from contra_ray.distill.artifact import ArtifactMismatchError, DistilledSet
 from contra_ray.models import ModelSpec
-from conftest import assert_shared_vocabulary
+from helpers import assert_shared_vocabulary, toy_halves
 
 SPEC = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
 ECFG = EvalConfig(epochs=6, batch_size=8, dsa=False, test_batch_size=32)
 
 
-def toy(n_per_class, seed, signal=True):
-    """Two classes: left half +1 / right half -1 (class 0) or the opposite (class 1), plus noise (a
-    spatial pattern: ConvNet's instance norm removes a constant offset); without signal pure noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(2).repeat_interleave(n_per_class)
-    x = 0.3 * torch.randn(2 * n_per_class, 1, 8, 8, generator=g)
-    if signal:
-        half = torch.ones(8, 8)
-        half[:, 4:] = -1
-        x += (1 - 2 * y.float()).view(-1, 1, 1, 1) * half
-    else:
-        y = y[torch.randperm(y.numel(), generator=g)]
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def data():
-    x, y = toy(8, 0)
-    tx, ty = toy(50, 1)
+    x, y = toy_halves(8, 0)
+    tx, ty = toy_halves(50, 1)
     return x, F.one_hot(y, 2).float(), tx, ty
 
 
@@ -49,8 +34,8 @@ def test_separable_toy_reaches_100_percent_and_is_seeded(data):
 
 
 def test_no_signal_stays_near_chance():
-    x, y = toy(8, 2, signal=False)
-    tx, ty = toy(100, 3, signal=False)
+    x, y = toy_halves(8, 2, signal=False)
+    tx, ty = toy_halves(100, 3, signal=False)
     acc = ev.train_and_test(x, F.one_hot(y, 2).float(), 0.01, SPEC, ECFG, tx, ty, seed=0)
     assert 0.35 <= acc <= 0.65
 
@@ -124,7 +109,7 @@ def test_random_real_set():
 
 
 def artifact_for(classes=("pos", "neg"), zca=True, cfg=None, n_per_class=2):
-    x, y = toy(n_per_class, 4)
+    x, y = toy_halves(n_per_class, 4)
     meta = {"model": SPEC.to_dict(), "zca": zca, "preprocessor_fingerprint": "fp1", "image_size": 8,
             "channels": 1, "num_classes": 2, "classes": list(classes), "ipc": n_per_class, "method": "contra",
             "dataset_id": "toy", "iteration": 3}
@@ -204,7 +189,7 @@ def fake_modules(monkeypatch):
 
     def load_split(dcfg, split):
         assert dcfg.root == "/somewhere/else"
-        x, y = toy(50 if split == "test" else 10, 7 if split == "test" else 8)
+        x, y = toy_halves(50 if split == "test" else 10, 7 if split == "test" else 8)
         return types.SimpleNamespace(images=to_uint8(x), labels=y, classes=["pos", "neg"], dataset_id="toy",
                                      content_hash="h")
 

@@ -2,7 +2,6 @@
 (in a killed subprocess, and as a Ray task whose worker is SIGKILLed and retried); the store grows."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -12,30 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.experts.store import ExpertStore, PartialExpert
-from contra_ray.experts.curriculum import ShuffledOrder
 from contra_ray.experts.training import train_expert
 from contra_ray.models import ModelSpec
-from contra_ray.common.seeds import derive_seed
+from helpers import flip_noise_augment as augment
+from helpers import toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
 CFG = ExpertConfig(epochs=5, lr=0.05, momentum=0.9, batch_size=32, dsa=True, eval_every=2)
-
-TOY = '''
-import torch
-def toy_data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(n) % 4
-    return (patterns[y] + 0.8 * torch.randn(n, 3, 8, 8, generator=g)).float(), y.long()
-def augment(x, g):
-    """Flip drawn from the expert's generator plus noise from torch's global RNG (both must resume)."""
-    flip = torch.rand(len(x), generator=g) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x) + 0.01 * torch.randn(x.shape)
-'''
-exec(TOY)
 
 
 def data():
@@ -45,8 +31,9 @@ def data():
 def test_killed_subprocess_resumes_at_epoch_3_and_matches_uninterrupted(tmp_path):
     torch.set_num_threads(1)
     resume = tmp_path / "expert_0000.partial"
-    script = textwrap.dedent(TOY) + textwrap.dedent(f"""
+    script = textwrap.dedent(f"""
         import os, signal, sys
+        from helpers import flip_noise_augment as augment, toy_data
         from contra_ray.config import ExpertConfig
         from contra_ray.experts import train_expert
         from contra_ray.models import ModelSpec
@@ -59,7 +46,7 @@ def test_killed_subprocess_resumes_at_epoch_3_and_matches_uninterrupted(tmp_path
         train_expert(0, 7, *toy_data(120, 1), *toy_data(40, 2), spec, cfg, augment=augment, threads=1,
                      progress=progress, resume_dir={str(resume)!r})
     """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert proc.stdout.split() == ["epoch", "1", "epoch", "2", "epoch", "3"]
@@ -97,16 +84,6 @@ def test_partial_state_written_before_progress_and_torn_state_ignored(tmp_path):
         again, _ = train_expert(0, 3, *data(), SPEC, dataclasses.replace(CFG, epochs=2), resume_dir=tmp_path / "p")
     assert torch.equal(again, train_expert(0, 3, *data(), SPEC, dataclasses.replace(CFG, epochs=2))[0])
     assert PartialExpert(tmp_path / "nothing", {}).read() is None
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_task_killed_at_epoch_3_is_retried_and_resumes_then_store_grows(tmp_path, ray_local):

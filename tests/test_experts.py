@@ -9,29 +9,21 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from contra_ray.experts import store as expert_store
 from contra_ray import experts as ex
-from contra_ray.experts import remote as experts_ray
-from contra_ray.config import Config, ExpertConfig
-from contra_ray.experts.store import ExpertStore, ExpertStoreError
-from contra_ray.experts.curriculum import CurriculumOrder, ShuffledOrder, difficulty_from_first_correct
-from contra_ray.data.loaders import TensorBatchLoader
-from contra_ray.experts.training import first_correct_epoch, train_expert
-from contra_ray.experts.remote import train_experts
 from contra_ray.common.seeds import derive_seed
+from contra_ray.config import Config, ExpertConfig
+from contra_ray.data.loaders import TensorBatchLoader
+from contra_ray.experts import remote as experts_ray
+from contra_ray.experts import store as expert_store
+from contra_ray.experts.curriculum import CurriculumOrder, ShuffledOrder, difficulty_from_first_correct
+from contra_ray.experts.remote import train_experts
+from contra_ray.experts.store import ExpertStore, ExpertStoreError
+from contra_ray.experts.training import first_correct_epoch, train_expert
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+from helpers import toy_data
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
 CFG = ExpertConfig(epochs=3, lr=0.05, momentum=0.9, batch_size=32, dsa=False, eval_every=1)
-
-
-def toy_data(n: int, seed: int):
-    """Learnable toy problem: each class is a fixed random 8x8 pattern plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(n) % 4
-    x = patterns[y] + 0.8 * torch.randn(n, 3, 8, 8, generator=g)
-    return x.float(), y.long()
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +186,7 @@ def test_store_round_trip_lazy_params_and_index(tmp_path, trajectories, monkeypa
     monkeypatch.setattr(expert_store, "load_file", lambda *a, **k: pytest.fail("params must not load the whole file"))
     opened = ExpertStore.open(tmp_path / "st")
     assert opened.expert_ids == [0, 1] and opened.epochs == 3
-    for i, (traj, acc) in enumerate(trajectories):
+    for i, (traj, _acc) in enumerate(trajectories):
         for e in range(4):
             p = opened.params(i, e)
             assert p.dtype == torch.float32 and torch.equal(p, traj[e])
@@ -293,15 +285,6 @@ def test_store_written_before_model_spec_had_norm_fields_still_matches(tmp_path)
 # ---------------------------------------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
     cfg = Config()
     cfg.experts = dataclasses.replace(CFG, num_experts=2, epochs=2, seed=40, store=str(tmp_path / "experts"),
@@ -343,15 +326,16 @@ def test_train_experts_parallel_resume_and_refusal(tmp_path, data, ray_local):
 
 
 @pytest.mark.parametrize("experts, message", [({"num_experts": 3, "epochs": 8},
-                                               r"experts.num_experts=3: the store .* holds 2 expert\(s\) \(ids \[0, 1\]\)"),
+                                               r"experts.num_experts=3: the store .* holds 2 expert\(s\) "
+                                               r"\(ids \[0, 1\]\)"),
                                               ({"num_experts": 2, "epochs": 4},
                                                "experts.epochs=4: the store .* holds 8-epoch trajectories; "
                                                "set experts.epochs=8")])
 def test_an_existing_store_that_differs_from_the_config_is_refused_without_training(tmp_path, monkeypatch, experts,
                                                                                     message):
     """A user finding: num_experts / epochs above the store's were recorded in the run but never used."""
-    from contra_ray.experts import remote as stages
     from contra_ray.config import load_config
+    from contra_ray.experts import remote as stages
     from contra_ray.experts.store import ExpertStoreError
 
     class Stored:

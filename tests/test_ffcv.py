@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_imagenet_data import make_tiny_imagenet
+from helpers import make_tiny_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
@@ -119,13 +119,14 @@ SCRIPT = textwrap.dedent("""
     from contra_ray.experts.remote import train_experts
     from contra_ray.common.seeds import derive_seed
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg.experts = dataclasses.replace(ecfg, epochs=2, num_experts=1, seed=3, store=tmp + "/experts", loader="ffcv",
                                       ffcv_dir=str(__import__("pathlib").Path(beton).parent))
-    meta = {k: v for k, v in store_meta(cfg, type("D", (), {"spec": spec, "train": train, "preprocessor": pre})()).items()
-            if k not in ("model_spec", "epochs")}
+    data_like = type("D", (), {"spec": spec, "train": train, "preprocessor": pre})()
+    meta = {k: v for k, v in store_meta(cfg, data_like).items() if k not in ("model_spec", "epochs")}
     store = train_experts(cfg, x, train.labels, tx, test.labels, spec, meta, pre.state_dict())
-    ref, _ = train_expert(0, derive_seed(3, "expert", 0), x, train.labels, tx, test.labels, spec, cfg.experts, threads=1)
+    ref, _ = train_expert(0, derive_seed(3, "expert", 0), x, train.labels, tx, test.labels, spec, cfg.experts,
+                          threads=1)
     ray.shutdown()
     torch.save({"ray": store.trajectory(0), "memory": ref}, tmp + "/ray.pt")
     print("ok")
@@ -162,8 +163,8 @@ def test_ffcv_expert_matches_memory_loader_serves_curriculum_and_runs_in_ray(pre
 def test_beton_for_another_resolution_or_dataset_is_refused_naming_the_path(prepared, tmp_path):
     tmp, root, _ = prepared
     from contra_ray.config import DataConfig
-    from contra_ray.data.sources import load_split
     from contra_ray.data.ffcv_beton import check_beton_for
+    from contra_ray.data.sources import load_split
 
     beton = tmp / "betons" / "tiny-imagenet@16px-train-raw.beton"
     at32 = load_split(DataConfig(dataset="tiny-imagenet", root=str(root), resolution=32,

@@ -8,47 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from contra_ray.common.seeds import derive_seed
 from contra_ray.config import ConfigError, DataConfig, load_config
-from contra_ray.data.preprocess import Preprocessor, fit_preprocessor
-from contra_ray.data.sources import load_split
 from contra_ray.data.disk_images import DiskImages, PreprocessedImages, write_npy
 from contra_ray.data.imagenet import decode_resized
-from contra_ray.common.seeds import derive_seed
-
-WNIDS = ["n02085620", "n01443537", "n04067472"]  # wnids.txt order is not sorted
-WORDS = {"n01443537": "goldfish, Carassius auratus", "n02085620": "Chihuahua",
-         "n04067472": "reel", "n09999999": "unrelated, other"}
-
-
-def make_tiny_imagenet(root, train_per_class=3, val_per_class=2, size=64, seed=0):
-    """A Tiny ImageNet tree exactly as published: wnids.txt, words.txt, train/<wnid>/images/*.JPEG
-    (+ the boxes file), val/images/*.JPEG + val_annotations.txt, an unlabelled test/images/."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    (root / "words.txt").write_text("".join(f"{w}\t{n}\n" for w, n in WORDS.items()))
-    for w in WNIDS:
-        d = root / "train" / w / "images"
-        d.mkdir(parents=True)
-        boxes = []
-        for i in range(train_per_class):
-            mode = "L" if (w == WNIDS[0] and i == 0) else "RGB"  # Tiny ImageNet has some grayscale JPEGs
-            arr = rng.integers(0, 256, (size, size) if mode == "L" else (size, size, 3), dtype=np.uint8)
-            Image.fromarray(arr, mode).save(d / f"{w}_{i}.JPEG", quality=95)
-            boxes.append(f"{w}_{i}.JPEG\t0\t0\t{size - 1}\t{size - 1}")
-        (root / "train" / w / f"{w}_boxes.txt").write_text("\n".join(boxes) + "\n")
-    (root / "val" / "images").mkdir(parents=True)
-    lines, k = [], 0
-    for i in range(val_per_class):
-        for w in reversed(WNIDS):
-            arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / "val" / "images" / f"val_{k}.JPEG", quality=95)
-            lines.append(f"val_{k}.JPEG\t{w}\t1\t2\t30\t40")
-            k += 1
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (root / "test" / "images").mkdir(parents=True)
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "test/images/test_0.JPEG")
-    return root
+from contra_ray.data.preprocess import Preprocessor, fit_preprocessor
+from contra_ray.data.sources import load_split
+from helpers import WNIDS, make_tiny_imagenet
 
 
 def pil_rgb(path):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from contra_ray.distill.checkpoint import LocalCheckpoints, checkpoint_dirs, read_checkpoint
-from contra_ray.config import ConfigError, load_config
-from contra_ray.distill.distiller import Distiller
-from contra_ray.evaluate.training import evaluation_seeds
-from contra_ray.distill.loop import LocalSync, run_loop
-from contra_ray.models import ModelSpec, build_model, flat_params
 from contra_ray.common.seeds import ROLES, derive_seed
+from contra_ray.config import ConfigError, load_config
+from contra_ray.distill.checkpoint import LocalCheckpoints, checkpoint_dirs, read_checkpoint
+from contra_ray.distill.distiller import Distiller
+from contra_ray.distill.loop import LocalSync, run_loop
+from contra_ray.evaluate.training import evaluation_seeds
+from contra_ray.models import ModelSpec, build_model, flat_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)

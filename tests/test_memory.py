@@ -5,7 +5,14 @@ import torch
 
 from contra_ray.augment import DSA
 from contra_ray.config import ConfigError, load_config
-from contra_ray.distill.matching import (accumulate_matching_gradients, constant_memory_gradients, make_plan, matching_loss, step_gradient, unroll)
+from contra_ray.distill.matching import (
+    accumulate_matching_gradients,
+    constant_memory_gradients,
+    make_plan,
+    matching_loss,
+    step_gradient,
+    unroll,
+)
 from contra_ray.distill.memory import MemoryPlan, measure_step_memory, plan_unroll_memory
 from contra_ray.models import MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward, is_distillable
 
@@ -116,8 +123,8 @@ def test_constant_memory_gradient_matches_finite_differences():
                      min_start=0, max_start=2)
     inputs = (images.requires_grad_(True), logits.requires_grad_(True),
               torch.tensor(0.05, dtype=torch.float64, requires_grad=True))
-    f = lambda i, l, r: _ConstantMemoryLoss.apply(i, l, r, fwd, traj[1], traj[3], plan.batches, aug,  # noqa: E731
-                                                  plan.aug_seeds)
+    f = lambda i, lg, r: _ConstantMemoryLoss.apply(i, lg, r, fwd, traj[1], traj[3], plan.batches, aug,
+                                                   plan.aug_seeds)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 

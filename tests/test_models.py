@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from contra_ray.models import (MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward, is_distillable, load_flat_params, num_params)
+from contra_ray.models import (
+    MODEL_NAMES,
+    ModelSpec,
+    build_model,
+    flat_params,
+    functional_forward,
+    is_distillable,
+    load_flat_params,
+    num_params,
+)
 
 
 def test_convnet3_matches_mtt_parameter_count():

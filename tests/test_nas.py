@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from contra_ray import nas
-from contra_ray.distill.artifact import DistilledSet
 from contra_ray.config import Config, EvalConfig
+from contra_ray.distill.artifact import DistilledSet
 from contra_ray.models import ModelSpec, build_model, num_params
+from helpers import toy_halves
 
 
 @pytest.mark.parametrize("a, b", [
@@ -77,19 +78,9 @@ def test_split_per_class_is_disjoint_balanced_and_seeded():
         nas.split_per_class(labels, 3, 8, 5, seed=1)
 
 
-def _toy(n_per_class, seed):
-    """Two classes: left half +1 / right half -1 or the opposite, plus noise (1 x 8 x 8)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(2).repeat_interleave(n_per_class)
-    half = torch.ones(8, 8)
-    half[:, 4:] = -1
-    x = 0.3 * torch.randn(2 * n_per_class, 1, 8, 8, generator=g) + (1 - 2 * y.float()).view(-1, 1, 1, 1) * half
-    return x, y
-
-
 def test_score_architectures_trains_each_variant():
-    x, y = _toy(8, 0)
-    tx, ty = _toy(20, 1)
+    x, y = toy_halves(8, 0)
+    tx, ty = toy_halves(20, 1)
     specs = [ModelSpec("convnet", 2, 8, 1, width=8, depth=2, norm=n, activation=a, pooling=p)
              for n, a, p in [("batchnorm", "relu", "maxpooling"), ("layernorm", "leakyrelu", "none"),
                              ("groupnorm", "sigmoid", "avgpooling")]]
@@ -115,7 +106,7 @@ def fake_data(monkeypatch):
             return images.float() / 127.5 - 1.0
 
     def load_split(dcfg, split):
-        x, y = _toy(20 if split == "test" else 10, 7 if split == "test" else 8)
+        x, y = toy_halves(20 if split == "test" else 10, 7 if split == "test" else 8)
         return types.SimpleNamespace(images=((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), labels=y,
                                      classes=["pos", "neg"], num_classes=2, dataset_id="toy", content_hash="h")
 
@@ -132,7 +123,7 @@ def test_cli_on_a_saved_artifact_with_tracking(tmp_path, fake_data, capsys):
 
     cfg = Config()
     cfg.eval.batch_size, cfg.eval.dsa = 8, False
-    x, y = _toy(2, 4)
+    x, y = toy_halves(2, 4)
     spec = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
     meta = {"model": spec.to_dict(), "zca": True, "preprocessor_fingerprint": "fp1", "image_size": 8,
             "channels": 1, "num_classes": 2, "classes": ["pos", "neg"], "ipc": 2, "config": cfg.to_dict(),

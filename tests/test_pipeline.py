@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
-from contra_ray.distill.artifact import DistilledSet
 from contra_ray.config import load_config
+from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.cli import main as distill_main
 from contra_ray.experts.store import ExpertStore
 from contra_ray.pipeline import run_pipeline
-from conftest import CIFAR_TARBALL, assert_shared_vocabulary
+from helpers import CIFAR_TARBALL, assert_shared_vocabulary
 
-pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(), reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")
+pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(),
+                                reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from contra_ray.config import Config, ConfigError
-from contra_ray.tracking import RunLogger, check_destinations, flatten_params, init_tracking, store_lock
 from contra_ray.plots import save_curves, save_image_grid
+from contra_ray.tracking import RunLogger, check_destinations, flatten_params, init_tracking, store_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,6 @@ the ranked table and the two metrics and logs them to MLflow (:class:`contra_ray
 
 from __future__ import annotations
 
-from contra_ray.common.cli import cli_error
-
 import argparse
 import csv
 import dataclasses
@@ -39,16 +37,17 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
-from contra_ray.models import ModelSpec
 from contra_ray import data
 from contra_ray.augment import DSA
+from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
+from contra_ray.common.cli import cli_error
 from contra_ray.common.fileio import ensure_writable_dir
 from contra_ray.common.raycluster import ensure_ray
 from contra_ray.config import ConfigError, check_device, config_from_dict
 from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
 from contra_ray.evaluate.sets import check_artifact_matches, test_meta_for
 from contra_ray.evaluate.training import train_and_test
+from contra_ray.models import ModelSpec
 from contra_ray.tracking import RunLogger, check_destinations
 
 __all__ = [

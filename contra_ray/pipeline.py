@@ -16,16 +16,15 @@ Stages (each reusable on its own: ``contra_ray.distill``, ``contra_ray.evaluate`
 
 from __future__ import annotations
 
-
 import argparse
 import json
 import sys
 import time
 
-from contra_ray.config import ConfigError, check_device
 from contra_ray.common.cli import add_common_args, cli_error, config_from_args
 from contra_ray.common.fileio import atomic_write
 from contra_ray.common.seeds import derive_seed
+from contra_ray.config import ConfigError, check_device
 from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.cli import precheck_resume, run_in_run_dir
 from contra_ray.distill.distiller import DistillationDiverged

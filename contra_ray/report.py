@@ -24,8 +24,6 @@ there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
 
 from __future__ import annotations
 
-from contra_ray.common.cli import cli_error
-
 import argparse
 import json
 import math
@@ -34,8 +32,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from contra_ray.common.cli import cli_error
 from contra_ray.config import Config, ConfigError
-from contra_ray.tracking import sqlite_path, check_destinations, tracking_client
+from contra_ray.tracking import check_destinations, sqlite_path, tracking_client
 
 __all__ = ["sweep_rows", "format_report", "parse_baseline", "t_quantile_975", "aggregate_by_seed",
            "paired_differences", "format_aggregate", "plot_aggregate", "main"]

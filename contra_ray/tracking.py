@@ -38,11 +38,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-
-from contra_ray.config import ConfigError, flatten_dotted
 from contra_ray.common.fileio import ensure_writable_dir
+from contra_ray.config import ConfigError, flatten_dotted
 
-__all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger", "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of", "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH"]
+__all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger",
+           "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of",
+           "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH", "sqlite_path"]
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_PER_BATCH = 100  # params (and metrics, conservatively) per log_batch call
@@ -171,7 +172,8 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
     * ``output_dir``: created if missing and proven writable (a temporary file is created and removed).
     * ``tracking_uri`` (skip with ``None``, e.g. tracking disabled): ``sqlite:///PATH`` -> PATH's
       directory creatable and writable, and PATH, if it exists, a writable SQLite database; ``file:`` URIs
-      and plain paths (MLflow's file store, which MLflow 3 refuses by default) are refused; ``http(s)://`` -> one GET answered within ``timeout_s`` seconds (any HTTP
+      and plain paths (MLflow's file store, which MLflow 3 refuses by default) are refused; ``http(s)://`` ->
+      one GET answered within ``timeout_s`` seconds (any HTTP
       status counts as reachable except 502/503/504, a gateway without its server);
       ``postgresql``/``mysql``/``mssql`` URIs -> a TCP connection to host:port within ``timeout_s``;
       ``databricks`` and schemes of installed MLflow tracking-store plugins are accepted unchecked.

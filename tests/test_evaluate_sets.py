@@ -26,7 +26,8 @@ def toy(n_per_class: int, seed: int):
 def test_rows_are_sets_outer_models_inner_with_the_seeded_runs_of_train_and_test():
     x, y = toy(4, 0)
     tx, ty = toy(20, 1)
-    sets = [EvalSet("random_real", x, F.one_hot(y, 2).float(), 0.01), EvalSet("contra", x, F.one_hot(y, 2).float() * 0.9, 0.02)]
+    onehot = F.one_hot(y, 2).float()
+    sets = [EvalSet("random_real", x, onehot, 0.01), EvalSet("contra", x, onehot * 0.9, 0.02)]
     rows, accs = evaluate_sets(sets, ["convnet", "alexnet"], SPEC, ECFG, tx, ty, ipc=4, use_ray=False)
     assert [(r["method"], r["model"]) for r in rows] == [("random_real", "convnet"), ("random_real", "alexnet"),
                                                          ("contra", "convnet"), ("contra", "alexnet")]
@@ -47,9 +48,10 @@ def test_eval_lr_overrides_every_sets_own_lr():
     x, y = toy(4, 0)
     tx, ty = toy(20, 1)
     ecfg = dataclasses.replace(ECFG, lr=0.03, runs=1)
-    _, accs = evaluate_sets([EvalSet("mtt", x, F.one_hot(y, 2).float(), 123.0)], ["convnet"], SPEC, ecfg, tx, ty, ipc=4, use_ray=False)
+    onehot = F.one_hot(y, 2).float()
+    _, accs = evaluate_sets([EvalSet("mtt", x, onehot, 123.0)], ["convnet"], SPEC, ecfg, tx, ty, ipc=4, use_ray=False)
     seed = evaluation_seeds(ecfg.seed, 1)[0]
-    assert accs[("mtt", "convnet")] == [train_and_test(x, F.one_hot(y, 2).float(), 0.03, SPEC, ecfg, tx, ty, seed)]
+    assert accs[("mtt", "convnet")] == [train_and_test(x, onehot, 0.03, SPEC, ecfg, tx, ty, seed)]
 
 
 def test_tables_print_the_method_labels():

@@ -14,26 +14,31 @@ table and logs everything to one MLflow run.
 
 from __future__ import annotations
 
-
 import argparse
 import copy
 import json
 import time
 from pathlib import Path
 
-from contra_ray.config import Config, ConfigError, check_device
-from contra_ray.common.fileio import atomic_write
-from contra_ray.common.seeds import derive_seed
-from contra_ray.analyze.correlation import (correlation_losses, mode_config, pearson_matrix, save_correlation_csv,
-                                          save_correlation_heatmap, triangle_summary)
-from contra_ray.distill.monitor import ForgettingMonitor
-from contra_ray.experts.store import reference_expert_id
+from contra_ray.analyze.correlation import (
+    correlation_losses,
+    mode_config,
+    pearson_matrix,
+    save_correlation_csv,
+    save_correlation_heatmap,
+    triangle_summary,
+)
 from contra_ray.augment import dsa_if
 from contra_ray.common.argtypes import non_negative_int
 from contra_ray.common.cli import add_common_args, cli_error, config_from_args
+from contra_ray.common.fileio import atomic_write
+from contra_ray.common.seeds import derive_seed
+from contra_ray.config import Config, ConfigError, check_device
 from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.distiller import Distiller, init_pool
+from contra_ray.distill.monitor import ForgettingMonitor
 from contra_ray.experts.remote import ensure_experts
+from contra_ray.experts.store import reference_expert_id
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking
 
 
@@ -51,7 +56,8 @@ def parse_epoch_range(text: str) -> tuple[int, int]:
     if not 0 <= a < b:
         raise ConfigError(f"--epochs={text!r}: need 0 <= i0 < i1")
     if b - a < 2:
-        raise ConfigError(f"--epochs={text!r}: one epoch has no pair to correlate; give at least two (e.g. {a}:{a + 2})")
+        raise ConfigError(f"--epochs={text!r}: one epoch has no pair to correlate; give at least two "
+                          f"(e.g. {a}:{a + 2})")
     return a, b
 
 
@@ -111,7 +117,7 @@ def run_correlation(cfg: Config, data, store, modes: list[str], epochs: list[int
                 print(f"[{mode}] matched epoch {i}: losses on τ_o after {Z} iterations "
                       + " ".join(f"{v:.3f}" for v in row) + f"  ({time.time() - t0:.0f} s)", flush=True)
 
-        losses = correlation_losses(lambda i: make_distiller(i, state=start_state), monitor, epochs, Z, report)
+        losses = correlation_losses(lambda i, s=start_state: make_distiller(i, state=s), monitor, epochs, Z, report)
         r = pearson_matrix(losses)
         tri = triangle_summary(r, epochs, epochs)
         summary = {"mode": mode, "ipc": d.ipc, "Z": Z, "N": d.syn_steps, "M": M, "K": d.K, "beta": d.beta,
@@ -176,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", default=None, metavar="I0:I1",
                    help="matched and monitored epochs i0..i1-1 (default: every start whose segment of "
                         "distill.expert_epochs fits in the store)")
-    c.add_argument("--Z", type=_at_least_3, default=20, help="distillation iterations per matched epoch (default: %(default)s)")
+    c.add_argument("--Z", type=_at_least_3, default=20,
+                   help="distillation iterations per matched epoch (default: %(default)s)")
     c.add_argument("--warmup", type=non_negative_int, default=0,
                    help="ordinary distillation iterations before the fixed-epoch phase, shared by all rows of a "
                         "mode (0: start from the initial real images; default: %(default)s)")

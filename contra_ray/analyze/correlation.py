@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from contra_ray.config import Config, ConfigError
 from contra_ray.common.fileio import atomic_write
+from contra_ray.config import Config, ConfigError
 from contra_ray.distill.monitor import ForgettingMonitor, segment_loss_eval
 from contra_ray.experts.store import reference_expert_id
 
@@ -106,7 +106,7 @@ def pearson_matrix(losses: np.ndarray, matched_columns: Sequence[int] | None = N
     losses = np.asarray(losses, dtype=np.float64)
     if losses.ndim != 3:
         raise ValueError(f"losses has shape {losses.shape}; expected [I, Z, J]")
-    I, Z, J = losses.shape
+    I, Z, J = losses.shape  # noqa: E741 - the paper's symbols (rows, iterations, columns)
     cols = list(range(I)) if matched_columns is None else [int(c) for c in matched_columns]
     if len(cols) != I or not all(0 <= c < J for c in cols):
         raise ValueError(f"matched_columns={cols}: need one column index in [0, {J}) per row ({I} rows)")

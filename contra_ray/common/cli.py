@@ -2,10 +2,11 @@
 """
 
 from __future__ import annotations
+
 import argparse
 import sys
-from contra_ray.config import Config, load_config, parse_overrides, set_dotted
 
+from contra_ray.config import Config, load_config, parse_overrides, set_dotted
 
 DISTILL_HELP = {
     "ipc": "images per class (IPC)", "beta": "β: weight of the sampled segment in Eq. 8 (1 - β spread over K)",

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir", "RunInUse", "run_lock", "wait_lock"]
+__all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir", "RunInUse", "run_lock",
+           "wait_lock"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], None], *,

@@ -104,9 +104,9 @@ def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers
     """
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: must be one of {', '.join(MODES)}")
+    import ffcv
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    import ffcv
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

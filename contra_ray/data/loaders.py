@@ -3,7 +3,9 @@ the FFCV loader, :class:`contra_ray.data.ffcv_beton.FFCVBatchLoader`, plugs in a
 """
 
 from __future__ import annotations
+
 from typing import Iterator, Protocol, runtime_checkable
+
 import torch
 
 

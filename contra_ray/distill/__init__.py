@@ -9,8 +9,8 @@ from contra_ray.distill.distiller import DistillationDiverged, Distiller, InitRe
 from contra_ray.distill.loop import run_distillation, run_loop
 from contra_ray.distill.matching import SegmentPlan, make_plan
 
-__all__ = ["main", "ArtifactError", "ArtifactMismatchError", "DistillationDiverged", "DistilledSet", "Distiller", "InitReport",
-           "SegmentPlan", "make_plan", "run_distillation", "run_loop"]
+__all__ = ["main", "ArtifactError", "ArtifactMismatchError", "DistillationDiverged", "DistilledSet", "Distiller",
+           "InitReport", "SegmentPlan", "make_plan", "run_distillation", "run_loop"]
 
 
 def __getattr__(name: str):

@@ -147,7 +147,8 @@ class DistilledSet:
         self.validate()
         missing = [k for k in REQUIRED_META if k not in self.meta]
         if missing:
-            raise ValueError(f"distilled set meta lacks {missing} (build it with contra_ray.distill.artifact.build_meta)")
+            raise ValueError(f"distilled set meta lacks {missing} "
+                             "(build it with contra_ray.distill.artifact.build_meta)")
         path = Path(path)
         tensors = {k: _plain(getattr(self, k)) for k in _CORE}
         tensors.update({_PRE + k: _plain(v) for k, v in self.preprocessor.items()})

@@ -23,8 +23,8 @@ from typing import Iterable
 
 import torch
 
-from contra_ray.config import Config, ConfigError
 from contra_ray.common.fileio import atomic_write, sha256_file
+from contra_ray.config import Config, ConfigError
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "write_checkpoint", "read_manifest", "read_checkpoint",
            "resume_mismatches", "check_resumable", "newest_valid", "checkpoint_dirs", "LocalCheckpoints"]

@@ -5,19 +5,19 @@ in this process (default) or sharded over ``--num-workers W`` Ray Train workers 
 Both run the one loop :func:`contra_ray.distill.loop.run_loop`. Overrides: ``--set section.field=value`` or the
 ``--ipc/--K/--beta/--R/--syn-steps/...`` flags. A re-run with the same ``--name`` and ``--output-dir``
 resumes from the newest valid checkpoint; a changed field that alters the result is refused by name
-(``--no-resume`` starts over). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input (or the run directory in use by another
-process), 130 interrupted (Ctrl-C; the newest checkpoint is kept).
+(``--no-resume`` starts over). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input (or the
+run directory in use by another process), 130 interrupted (Ctrl-C; the newest checkpoint is kept).
 """
 
 from __future__ import annotations
-from contra_ray.common.cli import DISTILL_HELP, add_common_args, config_from_args, cli_error
 
 import argparse
 import dataclasses
 import sys
 
-from contra_ray.config import (Config, ConfigError, DistillConfig, check_device)
+from contra_ray.common.cli import DISTILL_HELP, add_common_args, cli_error, config_from_args
 from contra_ray.common.fileio import RunInUse, run_lock
+from contra_ray.config import Config, ConfigError, DistillConfig, check_device
 from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.checkpoint import check_resumable, checkpoint_dirs, newest_valid
 from contra_ray.distill.distiller import DistillationDiverged

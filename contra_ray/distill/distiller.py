@@ -8,7 +8,6 @@ evaluation, checkpoints, gradient synchronisation) is :func:`contra_ray.distill.
 """
 
 from __future__ import annotations
-from contra_ray.data.prepare import PreparedData
 
 import copy
 import dataclasses
@@ -16,14 +15,15 @@ from typing import Callable
 
 import torch
 
-from contra_ray.config import Config, ConfigError
-from contra_ray.distill.matching import SegmentPlan, accumulate_matching_gradients, make_plan
-from contra_ray.models import ModelSpec, build_model, functional_forward
 from contra_ray.common.seeds import derive_seed
-from contra_ray.experts.store import ExpertStore
+from contra_ray.config import Config, ConfigError
 from contra_ray.data.disk_images import is_lazy
+from contra_ray.data.prepare import PreparedData
 from contra_ray.distill.artifact import DistilledSet, build_meta
+from contra_ray.distill.matching import SegmentPlan, accumulate_matching_gradients, make_plan
 from contra_ray.distill.memory import plan_unroll_memory, students_per_worker
+from contra_ray.experts.store import ExpertStore
+from contra_ray.models import ModelSpec, build_model, functional_forward
 
 __all__ = ["Distiller", "DistillationDiverged", "InitReport", "HARD_LABEL_LOGIT"]
 
@@ -89,7 +89,8 @@ class Distiller:
     """
 
     def __init__(self, cfg: Config, store: ExpertStore, spec: ModelSpec, train_x: torch.Tensor, train_y: torch.Tensor,
-                 augment: Callable[..., torch.Tensor] | None = None, expert_ids: list[int] | None = None, device: str = "cpu",
+                 augment: Callable[..., torch.Tensor] | None = None, expert_ids: list[int] | None = None,
+                 device: str = "cpu",
                  fixed_start: int | None = None, workers: int = 1, available_bytes: int | None = None):
         self.cfg, self.d, self.store, self.spec = cfg, cfg.distill, store, spec
         self.device = torch.device(device)

@@ -27,17 +27,17 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from contra_ray.augment import dsa_if
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config
 from contra_ray.data.prepare import PreparedData
 from contra_ray.distill.artifact import DistilledSet
-from contra_ray.distill.matching import SegmentPlan
-from contra_ray.experts.store import ExpertStore, reference_expert_id
-from contra_ray.distill.monitor import ForgettingMonitor
-from contra_ray.augment import dsa_if
 from contra_ray.distill.checkpoint import LocalCheckpoints, check_resumable
 from contra_ray.distill.distiller import Distiller, init_pool
+from contra_ray.distill.matching import SegmentPlan
+from contra_ray.distill.monitor import ForgettingMonitor
 from contra_ray.evaluate.training import train_and_test
+from contra_ray.experts.store import ExpertStore, reference_expert_id
 
 
 class MetricLogger(Protocol):

@@ -27,17 +27,16 @@ limit minus usage (v2 ``memory.max``, v1 ``memory.limit_in_bytes``); or injected
 """
 
 from __future__ import annotations
-from contra_ray.data.prepare import PreparedData
 
 import dataclasses
 from pathlib import Path
 
 import torch
 
-from contra_ray.config import ConfigError
-from contra_ray.distill.matching import Augment, Forward, step_gradient
-from contra_ray.config import Config
 from contra_ray.augment import DSA
+from contra_ray.config import Config, ConfigError
+from contra_ray.data.prepare import PreparedData
+from contra_ray.distill.matching import Augment, Forward, step_gradient
 from contra_ray.models import build_model, flat_params, functional_forward
 
 __all__ = ["UNROLL_MEMORY_CHOICES", "StepMemory", "MemoryPlan", "measure_step_memory", "available_memory_bytes",
@@ -246,7 +245,8 @@ def plan_for_config(cfg, spec, workers: int = 1, device: str | None = None,
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n, spec.channels, spec.image_size, spec.image_size, generator=g, dtype=dtype).to(dev)
     labels = torch.zeros(n, spec.num_classes, dtype=dtype, device=dev)
-    augment = (lambda x, seed, dsa=DSA(): dsa(x, seed=seed)) if d.dsa else None
+    dsa = DSA()
+    augment = (lambda x, seed: dsa(x, seed=seed)) if d.dsa else None
     return plan_unroll_memory(lambda t, x: functional_forward(model, t, x), flat_params(model).to(dev, dtype),
                               images, labels, d.batch_syn or n, d.syn_steps, students_per_worker(cfg, workers),
                               augment, d.unroll_memory, available_bytes)

@@ -21,8 +21,6 @@ tracking store must be on storage every node sees (NFS, EFS, a ReadWriteMany vol
 
 from __future__ import annotations
 
-from contra_ray.common.cli import cli_error
-
 import dataclasses
 import os
 import signal
@@ -35,15 +33,21 @@ from typing import Any, Callable
 
 import torch
 
-from contra_ray.distill.checkpoint import (CheckpointError, newest_valid, read_checkpoint, read_manifest, write_checkpoint)
-from contra_ray.config import Config, ConfigError, config_from_dict
-from contra_ray.distill.distiller import Distiller, DistillationDiverged
-from contra_ray.distill.loop import AllReduceSync, run_loop, worker_share
-from contra_ray.common.raycluster import ensure_ray
-from contra_ray.data.prepare import PreparedData, prepare_data
-from contra_ray.distill.distiller import init_pool
 from contra_ray.augment import dsa_if
+from contra_ray.common.cli import cli_error
+from contra_ray.common.raycluster import ensure_ray
+from contra_ray.config import Config, ConfigError, config_from_dict
+from contra_ray.data.prepare import PreparedData, prepare_data
 from contra_ray.distill.artifact import DistilledSet
+from contra_ray.distill.checkpoint import (
+    CheckpointError,
+    newest_valid,
+    read_checkpoint,
+    read_manifest,
+    write_checkpoint,
+)
+from contra_ray.distill.distiller import DistillationDiverged, Distiller, init_pool
+from contra_ray.distill.loop import AllReduceSync, run_loop, worker_share
 from contra_ray.distill.memory import check_memory
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.experts.store import ExpertStore, ExpertStoreError

@@ -16,8 +16,15 @@ from contra_ray.common.cli import cli_error
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import ConfigError, config_from_dict
 from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
-from contra_ray.evaluate.sets import (EvalSet, check_artifact_matches, evaluate_sets, format_cross_architecture,
-                                      format_table, summary_by_metric, test_meta_for)
+from contra_ray.evaluate.sets import (
+    EvalSet,
+    check_artifact_matches,
+    evaluate_sets,
+    format_cross_architecture,
+    format_table,
+    summary_by_metric,
+    test_meta_for,
+)
 from contra_ray.evaluate.training import random_real_set
 from contra_ray.models import MODEL_NAMES
 from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, main_model

@@ -2,12 +2,15 @@
 """
 
 from __future__ import annotations
-from contra_ray.evaluate.training import Augment, train_and_test
+
 from typing import Sequence
+
 import torch
-from contra_ray.config import EvalConfig
-from contra_ray.models import ModelSpec
+
 from contra_ray.common.raycluster import ensure_ray
+from contra_ray.config import EvalConfig
+from contra_ray.evaluate.training import Augment, train_and_test
+from contra_ray.models import ModelSpec
 
 
 def _remote_train_and_test(train: tuple, lr: float, spec: ModelSpec, ecfg: EvalConfig, test: tuple, seed: int,

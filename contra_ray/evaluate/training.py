@@ -10,15 +10,17 @@ baseline set.
 """
 
 from __future__ import annotations
+
 from typing import Callable, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from contra_ray.config import EvalConfig
-from contra_ray.models import ModelSpec, build_model
-from contra_ray.common.seeds import derive_seed
-from contra_ray.data.preprocess import real_images_per_class
 
+from contra_ray.common.seeds import derive_seed
+from contra_ray.config import EvalConfig
+from contra_ray.data.preprocess import real_images_per_class
+from contra_ray.models import ModelSpec, build_model
 
 Augment = Callable[..., torch.Tensor]  # DSA()(x, generator=torch.Generator) -> augmented x
 

@@ -3,11 +3,11 @@
 """
 
 from __future__ import annotations
-import torch
+
 import math
 from typing import Protocol, runtime_checkable
 
-
+import torch
 
 
 @runtime_checkable

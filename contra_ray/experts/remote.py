@@ -96,7 +96,8 @@ def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, sp
                          "(python -m contra_ray.data prepare --out DIR)")
     if not ffcv_available():
         raise ValueError(f"experts.loader={cfg.loader!r} chose FFCV but `import ffcv` fails; pip install '.[ffcv]' "
-                         "(needs libturbojpeg0-dev and libopencv-dev, see scripts/setup.sh) or set experts.loader=memory")
+                         "(needs libturbojpeg0-dev and libopencv-dev, see scripts/setup.sh) or set "
+                         "experts.loader=memory")
     path = Path(cfg.ffcv_dir).expanduser() / beton_name(store_meta["dataset_id"], cfg.ffcv_mode)
     check_beton(path, dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
                 resolution=spec.image_size, num_samples=len(train_y))
@@ -184,7 +185,7 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         if i in store.expert_ids:
             if store.is_valid(i):
                 continue
-            warnings.warn(f"expert store {path}: expert {i} fails its checksum; retraining it")
+            warnings.warn(f"expert store {path}: expert {i} fails its checksum; retraining it", stacklevel=2)
         todo.append(i)
     if not todo:
         return store
@@ -196,7 +197,7 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         msg = f"experts.cpus_per_expert={x.cpus_per_expert}: the Ray cluster has only {cpus} CPUs"
         if started:
             raise ValueError(msg)
-        warnings.warn(msg + "; tasks wait for the autoscaler")
+        warnings.warn(msg + "; tasks wait for the autoscaler", stacklevel=2)
     threads = max(1, int(x.cpus_per_expert))
     task = ray.remote(_expert_task).options(num_cpus=x.cpus_per_expert, num_gpus=x.gpus_per_expert,
                                             max_retries=x.max_retries)
@@ -260,8 +261,8 @@ def curriculum_rank(cfg: Config, data: PreparedData) -> torch.Tensor:
         if len(rank) == len(data.train_x):
             return rank
     print("curriculum: training a ranking expert for sample difficulty (App. B)", flush=True)
-    traj, _ = train_expert(-1, derive_seed(cfg.experts.seed, "ranking_expert"), data.train_x, data.train.labels, data.test_x,
-                           data.test.labels, data.spec, cfg.experts, augment=dsa_if(cfg.experts.dsa),
+    traj, _ = train_expert(-1, derive_seed(cfg.experts.seed, "ranking_expert"), data.train_x, data.train.labels,
+                           data.test_x, data.test.labels, data.spec, cfg.experts, augment=dsa_if(cfg.experts.dsa),
                            device=cfg.device)
     first = first_correct_epoch(data.spec, list(traj[1:]), data.train_x, data.train.labels, device=cfg.device)
     rank = difficulty_from_first_correct(first)

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from contra_ray.common.fileio import atomic_write, sha256_file
 from contra_ray.config import ConfigError
@@ -396,12 +397,12 @@ class PartialExpert:
                 raise ValueError(f"format {state.get('format')!r}, expected {PARTIAL_FORMAT!r}")
             if json.loads(state["identity"]) != self.identity:
                 warnings.warn(f"partial expert {self.folder} was saved for {state['identity']}, this task trains "
-                              f"{json.dumps(self.identity, sort_keys=True)}; starting from epoch 0")
+                              f"{json.dumps(self.identity, sort_keys=True)}; starting from epoch 0", stacklevel=2)
                 return None
             rows = [torch.load(self._row(e), map_location="cpu", weights_only=True) for e in range(state["epoch"] + 1)]
         except Exception as e:  # noqa: BLE001 - a torn or foreign file: retrain rather than fail
             warnings.warn(f"partial expert {self.folder} cannot be resumed ({type(e).__name__}: {e}); "
-                          "starting from epoch 0")
+                          "starting from epoch 0", stacklevel=2)
             return None
         state["trajectory"] = torch.stack(rows)
         return state

@@ -22,8 +22,6 @@ tasks is :func:`contra_ray.experts.remote.train_experts`.
 """
 
 from __future__ import annotations
-from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, ShuffledOrder
-from contra_ray.data.loaders import BatchLoader, StreamingBatchLoader, TensorBatchLoader
 
 import dataclasses
 import hashlib
@@ -36,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from contra_ray.config import ExpertConfig
+from contra_ray.data.loaders import BatchLoader, StreamingBatchLoader, TensorBatchLoader
+from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, ShuffledOrder
 from contra_ray.experts.store import PartialExpert
 from contra_ray.models import ModelSpec, build_model, flat_params, load_flat_params
 

@@ -380,7 +380,7 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
         fixed = _flat_point(dict(zip([f for f, _ in grid], combo)))
         for _ in range(n if rand else 1):
             reason, cfg, searched = None, None, None
-            for attempt in range(MAX_DRAWS if rand else 1):
+            for _attempt in range(MAX_DRAWS if rand else 1):
                 point = {**fixed, **_flat_point({f: _draw(rng, k, v) for f, k, v in rand})}
                 cfg, searched = _materialize(spec, base, point)
                 reason = why_invalid(cfg)

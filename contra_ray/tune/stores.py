@@ -10,8 +10,7 @@ import json
 import re
 from typing import Callable
 
-from contra_ray.config import load_config
-from contra_ray.config import flatten_dotted, get_dotted
+from contra_ray.config import flatten_dotted, get_dotted, load_config
 from contra_ray.tune.space import SweepSpec, merge_nested, searched_fields, short_label
 
 __all__ = ["EXPERT_KEY_IGNORED", "expert_key", "expert_store_resolver"]

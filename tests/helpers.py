@@ -152,3 +152,26 @@ def assert_shared_vocabulary(client, run, *, role: str, entry_point: str, method
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(iterations))
         assert len(client.get_metric_history(run.info.run_id, "syn_lr")) == iterations
         assert metrics["s_per_iter"] > 0
+
+
+ENTRY_MODULES = ("contra_ray.pipeline", "contra_ray.distill.cli", "contra_ray.distill.remote", "contra_ray.analyze.cli",
+                 "contra_ray.evaluate.cli", "contra_ray.tune.sweep", "contra_ray.tune.trial", "contra_ray.nas")
+
+
+def patch_everywhere(monkeypatch, dotted: str, replacement) -> int:
+    """Replace the function ``dotted`` (``"contra_ray.data.prepare.prepare_data"``) in its module and in every
+    loaded contra_ray module that imported it by name (imports sit at module top), the entry points loaded
+    first; returns how many modules were patched. For "refused before any work" tests."""
+    import importlib
+    import sys
+
+    module, name = dotted.rsplit(".", 1)
+    original = getattr(importlib.import_module(module), name)
+    for m in ENTRY_MODULES:
+        importlib.import_module(m)
+    patched = 0
+    for mod_name, mod in list(sys.modules.items()):
+        if (mod_name == "contra_ray" or mod_name.startswith("contra_ray.")) and getattr(mod, name, None) is original:
+            monkeypatch.setattr(mod, name, replacement)
+            patched += 1
+    return patched

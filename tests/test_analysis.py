@@ -28,7 +28,7 @@ from contra_ray.distill.loop import run_distillation
 from contra_ray.distill.matching import make_plan, matching_loss, unroll
 from contra_ray.experts.remote import store_meta
 from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
-from helpers import fake_expert_store
+from helpers import fake_expert_store, patch_everywhere
 
 EPOCHS, REF = 4, 2  # saved epochs per expert; the default τ_o is the highest id
 
@@ -319,7 +319,7 @@ def test_cli_correlation_refuses_spans_and_counts_that_give_no_correlation(tmp_p
     """A user finding: --epochs 0:1 ran 83 s, then printed NaN; each is now refused before any work."""
     from contra_ray.analyze import cli as analyze
 
-    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", lambda *a, **k: pytest.fail("work started"))
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", lambda *a, **k: pytest.fail("work started"))
     try:
         rc = analyze.main(["correlation", "--preset", "tiny_cpu", "--output-dir", str(tmp_path), "--no-tracking",
                            *flags])

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from contra_ray.config import PRESET_DIR, ConfigError, load_config
+from helpers import patch_everywhere
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -147,13 +148,12 @@ def test_run_name_must_be_one_folder_inside_output_dir(name):
 
 
 def test_run_name_from_the_cli_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    import contra_ray.data.prepare
     from contra_ray import distill, pipeline
 
     def work(*a, **k):
         raise AssertionError("work started before the name was checked")
 
-    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", work)
     for main in (distill.main, pipeline.main):
         for name in ("../x", str(tmp_path / "abs"), "a/b"):
             assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--name", name]) == 2
@@ -180,13 +180,12 @@ def test_cuda_device_without_cuda_is_refused_before_any_work(tmp_path, monkeypat
 
     import torch
 
-    import contra_ray.data.prepare
     from contra_ray.config import check_device
 
     def work(*a, **k):
         raise AssertionError("work started before the device was checked")
 
-    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", work)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert load_config("cifar10_ipc1").device == "cuda"  # GPU presets still load and validate on CPU machines
     check_device("cpu")

@@ -31,7 +31,7 @@ from contra_ray.distill.remote import (
     write_checkpoint,
 )
 from contra_ray.models import ModelSpec
-from helpers import assert_shared_vocabulary, fake_expert_store, make_tree
+from helpers import assert_shared_vocabulary, fake_expert_store, make_tree, patch_everywhere
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -372,7 +372,7 @@ def test_use_gpu_without_gpus_is_refused_before_work_and_without_workers(ray_loc
     from contra_ray.distill.cli import main as distill_main
     from contra_ray.distill.remote import run_distributed
 
-    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", lambda *a, **k: pytest.fail("work started"))
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", lambda *a, **k: pytest.fail("work started"))
     cfg = load_config("tiny_cpu", {"name": "g", "output_dir": str(tmp_path), "threads": 1})
     assert run_distributed(cfg, num_workers=1, use_gpu=True) == 2
     assert "--use-gpu with --num-workers=1 needs 1 GPUs, the Ray cluster has 0" in capsys.readouterr().err

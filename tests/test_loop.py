@@ -15,6 +15,7 @@ from contra_ray.distill.distiller import Distiller
 from contra_ray.distill.loop import LocalSync, run_loop
 from contra_ray.evaluate.training import evaluation_seeds
 from contra_ray.models import ModelSpec, build_model, flat_params
+from helpers import patch_everywhere
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -177,7 +178,7 @@ def test_cli_resume_refusal_is_one_line_exit_2_and_no_resume_passes_the_check(tm
             "--set", "distill.K=2", "--set", "distill.R=1", "--set", "distill.max_start_epoch=2",
             "--set", "distill.expert_epochs=1", "--set", "experts.epochs=6", "--set", "distill.ipc=2"]
     started = []
-    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", lambda *a, **k: started.append(1) or 1 / 0)
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", lambda *a, **k: started.append(1) or 1 / 0)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "distill.beta=0.5 in the checkpoint, 0.2 now" in err and "Traceback" not in err and not started
@@ -212,7 +213,7 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, module, capsys, mon
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("contra_ray.data.prepare.prepare_data", interrupted)
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", interrupted)
     base = ["--preset", "tiny_cpu", "--name", "c", "--output-dir", str(tmp_path), "--no-tracking"]
     rc = cli.main(base + ["--set", "distill.checkpoint_every=5"])
     err = capsys.readouterr().err

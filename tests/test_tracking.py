@@ -11,6 +11,7 @@ import torch
 from contra_ray.config import Config, ConfigError
 from contra_ray.plots import save_curves, save_image_grid
 from contra_ray.tracking import RunLogger, check_destinations, flatten_params, init_tracking, store_lock
+from helpers import patch_everywhere
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,12 +316,11 @@ def test_check_destinations(tmp_path):
 def test_clis_check_destinations_before_any_work(tmp_path, monkeypatch, capsys, cli):
     import importlib
 
-    import contra_ray.data.prepare
 
     def work(*a, **k):
         raise AssertionError("work started before the destinations were checked")
 
-    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)  # every CLI imports it from stages when it runs
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", work)
     main = importlib.import_module(f"contra_ray.{cli}").main
     head = ["correlation"] if cli == "analyze" else []
     (tmp_path / "file").write_text("")
@@ -360,12 +360,11 @@ def test_unknown_tracking_uri_schemes_are_refused_early(tmp_path, monkeypatch, c
     check_destinations(None, "bogus://x")  # an installed plugin's scheme is MLflow's to open
     monkeypatch.undo()
 
-    import contra_ray.data.prepare
 
     def work(*a, **k):
         raise AssertionError("work started before the tracking URI was checked")
 
-    monkeypatch.setattr(contra_ray.data.prepare, "prepare_data", work)
+    patch_everywhere(monkeypatch, "contra_ray.data.prepare.prepare_data", work)
     assert main(["--preset", "tiny_cpu", "--output-dir", str(tmp_path / "runs"), "--tracking-uri", "bogus://x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: tracking.uri='bogus://x': unknown scheme 'bogus:'") and err.count("\n") == 1

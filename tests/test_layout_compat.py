@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from contra_ray.distill.artifact import DistilledSet
-from contra_ray.distill.checkpoint import newest_valid, read_checkpoint
-from contra_ray.experts.store import ExpertStore
+from contra_ray.distill.checkpoint import CHECKPOINT_FORMAT, newest_valid, read_checkpoint
+from contra_ray.experts.store import STORE_FORMAT, ExpertStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layout_0_1"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -31,6 +31,10 @@ def test_expert_store_of_the_flat_layout_reads_the_same_trajectories():
     assert list(store.expert_ids) == want["expert_ids"] and store.epochs == want["epochs"]
     got = {f"{i}/{e}": sha(store.params(i, e)) for i in store.expert_ids for e in range(store.epochs + 1)}
     assert got == want["params_sha256"]
+    # the format names this code writes are the ones the flat layout wrote
+    assert json.loads((FIXTURES / "experts" / "store.json").read_text())["format"] == STORE_FORMAT
+    assert json.loads((FIXTURES / "checkpoints" / "iter_00000004" / "manifest.json").read_text())["format"] == \
+        CHECKPOINT_FORMAT
 
 
 def test_distilled_set_of_the_flat_layout_loads_bit_identically():

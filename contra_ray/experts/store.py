@@ -36,7 +36,7 @@ from contra_ray.models import ModelSpec
 
 __all__ = ["STORE_FORMAT", "PARTIAL_FORMAT", "ExpertStoreError", "ExpertStore", "PartialExpert", "reference_expert_id"]
 
-STORE_FORMAT = "contra_ray.experts.store/1"
+STORE_FORMAT = "contra_ray.expert_store/1"  # a file format name: unchanged when the module moved
 PARTIAL_FORMAT = "contra_ray.expert_partial/1"
 REQUIRED_META = ("model_spec", "epochs", "dataset_id", "content_hash", "zca", "zca_eps",
                  "preprocessor_fingerprint", "classes")

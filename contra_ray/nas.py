@@ -40,12 +40,10 @@ import torch
 from contra_ray import data
 from contra_ray.augment import DSA
 from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
-from contra_ray.common.cli import cli_error
 from contra_ray.common.fileio import ensure_writable_dir
 from contra_ray.common.raycluster import ensure_ray
-from contra_ray.config import ConfigError, check_device, config_from_dict
-from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
-from contra_ray.evaluate.sets import check_artifact_matches, test_meta_for
+from contra_ray.config import ConfigError, check_device
+from contra_ray.evaluate.cli import config_for_artifact, run_artifact_cli, test_data_for_artifact
 from contra_ray.evaluate.training import train_and_test
 from contra_ray.models import ModelSpec
 from contra_ray.tracking import RunLogger, check_destinations
@@ -357,31 +355,11 @@ def main(argv: list[str] | None = None) -> NasResult:
     Exits with status 2 and a one-line error for invalid input (bad flags, a missing or corrupt artifact,
     an artifact that does not fit the data, a bad config), as the other command lines do.
     """
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        art = DistilledSet.load(args.artifact)
-    except ArtifactError as e:
-        parser.error(f"--artifact: {e}")
-    try:
-        return _run_cli(args, art)
-    except (ArtifactMismatchError, ConfigError, FileNotFoundError) as e:
-        raise SystemExit(cli_error(e)) from None
+    return run_artifact_cli(build_parser(), argv, _run_cli)
 
 
 def _run_cli(args: argparse.Namespace, art) -> NasResult:
-
-    cfgd = dict(art.meta["config"])  # DistilledSet.load guarantees "config", "eval" and "model"
-    cfgd["eval"] = art.meta["eval"]
-    cfg = config_from_dict(cfgd, validate=False)
-    if args.data_root is not None:
-        cfg.data.root = args.data_root
-    if args.cache_dir is not None:
-        cfg.data.cache_dir = args.cache_dir
-    if args.tracking_uri:
-        cfg.tracking.uri = args.tracking_uri
-    cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
+    cfg = config_for_artifact(art, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     check_device(device, field="--device")
@@ -393,9 +371,7 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
     check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
     ecfg = dataclasses.replace(cfg.eval, gpus_per_run=cfg.eval.gpus_per_run if device != "cpu" else 0.0)
 
-    pre = data.Preprocessor.from_state_dict(art.preprocessor)
-    test = data.load_split(cfg.data, "test")
-    check_artifact_matches(art, test_meta_for(test, pre))
+    pre, test = test_data_for_artifact(art, cfg, args.artifact)
     train = data.load_split(cfg.data, "train")
     try:
         val_idx, real_idx = split_per_class(train.labels, train.num_classes, args.val_per_class,

@@ -39,7 +39,6 @@ from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations,
 
 
 def main(argv: list[str] | None = None) -> int:
-
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the random-real baseline")

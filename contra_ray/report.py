@@ -377,7 +377,6 @@ def _check_readable_store(uri: str) -> None:
     Raises:
         ConfigError: naming ``--tracking-uri`` and why.
     """
-
     db = sqlite_path(uri) if uri.lower().startswith("sqlite") else None
     if db is None:
         check_destinations(None, uri)  # the scheme is known, a server answers
@@ -390,7 +389,6 @@ def _check_readable_store(uri: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     p = argparse.ArgumentParser(prog="python -m contra_ray.report", description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tune-<space name>)")
     p.add_argument("--parent-run", default=None, help="sweep (parent) run id (default: the latest sweep)")

@@ -169,7 +169,6 @@ def _at_least_3(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="python -m contra_ray.analyze", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("correlation", help="segment-correlation heatmaps (paper §4.2, Eq. 7, Fig. 2/3)",

@@ -118,7 +118,6 @@ def run_in_run_dir(cfg: Config, work) -> int:
     Returns 2 with one line if another process holds the run directory, and 130 with
     :func:`interrupted_message` on Ctrl-C; otherwise ``work()``'s status.
     """
-
     try:
         with run_lock(cfg.run_dir()):  # one process per run directory
             return work()

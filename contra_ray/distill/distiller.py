@@ -302,7 +302,6 @@ def init_pool(cfg: Config, data: PreparedData, per_class: int | None = None) -> 
     Returns:
         ``(x, y)``: float32 images ``[n, C, H, W]`` (or a lazy view) and int64 labels ``[n]``.
     """
-
     if not is_lazy(data.train_x):
         return data.train_x, data.train.labels
     k = per_class or max(4 * cfg.distill.ipc, 10)

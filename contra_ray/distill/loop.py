@@ -338,7 +338,6 @@ def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger
         ConfigError: the checkpoint was made with another config (names the fields).
         DistillationDiverged: see :func:`run_loop`.
     """
-
     d = cfg.distill
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

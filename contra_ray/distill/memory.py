@@ -236,7 +236,6 @@ def plan_for_config(cfg, spec, workers: int = 1, device: str | None = None,
     Raises:
         ConfigError: see :func:`plan_unroll_memory`.
     """
-
     d = cfg.distill
     dev = torch.device(device or cfg.device)
     dtype = torch.float64 if d.dtype == "float64" else torch.float32

@@ -98,7 +98,6 @@ class PreparedSetup:
     store_path: str
 
     def __call__(self, cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
-
         return self.data, ExpertStore.open(self.store_path)
 
 

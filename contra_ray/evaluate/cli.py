@@ -14,7 +14,7 @@ from contra_ray import data
 from contra_ray.common.argtypes import positive_float, positive_int
 from contra_ray.common.cli import cli_error
 from contra_ray.common.seeds import derive_seed
-from contra_ray.config import ConfigError, config_from_dict
+from contra_ray.config import Config, ConfigError, config_from_dict
 from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
 from contra_ray.evaluate.sets import (
     EvalSet,
@@ -29,7 +29,7 @@ from contra_ray.evaluate.training import random_real_set
 from contra_ray.models import MODEL_NAMES
 from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, main_model
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "config_for_artifact", "main", "run_artifact_cli", "test_data_for_artifact"]
 
 
 def _model_list(s: str) -> list[str]:
@@ -83,6 +83,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_artifact_cli(parser: argparse.ArgumentParser, argv: list[str] | None, run):
+    """Parse ``argv``, load ``--artifact`` and return ``run(args, artifact)``: the prologue of the command lines
+    that read a distilled set (evaluate, nas). A missing or corrupt artifact is an argparse usage error; an
+    artifact that does not fit the data, a bad config or missing data is one ``error:`` line; both exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        art = DistilledSet.load(args.artifact)
+    except ArtifactError as e:
+        parser.error(f"--artifact: {e}")
+    try:
+        return run(args, art)
+    except ArtifactError as e:
+        parser.error(f"--artifact: {e}")
+    except (ArtifactMismatchError, ConfigError, FileNotFoundError) as e:
+        raise SystemExit(cli_error(e)) from None
+
+
+def config_for_artifact(art: DistilledSet, args: argparse.Namespace) -> Config:
+    """The artifact's own config and evaluation recipe (unvalidated), with the command line's ``--data-root``,
+    ``--cache-dir``, ``--tracking-uri`` and ``--no-tracking``.
+
+    Raises:
+        ConfigError: the artifact's meta has no config.
+    """
+    if "config" not in art.meta:
+        raise ConfigError(f"{args.artifact}: artifact meta has no 'config' (cannot rebuild the data config)")
+    cfg = config_from_dict({**art.meta["config"], "eval": art.meta["eval"]}, validate=False)
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
+    if args.cache_dir is not None:
+        cfg.data.cache_dir = args.cache_dir
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
+    cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
+    return cfg
+
+
+def test_data_for_artifact(art: DistilledSet, cfg: Config, path: str) -> tuple[data.Preprocessor, data.ImageSet]:
+    """The artifact's preprocessor and the real test split of ``cfg.data``, checked to fit each other.
+
+    Raises:
+        ArtifactError: the artifact's preprocessor state is invalid.
+        ArtifactMismatchError: the test data differ from what the artifact was made for (names both).
+        FileNotFoundError: the data set is missing.
+    """
+    try:
+        pre = data.Preprocessor.from_state_dict(art.preprocessor)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{path}: invalid preprocessor state ({e})") from None
+    test = data.load_split(cfg.data, "test")
+    try:
+        check_artifact_matches(art, test_meta_for(test, pre))
+    except ArtifactMismatchError as e:
+        where = cfg.data.root or cfg.data.dataset
+        raise ArtifactMismatchError(f"{path} does not fit the test data of {where}: {e}") from None
+    return pre, test
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns ``{(method, model): [accs]}``.
 
@@ -90,33 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     input: bad flags or a missing/corrupt artifact (preprocessor state included) as an argparse usage
     error; a preprocessing/config mismatch, an unreachable tracking store or missing data as ``error: ...``.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        art = DistilledSet.load(args.artifact)
-    except ArtifactError as e:
-        parser.error(f"--artifact: {e}")
-    try:
-        return _run_cli(args, art)
-    except ArtifactError as e:
-        parser.error(f"--artifact: {e}")
-    except (ArtifactMismatchError, ConfigError, FileNotFoundError) as e:
-        raise SystemExit(cli_error(e)) from None
+    return run_artifact_cli(build_parser(), argv, _run_cli)
 
 
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
-
-    if "config" not in art.meta:
-        raise ConfigError(f"{args.artifact}: artifact meta has no 'config' (cannot rebuild the data config)")
-    cfgd = dict(art.meta["config"])
-    cfgd["eval"] = art.meta["eval"]
-    cfg = config_from_dict(cfgd, validate=False)
+    cfg = config_for_artifact(art, args)
     if args.seed is not None:
         cfg.eval.seed = args.seed
-    if args.data_root is not None:
-        cfg.data.root = args.data_root
-    if args.cache_dir is not None:
-        cfg.data.cache_dir = args.cache_dir
     ecfg = cfg.eval
     ecfg.models = args.models or ecfg.models
     ecfg.runs = args.runs or ecfg.runs
@@ -130,22 +168,10 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
         ecfg.gpus_per_run = 0.0
     elif ecfg.gpus_per_run <= 0:
         ecfg.gpus_per_run = 1.0  # a CPU recipe evaluated on a GPU: one GPU per run
-    if args.tracking_uri:
-        cfg.tracking.uri = args.tracking_uri
-    cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     cfg.validate()
     check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
 
-    try:
-        pre = data.Preprocessor.from_state_dict(art.preprocessor)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ArtifactError(f"{args.artifact}: invalid preprocessor state ({e})") from None
-    test = data.load_split(cfg.data, "test")
-    try:
-        check_artifact_matches(art, test_meta_for(test, pre))
-    except ArtifactMismatchError as e:
-        where = cfg.data.root or cfg.data.dataset
-        raise ArtifactMismatchError(f"{args.artifact} does not fit the test data of {where}: {e}") from None
+    pre, test = test_data_for_artifact(art, cfg, args.artifact)
     test_x = pre(test.images)
     method = art.meta.get("method", "contra")
     sets = [EvalSet(method, art.images, art.targets(), art.syn_lr)]

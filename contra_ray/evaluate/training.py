@@ -149,7 +149,6 @@ def random_real_set(train_images: torch.Tensor, train_labels: torch.Tensor, ipc:
     Raises:
         ValueError: ``ipc < 1`` or some class has fewer than ``ipc`` images.
     """
-
     sel = real_images_per_class(train_images, train_labels, ipc, torch.Generator().manual_seed(seed), num_classes)
     return train_images[sel].clone(), F.one_hot(train_labels[sel].long(), num_classes).float()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
@@ -26,6 +27,21 @@ AUG_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
+
+
+#: ``scheme://...``: a URI, not a local path (``s3://bucket/runs`` must never become a folder ``./s3:/bucket``)
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def ray_job_working_dir(cwd: str | None = None) -> Path | None:
+    """The folder Ray unpacked a job's ``--working-dir`` into, when this process runs in one (its working
+    directory lies under ``.../runtime_resources/working_dir_files/``); else ``None``. Relative paths there
+    resolve into a temporary folder that is deleted with the job."""
+    parts = Path(cwd or os.getcwd()).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 2] == ("runtime_resources", "working_dir_files"):
+            return Path(*parts[:i + 3]) if i + 2 < len(parts) else Path(*parts[:i + 2])
+    return None
 
 
 def default_cache_dir() -> str:
@@ -195,11 +211,28 @@ class Config:
         check_run_name(self.name, "name")
         if not str(self.output_dir).strip():
             bad("output_dir", self.output_dir, "must not be empty (the root of the run directories)")
-        for field, path in (("output_dir", self.output_dir), ("data.cache_dir", self.data.cache_dir),
-                            ("experts.store", self.experts.store)):
-            if path and "://" not in str(path) and os.path.exists(os.path.expanduser(str(path))) \
+        locations = (("output_dir", self.output_dir), ("data.cache_dir", self.data.cache_dir),
+                     ("experts.store", self.experts.store), ("data.root", self.data.root),
+                     ("experts.ffcv_dir", self.experts.ffcv_dir))
+        job_dir = ray_job_working_dir()
+        for field, path in locations:
+            if not path:
+                continue
+            if URI_SCHEME.match(str(path)):
+                bad(field, path, "object storage and other URIs are not supported yet: give a local path, on a "
+                                 "multi-node cluster a folder every node mounts (NFS, EFS, a ReadWriteMany volume)")
+            if job_dir is not None and not os.path.isabs(os.path.expanduser(str(path))):
+                bad(field, path, f"a relative path inside a Ray job with a working dir resolves into Ray's "
+                                 f"temporary unpack folder {job_dir}, deleted with the job; give an absolute path "
+                                 "(on a cluster, a folder every node mounts)")
+            if field != "data.root" and os.path.exists(os.path.expanduser(str(path))) \
                     and not os.path.isdir(os.path.expanduser(str(path))):
                 bad(field, path, "is a file, expected a directory")
+        if job_dir is not None and self.data.dataset == "cifar10-jpeg" and not self.data.root \
+                and not os.environ.get("CONTRA_RAY_SHARED"):
+            bad("data.root", self.data.root, f"the default location of the CIFAR-10 tarball (<repo>/../shared) lies "
+                                             f"in Ray's temporary unpack folder {job_dir} inside a Ray job with a "
+                                             "working dir; set data.root (or $CONTRA_RAY_SHARED) to an absolute path")
         if len(self.name.encode()) > 200:
             bad("name", self.name, f"{len(self.name.encode())} bytes long; at most 200 (a folder name)")
         if self.data.dataset not in DATASETS:

@@ -305,12 +305,22 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
+        # the way Ray users ship code: --working-dir . (the job runs the unpacked copy; absolute locations)
         sub = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", "contra-job",
-                              "--", *job], env=env, capture_output=True, text=True, timeout=600)
+                              "--working-dir", str(ROOT), "--", *job], env=env, capture_output=True, text=True,
+                             timeout=600)
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        status = JobSubmissionClient(address).get_job_status("contra-job")
+        jobs = JobSubmissionClient(address)
+        status = jobs.get_job_status("contra-job")
         assert status == JobStatus.SUCCEEDED, (status, sub.stdout[-6000:] + sub.stderr[-3000:])
+        # a relative --output-dir would land in Ray's unpack folder, deleted with the job: refused before work
+        rel = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", "contra-rel",
+                              "--working-dir", str(ROOT), "--", *job[:8], "runs", *job[9:]], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert jobs.get_job_status("contra-rel") == JobStatus.FAILED
+        assert "error: output_dir='runs': a relative path inside a Ray job with a working dir" in rel.stdout
+        assert "Traceback" not in rel.stdout
     finally:
         _stop_own_cluster(temp_dir)
         left = _processes_of(temp_dir)

@@ -2,6 +2,9 @@
 gets it through PYTHONPATH). Test modules import from here, never from one another or from conftest."""
 
 import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +178,55 @@ def patch_everywhere(monkeypatch, dotted: str, replacement) -> int:
             monkeypatch.setattr(mod, name, replacement)
             patched += 1
     return patched
+
+
+# ---------------------------------------------------------------------------------------------- Ray clusters
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def processes_of(marker: str) -> list[int]:
+    """PIDs whose command line names ``marker`` (our private Ray temp dir), plus all their descendants
+    (workers rename themselves ``ray::...``, so they are found through their parents)."""
+    parent, found = {}, set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if marker in cmd and int(p.name) != os.getpid():
+            found.add(int(p.name))
+    grew = True
+    while grew:
+        kids = {pid for pid, pp in parent.items() if pp in found} - found
+        found |= kids
+        grew = bool(kids)
+    return sorted(found)
+
+
+def stop_own_cluster(temp_dir: str) -> None:
+    """Stop the Ray processes of the head node started with ``--temp-dir temp_dir``, by PID (no `ray stop`)."""
+    pids = processes_of(temp_dir)
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        if not pids:
+            return

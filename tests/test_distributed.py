@@ -4,8 +4,6 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,15 @@ from contra_ray.distill.remote import (
     write_checkpoint,
 )
 from contra_ray.models import ModelSpec
-from helpers import assert_shared_vocabulary, fake_expert_store, make_tree, patch_everywhere
+from helpers import (
+    assert_shared_vocabulary,
+    fake_expert_store,
+    free_ports,
+    make_tree,
+    patch_everywhere,
+    processes_of,
+    stop_own_cluster,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("convnet", num_classes=3, image_size=8, channels=3, width=4, depth=2)
@@ -223,56 +229,6 @@ def test_torn_checkpoint_is_rejected(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- ray job submit
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _processes_of(marker: str) -> list[int]:
-    """PIDs whose command line names ``marker`` (our private Ray temp dir), plus all their descendants
-    (workers rename themselves ``ray::...``, so they are found through their parents)."""
-    parent, found = {}, set()
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if marker in cmd and int(p.name) != os.getpid():
-            found.add(int(p.name))
-    grew = True
-    while grew:
-        kids = {pid for pid, pp in parent.items() if pp in found} - found
-        found |= kids
-        grew = bool(kids)
-    return sorted(found)
-
-
-def _stop_own_cluster(temp_dir: str) -> None:
-    """Stop the Ray processes of the head node started with ``--temp-dir temp_dir``, by PID (no `ray stop`)."""
-    pids = _processes_of(temp_dir)
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
-            time.sleep(0.2)
-        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-        if not pids:
-            return
-
-
 @pytest.mark.slow
 def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
@@ -285,7 +241,7 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = _free_ports(9)
+    gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
     start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard=true",
              "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
@@ -322,8 +278,8 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
         assert "error: output_dir='runs': a relative path inside a Ray job with a working dir" in rel.stdout
         assert "Traceback" not in rel.stdout
     finally:
-        _stop_own_cluster(temp_dir)
-        left = _processes_of(temp_dir)
+        stop_own_cluster(temp_dir)
+        left = processes_of(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         print(f"job round trip: {time.perf_counter() - t0:.1f} s")
     assert not left

@@ -6,7 +6,10 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["ensure_ray", "available_cpus", "cgroup_cpu_limit", "NUM_CPUS_ENV"]
+from contra_ray.config import ConfigError
+
+__all__ = ["ensure_ray", "available_cpus", "cgroup_cpu_limit", "check_locations_on_nodes", "LocationNotShared",
+           "NUM_CPUS_ENV"]
 
 NUM_CPUS_ENV = "CONTRA_RAY_NUM_CPUS"
 
@@ -126,3 +129,86 @@ def ensure_ray() -> bool:
     else:
         ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False, log_to_driver=True)
     return True
+
+
+class LocationNotShared(ConfigError):
+    """A Ray node cannot see a folder the run shares between nodes (names the node, the field and the path)."""
+
+
+def _probe_on_node(probes: dict[str, str], token: str, reply_suffix: str) -> dict[str, str]:
+    """Ray task body: read each probe file's token and write a reply beside it; ``{field: problem}``."""
+    problems = {}
+    for field, probe in probes.items():
+        try:
+            if Path(probe).read_text() != token:
+                problems[field] = "sees another file at the probe's path"
+                continue
+            Path(probe + reply_suffix).write_text(token)
+        except FileNotFoundError:
+            problems[field] = "does not see the files the driver wrote there (a node-local folder?)"
+        except OSError as e:
+            problems[field] = f"cannot write there ({e.strerror or e})"
+    return problems
+
+
+def check_locations_on_nodes(locations: dict[str, str | os.PathLike], timeout_s: float = 120.0) -> int:
+    """Before any worker starts: one tiny task on every alive Ray node checks that it reads the files the
+    driver writes in each of ``locations`` and that the driver reads what it writes there, so a folder that
+    is node-local (not shared) is caught before the work, not by a worker after it. Connects to Ray
+    (:func:`ensure_ray`) if needed; leaves no files behind.
+
+    Args:
+        locations: ``{config field: folder}`` (created if missing), e.g. ``{"output_dir": "/nfs/runs"}``.
+
+    Returns:
+        The number of nodes checked.
+
+    Raises:
+        LocationNotShared: naming each node (IP), field and folder that failed, and what to do.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ensure_ray()
+    token = uuid.uuid4().hex
+    probes, created = {}, []
+    for field, folder in locations.items():
+        d = Path(folder).expanduser().resolve()
+        missing = [p for p in (d, *d.parents) if not p.exists()]
+        d.mkdir(parents=True, exist_ok=True)
+        created += missing  # removed again if the check fails: a refused run leaves nothing behind
+        probes[field] = str(d / f".contra_ray-probe-{token}")
+        Path(probes[field]).write_text(token)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    task = ray.remote(_probe_on_node)
+    try:
+        refs = {n["NodeID"]: task.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    n["NodeID"], soft=False)).remote(probes, token, f".{n['NodeID'][:12]}") for n in nodes}
+        problems = []
+        for n in nodes:
+            where = f"node {n.get('NodeManagerAddress', '?')} (id {n['NodeID'][:8]})"
+            try:
+                found = ray.get(refs[n["NodeID"]], timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                problems.append(f"{where}: no answer within {timeout_s:g} s")
+                continue
+            for field, probe in probes.items():
+                if field in found:
+                    problems.append(f"{where} {found[field]}: {field}={locations[field]!s}")
+                elif not Path(probe + f".{n['NodeID'][:12]}").is_file():
+                    problems.append(f"{where} wrote into {field}={locations[field]!s} but this node does not see it")
+    finally:
+        for probe in probes.values():
+            for f in Path(probe).parent.glob(Path(probe).name + "*"):
+                f.unlink(missing_ok=True)
+    if problems:
+        for d in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: something else wrote there meanwhile
+        raise LocationNotShared("; ".join(problems) + ". Every node of the cluster must see the same folder: put it "
+                               "on storage every node mounts (NFS, EFS, a ReadWriteMany volume)")
+    return len(nodes)

@@ -35,7 +35,7 @@ import torch
 
 from contra_ray.augment import dsa_if
 from contra_ray.common.cli import cli_error
-from contra_ray.common.raycluster import ensure_ray
+from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.config import Config, ConfigError, config_from_dict
 from contra_ray.data.prepare import PreparedData, prepare_data
 from contra_ray.distill.artifact import DistilledSet
@@ -358,7 +358,6 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
     """
     from ray.train import TrainingFailedError
 
-
     if num_workers < 1:
         return cli_error(f"--num-workers={num_workers}: must be >= 1")
     if str(cfg.device).startswith("cuda") and not use_gpu:
@@ -382,6 +381,9 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
             return cli_error(f"{msg}; use fewer workers, or drop --use-gpu to train on CPUs")
         print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)
     try:
+        # every node must see the folders the workers read and write (a node-local folder fails here, not later)
+        check_locations_on_nodes({"output_dir": cfg.output_dir, "data.cache_dir": cfg.data.cache_dir,
+                                  "experts.store": cfg.expert_store().parent})
         data = prepare_data(cfg)  # fills the cache the workers read
         check_memory(cfg, data, workers=num_workers)
         ensure_experts(cfg, data, train_missing=train_missing)

@@ -15,7 +15,7 @@ import torch
 
 from contra_ray.augment import DSA, dsa_if
 from contra_ray.common.fileio import atomic_write, wait_lock
-from contra_ray.common.raycluster import ensure_ray
+from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
@@ -189,9 +189,9 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         todo.append(i)
     if not todo:
         return store
-
-
     started = ensure_ray()
+    # expert tasks keep their resume state (expert_XXXX.partial/) in the store: every node must see it
+    check_locations_on_nodes({"experts.store": path.parent})
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if x.cpus_per_expert > cpus:
         msg = f"experts.cpus_per_expert={x.cpus_per_expert}: the Ray cluster has only {cpus} CPUs"

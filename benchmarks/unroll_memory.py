@@ -8,10 +8,11 @@ ConvNet-3 (width 128), 32x32x3 images, IPC 10 x 10 classes = 100 images, batch 1
 expert parameters (time and memory do not depend on their values). Each configuration runs in a fresh
 subprocess: on CPU its peak is the growth of the peak resident set size (``ru_maxrss``) over its size
 after setup; on CUDA ``torch.cuda.max_memory_allocated`` over the allocation after setup. Before a full
-unroll is run the planner (:mod:`contra_ray.distill.memory`) is asked for its estimate; a full configuration
-that would not fit (or N above ``--max-full-N``) is skipped and said so. The planner's estimate is
-printed next to the measured peak. Times: wall-clock s/iter and this process's CPU s/iter (robust
-to other load on a shared machine; with one thread the honest compute cost).
+unroll is run the planner (:mod:`contra_ray.distill.memory`: its probe on 8 and 16 rows, scaled to the
+batch) is asked for its estimate; a full configuration that would not fit (or N above ``--max-full-N``) is
+skipped and said so. The planner's estimate is printed next to the measured peak. Times: wall-clock s/iter
+and this process's CPU s/iter (robust to other load on a shared machine; with one thread the honest
+compute cost).
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ def students_at_once(execution: str, K: int) -> int:
 
 
 def child_plan(args, K: int, execution: str) -> dict:
-    """The planner's estimates for every N (one measured step) and the available memory."""
-    from contra_ray.distill.memory import available_memory_bytes, estimate_unroll_bytes, measure_step_memory
+    """The planner's estimates for every N (its bounded probe of one step) and the available memory."""
+    from contra_ray.distill.memory import available_memory_bytes, estimate_unroll_bytes, probe_step_memory
 
     torch, dev, fwd, traj, images, labels, _, augment = setup(args, K)
     S = students_at_once(execution, K)
-    step = measure_step_memory(fwd, traj[0], images[:args.batch_syn], labels[:args.batch_syn], augment, S)
+    step = probe_step_memory(fwd, traj[0], images, labels, args.batch_syn, augment, S)  # what the planner runs
     b = images.element_size()
     fixed = 2 * (images.numel() + labels.numel()) * b + 4 * S * traj[0].numel() * b
     est = {N: estimate_unroll_bytes(step, N, S, traj[0].numel(), b, fixed) for N in args.syn_steps}

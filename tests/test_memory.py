@@ -1,5 +1,11 @@
 """Constant-memory unroll, batched students and the memory planner: same gradients as the full unroll."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,7 +19,14 @@ from contra_ray.distill.matching import (
     step_gradient,
     unroll,
 )
-from contra_ray.distill.memory import MemoryPlan, measure_step_memory, plan_unroll_memory
+from contra_ray.distill.memory import (
+    CPU_OVERHEAD,
+    PROBE_BATCH,
+    MemoryPlan,
+    measure_step_memory,
+    plan_unroll_memory,
+    probe_step_memory,
+)
 from contra_ray.models import MODEL_NAMES, ModelSpec, build_model, flat_params, functional_forward, is_distillable
 
 SPEC = ModelSpec("convnet", num_classes=4, image_size=8, channels=3, width=8, depth=2)
@@ -203,6 +216,93 @@ def test_planner_batched_students_measure_a_wider_step():
     assert four.step.graph_bytes > 2 * one.step.graph_bytes
 
 
+def test_probe_on_two_small_slices_equals_the_step_measured_at_the_run_batch():
+    """G and W extrapolated linearly from 8 and 16 rows equal the direct measurement at 40 rows (one and
+    three students at once); a batch of at most 2·b0 rows is measured directly."""
+    inp = planner_inputs(n=40)
+    args = (inp["forward"], inp["theta"], inp["images"], inp["label_logits"])
+    for students in (1, 3):
+        probe = probe_step_memory(*args, batch_syn=40, augment=inp["augment"], students=students)
+        direct = measure_step_memory(*args[:2], inp["images"][:40], inp["label_logits"][:40], inp["augment"], students)
+        assert probe.measured_batches == (PROBE_BATCH, 2 * PROBE_BATCH) and direct.measured_batches == (40,)
+        for got, want in ((probe.graph_bytes, direct.graph_bytes), (probe.walk_bytes, direct.walk_bytes)):
+            assert abs(got - want) <= 1e-3 * want, (students, got, want)
+    small = probe_step_memory(*args, batch_syn=2 * PROBE_BATCH, augment=inp["augment"])
+    assert small.measured_batches == (2 * PROBE_BATCH,)
+    assert small == measure_step_memory(*args[:2], inp["images"][:16], inp["label_logits"][:16], inp["augment"])
+    with pytest.raises(ValueError, match="the probe needs 16 rows"):
+        probe_step_memory(*args[:2], inp["images"][:10], inp["label_logits"][:10], batch_syn=40)
+
+
+_REAL_STEP = r"""
+import ctypes, json, torch
+from contra_ray.augment import DSA
+from contra_ray.distill.matching import step_gradient
+from contra_ray.distill.memory import measure_step_memory, probe_step_memory
+from contra_ray.models import ModelSpec, build_model, flat_params, functional_forward
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+def live():  # bytes malloc has handed out and not yet got back (heap + mmapped chunks)
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+def reset_peak():  # Linux clear_refs 5: VmHWM := VmRSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = build_model(ModelSpec("convnet", num_classes=10, image_size=32, channels=3, width=32, depth=3))
+fwd = lambda t, x: functional_forward(model, t, x)
+theta, b = flat_params(model).detach(), 128
+images, labels = torch.randn(b, 3, 32, 32), torch.randn(b, 10)
+dsa = DSA()
+aug = lambda x, seed: dsa(x, seed=seed)
+measure_step_memory(fwd, theta, images[:2], labels[:2], aug)  # lazy initialization is not the probe's
+base = reset_peak()
+probe = probe_step_memory(fwd, theta, images, labels, b, aug)
+out = {"graph": probe.graph_bytes, "walk": probe.walk_bytes, "probe_peak": status("VmHWM") - base}
+# one real step at the full batch (after the probe, so a reuse of its freed pages can only shrink this peak)
+base, live0 = reset_peak(), live()
+th, x = theta.clone().requires_grad_(True), images.clone().requires_grad_(True)
+lab, lr = labels.clone().requires_grad_(True), torch.tensor(0.01, requires_grad=True)
+theta1 = th - lr * step_gradient(fwd, th, aug(x, 0), torch.softmax(lab, 1), create_graph=True)
+out["real_live"] = live() - live0  # what the step's graph holds (theta1 keeps it alive, as in the full unroll)
+torch.autograd.grad((theta1 * torch.randn_like(theta1)).sum(), (th, x, lab, lr))  # the walk's VJP
+out["real_peak"] = status("VmHWM") - base
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs to "
+                    "reset the peak resident set size")
+def test_probe_estimate_matches_a_real_step_and_the_probe_itself_stays_small():
+    """ConvNet-3 width 32, 32 px, DSA, batch 128, float32, in a fresh process: the G the probe extrapolates
+    from 8 and 16 rows is within 15% of the bytes one real 128-row step's graph holds (glibc mallinfo2; G
+    includes the CPU_OVERHEAD allocator slack, so it is the larger), and the probe's own peak RSS growth is
+    under a quarter of that real step's (graph + VJP)."""
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    if libc is None or not hasattr(ctypes.CDLL(libc), "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) to count the live heap bytes of a real step")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", _REAL_STEP], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    assert m["real_live"] > 50 * 2**20  # the shape is big enough for the comparison to mean something
+    assert m["real_live"] <= m["graph"] <= 1.15 * m["real_live"], m
+    assert m["graph"] / CPU_OVERHEAD <= 1.05 * m["real_live"], m  # the saved tensors are what the step holds
+    assert m["probe_peak"] < m["real_peak"] / 4, m
+    assert m["walk"] == pytest.approx(2 * m["graph"], rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 def test_config_fields_and_validation():
@@ -234,7 +334,16 @@ def test_table5_preset_that_cannot_fit_is_refused_with_both_numbers_and_auto_pic
     free = plan_for_config(cfg, spec, device="cpu", available_bytes=1 << 50)  # unlimited: auto keeps the full unroll
     full, constant = free.estimate_bytes["full"], free.estimate_bytes["constant"]
     assert free.mode == "full" and full > 10 * constant
+    assert free.step.measured_batches == (PROBE_BATCH, 2 * PROBE_BATCH)  # the probe ran 16 of the 100 rows
+    # the probe's estimates equal those of one step measured on all 100 rows, and so do the choices
+    direct = plan_for_config(cfg, spec, device="cpu", available_bytes=1 << 50, probe_batch=50)
+    assert direct.step.measured_batches == (100,)
+    for mode in ("full", "constant"):
+        assert abs(free.estimate_bytes[mode] - direct.estimate_bytes[mode]) <= 1e-3 * direct.estimate_bytes[mode]
     between = int((full + constant) / 2)
+    for budget in (between, int(full / 0.9) + 2**20, int(full / 0.9) - 2**20, int(constant / 0.9) + 2**20):
+        want = "full" if direct.estimate_bytes["full"] <= 0.9 * budget else "constant"
+        assert plan_for_config(cfg, spec, device="cpu", available_bytes=budget).mode == want, budget
     assert plan_for_config(cfg, spec, device="cpu", available_bytes=between).mode == "constant"
     with pytest.raises(ConfigError, match=r"distill.unroll_memory='auto'.* GiB .* GiB is available"):
         plan_for_config(cfg, spec, device="cpu", available_bytes=constant // 4)

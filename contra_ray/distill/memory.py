@@ -1,8 +1,8 @@
 """Memory planner for the student unroll: picks ``distill.unroll_memory`` (full | constant | auto).
 
-Before any work, one differentiable student step (Eq. 1 with ``create_graph``) is run on the real shapes
-(network, mini-batch, image size, dtype, students unrolled at once) and what its graph keeps alive is
-MEASURED, not guessed:
+Before any work, differentiable student steps (Eq. 1 with ``create_graph``) are run on the real shapes
+(network, image size, dtype, students unrolled at once) but on a SLICE of the synthetic mini-batch, and
+what their graphs keep alive is MEASURED, not guessed:
 
 * CPU: the bytes of the distinct storages autograd saves for backward, counted with
   :func:`torch.autograd.graph.saved_tensors_hooks` (the double-backward graph of ``create_graph``
@@ -11,6 +11,14 @@ MEASURED, not guessed:
   walking one step backwards is taken as one more step's graph.
 * CUDA: ``torch.cuda.memory_allocated`` growth while the step's graph is alive, and
   ``torch.cuda.max_memory_allocated`` during one vector-Jacobian product through it.
+
+The probe is bounded (:func:`probe_step_memory`): a step's graph is affine in the batch size b (per-sample
+activations of the forward and of the ``create_graph`` backward, plus per-parameter tensors), so one step
+at b0 = :data:`PROBE_BATCH` rows and one at 2·b0 give G(b) = G(2b0) + (b - 2b0)·(G(2b0) - G(b0))/b0, and
+likewise W(b). A mini-batch of at most 2·b0 rows is measured directly. The probe therefore holds at most
+the graph of a 2·b0-row step (cifar100_ipc10, b = 1000: ~0.1 GiB instead of the ~4.5 GiB of one real
+step), never more than either mode needs; on CPU the extrapolated G equals the direct measurement to
+<0.1% on the presets (``tests/test_memory.py``).
 
 With G = one step's graph, W = peak of one step's graph plus its backward (CPU: 2G), P parameters,
 S students at once, b bytes per number and F the fixed tensors (synthetic set and its gradient, labels,
@@ -39,12 +47,13 @@ from contra_ray.data.prepare import PreparedData
 from contra_ray.distill.matching import Augment, Forward, step_gradient
 from contra_ray.models import build_model, flat_params, functional_forward
 
-__all__ = ["UNROLL_MEMORY_CHOICES", "StepMemory", "MemoryPlan", "measure_step_memory", "available_memory_bytes",
-           "estimate_unroll_bytes", "plan_unroll_memory"]
+__all__ = ["UNROLL_MEMORY_CHOICES", "PROBE_BATCH", "StepMemory", "MemoryPlan", "measure_step_memory",
+           "probe_step_memory", "available_memory_bytes", "estimate_unroll_bytes", "plan_unroll_memory"]
 
 UNROLL_MEMORY_CHOICES = ("auto", "full", "constant")
 CPU_OVERHEAD = 1.1  # peak RSS / saved-tensor bytes of one held step (CPU, measured; see module docstring)
 GIB = 2**30
+PROBE_BATCH = 8  # rows of the smaller probe step (the larger has twice as many); see probe_step_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +65,14 @@ class StepMemory:
             on CPU the saved-tensor bytes times :data:`CPU_OVERHEAD`).
         walk_bytes: W, peak bytes of one step's graph plus a vector-Jacobian product through it.
         method: ``"saved_tensors_hooks"`` (CPU) or ``"cuda_allocator"``.
+        measured_batches: the mini-batch sizes actually run: ``(b,)`` when measured at the run's batch,
+            ``(b0, 2*b0)`` when extrapolated linearly to it (:func:`probe_step_memory`).
     """
 
     graph_bytes: int
     walk_bytes: int
     method: str
+    measured_batches: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +97,11 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line for logs, e.g. ``unroll_memory=constant: full 22.3 GiB, constant 0.9 GiB, available 20.1 GiB``."""
         est = ", ".join(f"{m} {b / GIB:.2f} GiB" for m, b in self.estimate_bytes.items())
+        how = self.step.method
+        if len(self.step.measured_batches) > 1:
+            how += " on batches " + " and ".join(map(str, self.step.measured_batches)) + ", scaled linearly"
         return (f"unroll_memory={self.mode}: estimated peak {est}; available {self.available_bytes / GIB:.2f} GiB "
-                f"(one step's graph {self.step.graph_bytes / 2**20:.1f} MiB by {self.step.method}, "
+                f"(one step's graph {self.step.graph_bytes / 2**20:.1f} MiB by {how}, "
                 f"N={self.syn_steps}, {self.students} student(s) at once)")
 
 
@@ -123,7 +138,7 @@ def measure_step_memory(forward: Forward, theta: torch.Tensor, x: torch.Tensor, 
         torch.autograd.grad((theta1 * torch.randn_like(theta1)).sum(), (theta, x, lab, lr))
         torch.cuda.synchronize(x.device)
         walk = torch.cuda.max_memory_allocated(x.device) - base
-        return StepMemory(int(graph), int(max(walk, graph)), "cuda_allocator")
+        return StepMemory(int(graph), int(max(walk, graph)), "cuda_allocator", (x.shape[0],))
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +149,50 @@ def measure_step_memory(forward: Forward, theta: torch.Tensor, x: torch.Tensor, 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     graph = CPU_OVERHEAD * sum(storages.values())
-    return StepMemory(int(graph), int(2 * graph), "saved_tensors_hooks")
+    return StepMemory(int(graph), int(2 * graph), "saved_tensors_hooks", (x.shape[0],))
+
+
+def probe_step_memory(forward: Forward, theta: torch.Tensor, images: torch.Tensor, label_logits: torch.Tensor,
+                      batch_syn: int, augment: Augment | None = None, students: int = 1,
+                      probe_batch: int = PROBE_BATCH) -> StepMemory:
+    """One step's memory at mini-batch ``batch_syn``, measured on at most ``2 * probe_batch`` rows.
+
+    ``batch_syn <= 2 * probe_batch``: :func:`measure_step_memory` on the first ``batch_syn`` rows. Else it
+    is measured on the first b0 = ``probe_batch`` and 2·b0 rows and G and W are extrapolated linearly in
+    the batch size to ``batch_syn`` (a step's graph is per-sample activations plus per-parameter tensors,
+    so affine in b; the slope is clamped at 0). The probe's own peak is that of a 2·b0-row step.
+
+    Args:
+        forward, theta, augment, students: as for :func:`measure_step_memory`.
+        images: the synthetic set ``[n,C,H,W]``, or at least its first ``min(batch_syn, 2*probe_batch)`` rows.
+        label_logits: ``[n, classes]`` (at least as many rows as ``images``).
+        batch_syn: b, the run's mini-batch size (rows per student step).
+        probe_batch: b0 >= 1.
+
+    Returns:
+        :class:`StepMemory` in bytes at ``batch_syn`` rows (``measured_batches`` says what was run).
+
+    Raises:
+        ValueError: ``batch_syn`` or ``probe_batch`` below 1, or ``images`` with too few rows.
+    """
+    if batch_syn < 1 or probe_batch < 1:
+        raise ValueError(f"batch_syn={batch_syn}, probe_batch={probe_batch}: both must be >= 1")
+    rows = min(batch_syn, 2 * probe_batch)
+    if images.shape[0] < rows or label_logits.shape[0] < rows:
+        raise ValueError(f"images {tuple(images.shape)}, label_logits {tuple(label_logits.shape)}: the probe needs "
+                         f"{rows} rows")
+    if batch_syn <= 2 * probe_batch:
+        return measure_step_memory(forward, theta, images[:batch_syn], label_logits[:batch_syn], augment, students)
+    b0, b1 = probe_batch, 2 * probe_batch
+    small, large = (measure_step_memory(forward, theta, images[:b], label_logits[:b], augment, students)
+                    for b in (b0, b1))
+
+    def at_batch(v0: int, v1: int) -> int:
+        return int(round(v1 + max(0.0, (v1 - v0) / (b1 - b0)) * (batch_syn - b1)))
+
+    graph = at_batch(small.graph_bytes, large.graph_bytes)
+    walk = at_batch(small.walk_bytes, large.walk_bytes)
+    return StepMemory(graph, max(walk, graph), large.method, (b0, b1))
 
 
 def available_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -175,32 +233,43 @@ def estimate_unroll_bytes(step: StepMemory, syn_steps: int, students: int, num_p
 def plan_unroll_memory(forward: Forward, theta: torch.Tensor, images: torch.Tensor, label_logits: torch.Tensor,
                        batch_syn: int, syn_steps: int, students: int = 1, augment: Augment | None = None,
                        requested: str = "auto", available_bytes: int | None = None,
-                       headroom: float = 0.9) -> MemoryPlan:
-    """Measure one step, estimate both modes and choose (``auto``) or check (``full``/``constant``) one.
+                       headroom: float = 0.9, probe_batch: int = PROBE_BATCH) -> MemoryPlan:
+    """Probe one step (:func:`probe_step_memory`), estimate both modes and choose (``auto``) or check
+    (``full``/``constant``) one.
 
     Args:
         forward, theta, augment: the run's network ``(theta, x) -> logits``, a ``[P]`` parameter vector
             and augmentation.
         images, label_logits: the synthetic set ``[n,C,H,W]`` and its label logits ``[n, C]`` (dtype
-            and device of the run); the first ``batch_syn`` are measured.
+            and device of the run); at most the first ``min(batch_syn, 2*probe_batch)`` rows are run.
         batch_syn, syn_steps: b and N.
         students: students unrolled at once by one worker (1 sequential; the worker's share batched).
         requested: ``distill.unroll_memory``, one of :data:`UNROLL_MEMORY_CHOICES`.
         available_bytes: inject the available memory (tests, or a budget); default measured.
         headroom: a mode fits when its estimate is at most ``headroom`` x available.
+        probe_batch: b0 of :func:`probe_step_memory`.
 
     Raises:
         ConfigError: ``requested`` unknown, or the requested mode (``auto``: both) does not fit; the
             message names ``distill.unroll_memory`` and gives estimate and available memory in GiB.
     """
+    _check_requested(requested)
+    step = probe_step_memory(forward, theta, images, label_logits, batch_syn, augment, students, probe_batch)
+    return _decide(step, images.numel() + label_logits.numel(), theta.numel(), images.element_size(), images.device,
+                   syn_steps, students, requested, available_bytes, headroom)
+
+
+def _check_requested(requested: str) -> None:
     if requested not in UNROLL_MEMORY_CHOICES:
         raise ConfigError(f"distill.unroll_memory={requested!r}: must be one of {', '.join(UNROLL_MEMORY_CHOICES)}")
-    x, lab = images[:batch_syn], label_logits[:batch_syn]
-    step = measure_step_memory(forward, theta, x, lab, augment, students)
-    itemsize = images.element_size()
-    fixed = 2 * (images.numel() + label_logits.numel()) * itemsize + 4 * students * theta.numel() * itemsize
-    estimate = estimate_unroll_bytes(step, syn_steps, students, theta.numel(), itemsize, fixed)
-    available = available_memory_bytes(images.device) if available_bytes is None else int(available_bytes)
+
+
+def _decide(step: StepMemory, set_numel: int, num_params: int, itemsize: int, device: torch.device, syn_steps: int,
+            students: int, requested: str, available_bytes: int | None, headroom: float) -> MemoryPlan:
+    """Estimates from ``step`` and the choice; ``set_numel`` = numbers in the synthetic images + label logits."""
+    fixed = 2 * set_numel * itemsize + 4 * students * num_params * itemsize
+    estimate = estimate_unroll_bytes(step, syn_steps, students, num_params, itemsize, fixed)
+    available = available_memory_bytes(device) if available_bytes is None else int(available_bytes)
     fits = {m: b <= headroom * available for m, b in estimate.items()}
     if requested == "auto":
         mode = "full" if fits["full"] else "constant"
@@ -227,32 +296,40 @@ def students_per_worker(cfg, workers: int = 1) -> int:
 
 
 def plan_for_config(cfg, spec, workers: int = 1, device: str | None = None,
-                    available_bytes: int | None = None) -> MemoryPlan:
+                    available_bytes: int | None = None, probe_batch: int = PROBE_BATCH) -> MemoryPlan:
     """The plan of a run before its data or experts exist: a freshly initialized network and random
     synthetic images of the run's shapes (``[IPC·classes, C, H, W]``, dtype ``distill.dtype``), with DSA
     if ``distill.dsa``. What one step keeps alive depends on shapes only, so this equals the plan the
-    :class:`~contra_ray.distill.distiller.Distiller` makes later with the real tensors.
+    :class:`~contra_ray.distill.distiller.Distiller` makes later with the real tensors. Only the rows the
+    probe runs (at most ``2 * probe_batch``) are allocated; the rest of the set is counted from its shape.
 
     Raises:
         ConfigError: see :func:`plan_unroll_memory`.
     """
     d = cfg.distill
+    _check_requested(d.unroll_memory)
     dev = torch.device(device or cfg.device)
     dtype = torch.float64 if d.dtype == "float64" else torch.float32
     model = build_model(spec).to(dev, dtype)
     n = d.ipc * spec.num_classes
+    batch_syn = d.batch_syn or n
+    rows = min(batch_syn, 2 * probe_batch)
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, spec.channels, spec.image_size, spec.image_size, generator=g, dtype=dtype).to(dev)
-    labels = torch.zeros(n, spec.num_classes, dtype=dtype, device=dev)
+    images = torch.randn(rows, spec.channels, spec.image_size, spec.image_size, generator=g, dtype=dtype).to(dev)
+    labels = torch.zeros(rows, spec.num_classes, dtype=dtype, device=dev)
     dsa = DSA()
     augment = (lambda x, seed: dsa(x, seed=seed)) if d.dsa else None
-    return plan_unroll_memory(lambda t, x: functional_forward(model, t, x), flat_params(model).to(dev, dtype),
-                              images, labels, d.batch_syn or n, d.syn_steps, students_per_worker(cfg, workers),
-                              augment, d.unroll_memory, available_bytes)
+    theta = flat_params(model).to(dev, dtype)
+    students = students_per_worker(cfg, workers)
+    step = probe_step_memory(lambda t, x: functional_forward(model, t, x), theta, images, labels, batch_syn, augment,
+                             students, probe_batch)
+    set_numel = n * (spec.channels * spec.image_size**2 + spec.num_classes)
+    return _decide(step, set_numel, theta.numel(), images.element_size(), dev, d.syn_steps, students,
+                   d.unroll_memory, available_bytes, 0.9)
 
 
 def check_memory(cfg: Config, data: PreparedData, workers: int = 1):
-    """Before experts or distillation: plan the student unroll for this run's shapes (one measured step,
+    """Before experts or distillation: plan the student unroll for this run's shapes (a bounded probe,
     :func:`contra_ray.distill.memory.plan_for_config`) and print the plan; returns the
     :class:`~contra_ray.distill.memory.MemoryPlan`.
 

@@ -58,6 +58,8 @@ def sweep_rows(client, experiment_id: str, parent_run_id: str) -> tuple[list[dic
     searched: list[str] = []
     rows = []
     for run in children:
+        if "contra_ray.superseded" in run.data.tags:  # an interrupted attempt a resumed sweep ran again
+            continue
         p, m = run.data.params, run.data.metrics
         fields = json.loads(p.get("tune.searched", "[]"))
         searched += [f for f in fields if f not in searched]

@@ -420,6 +420,8 @@ class RunLogger:
     exception escapes). ``nested=True`` makes it a child of the active run in this process (tag
     ``mlflow.parentRunId``); ``parent_run_id`` names the parent explicitly (e.g. from another process).
     Disabled when ``enabled`` is false or ``cfg.tracking.enabled`` is false; then ``run_id`` is ``None``.
+    ``resume_run_id`` continues that existing run (status RUNNING again; params and tags are not logged
+    again): a resumed sweep's parent run.
 
     ``entry_point`` (tag ``mlflow.source.name``) defaults to the ``contra_ray`` module that creates the
     logger (``contra_ray.distill.remote`` counts as ``contra_ray.distill``); ``role`` (tag ``contra_ray.role``)
@@ -433,8 +435,9 @@ class RunLogger:
 
     def __init__(self, cfg: Any, run_name: str, nested: bool = False, enabled: bool = True,
                  parent_run_id: str | None = None, *, role: str | None = None, entry_point: str | None = None,
-                 method: str | None = None, note: str | None = None):
+                 method: str | None = None, note: str | None = None, resume_run_id: str | None = None):
         self.cfg = cfg
+        self.resume_run_id = resume_run_id
         self.run_name = run_name
         self.nested = nested
         self.parent_run_id = parent_run_id
@@ -456,6 +459,9 @@ class RunLogger:
         uri = self.cfg.tracking_uri()
         exp_id = init_tracking(uri, self.cfg.tracking.experiment)
         self._client = tracking_client(uri)
+        if self.resume_run_id is not None:  # continue an existing run: its params and tags stay as logged
+            self.run_id = mlflow.start_run(run_id=self.resume_run_id).info.run_id
+            return self
         run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, nested=self.nested,
                                parent_run_id=self.parent_run_id,
                                tags=run_tags(self.cfg, self.role, self.entry_point, self.method, self.note))

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from contra_ray.config import ConfigError, load_config
 from contra_ray.tune.cli import main
@@ -507,3 +508,159 @@ def test_dry_run_checks_the_sweep_name_like_the_real_run(capsys):
 
     assert tune_cli.main(["--space", "cpu_smoke", "--dry-run", "--name", "../x"]) == 2
     assert capsys.readouterr().err.startswith("error: --name='../x': ")
+
+
+# ---------------------------------------------------------------------------------------------- (d) resume, failures
+
+RESUME_SPACE = """
+preset: tiny_cpu
+overrides:
+  eval: {runs: 1, epochs: 1}
+  distill: {iterations: 2, checkpoint_every: 0}
+space:
+  distill.beta: {grid: [0.0, 0.5]}
+proxy: {eval_every: 1, epochs: 1, runs: 1}
+"""
+
+
+def _tune_cmd(space: Path, out: Path, name: str, cache_dir: str) -> list[str]:
+    return [sys.executable, "-m", "contra_ray.tune", "--space", str(space), "--output-dir", str(out), "--name", name,
+            "--max-concurrent", "1", "--set", f"data.cache_dir={cache_dir}", "--verbose", "0"]
+
+
+def _run_cli(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "w") as f:  # its own session: whatever Ray leaves behind is ended with the group
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            _end_group(proc)
+    return subprocess.CompletedProcess(cmd, rc, log.read_text())
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """End what is left of the process group the test started (pgid = the driver's pid)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_driver_resumes_and_reports_like_an_uninterrupted_sweep(sweep, tmp_path, cache_dir):
+    """SIGKILL to the driver after its first trial finished; the same command resumes: the finished trial is
+    not run again (one MLflow child, started before the kill), the other runs, under the same parent run, and
+    results.txt / best_config.yaml equal those of an uninterrupted sweep of the same space."""
+    from mlflow import MlflowClient
+
+    _, out = sweep  # its expert store and data cache: no expert training here
+    space = tmp_path / "resume.yaml"
+    space.write_text(RESUME_SPACE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "cut1.log", "w")
+    proc = subprocess.Popen(_tune_cmd(space, out, "cut", cache_dir), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not any("TERMINATED" in p.read_text() for p in (out / "tune" / "cut").glob("experiment_state-*.json")):
+            assert proc.poll() is None, (tmp_path / "cut1.log").read_text()[-3000:]
+            assert time.time() < deadline, "no trial finished within 400 s"
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only
+        killed_at = time.time() * 1000
+    finally:
+        _end_group(proc)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "cut" / "results.txt").exists()
+
+    resumed = _run_cli(_tune_cmd(space, out, "cut", cache_dir), tmp_path / "cut2.log")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "[tune] resuming sweep cut" in resumed.stdout
+    whole = _run_cli(_tune_cmd(space, out, "whole", cache_dir), tmp_path / "whole.log")
+    assert whole.returncode == 0 and "resuming" not in whole.stdout, whole.stdout[-3000:]
+
+    table = (out / "cut" / "results.txt").read_text()
+    assert table == (out / "whole" / "results.txt").read_text() and table.count("DONE") == 2
+    best = [yaml.safe_load((out / s / "best_config.yaml").read_text()) for s in ("cut", "whole")]
+    assert best[0].pop("name") == "cut-best" and best[1].pop("name") == "whole-best" and best[0] == best[1]
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tune-resume")
+    parents = client.search_runs([exp.experiment_id],
+                                 "tags.`contra_ray.role` = 'sweep' and attributes.run_name = 'cut'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the parent was reused, not a second one
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    by_name: dict[str, list] = {}
+    for run in children:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    first = min(children, key=lambda r: r.info.start_time).info.run_name
+    (done_before,) = by_name[first]  # the trial that finished before the kill ran once, before the kill
+    assert done_before.info.status == "FINISHED" and done_before.info.end_time < killed_at
+    (other,) = set(by_name) - {first}
+    live = [r for r in by_name[other] if "contra_ray.superseded" not in r.data.tags]
+    assert len(live) == 1 and live[0].info.status == "FINISHED" and live[0].info.start_time > killed_at
+    assert parents[0].data.tags["best_run_name"] in by_name
+
+
+FAILING_SPACE = """
+preset: tiny_cpu
+overrides:
+  eval: {runs: 1, epochs: 1}
+  distill: {iterations: 2, checkpoint_every: 0}
+space:
+  distill.lr_lr: {grid: [1.0e+30]}   # one SGD step on syn_lr drives it far below 0: the trial diverges
+proxy: {eval_every: 1, epochs: 1, runs: 1}
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failed_trial_exits_1_and_names_it(sweep, tmp_path, cache_dir):
+    _, out = sweep
+    space = tmp_path / "failing.yaml"
+    space.write_text(FAILING_SPACE)
+    res = _run_cli(_tune_cmd(space, out, "failing", cache_dir), tmp_path / "failing.log")
+    assert res.returncode == 1, res.stdout[-3000:]
+    assert ("error: 1 of 1 trial(s) failed: t00-lr_lr1e+30: DistillationDiverged: iteration 0: syn_lr became -"
+            in res.stdout)
+    assert "lower distill.lr_lr (now 1e+30)" in res.stdout
+
+
+def test_random_search_gives_tune_the_axes_as_domains(tmp_path, capsys):
+    from ray import tune
+
+    from contra_ray.tune.space import param_space, point_of_values
+    from contra_ray.tune.sweep import check_search
+
+    space = write_space(tmp_path, """
+preset: tiny_cpu
+search: {algorithm: random}
+space:
+  distill.seed: {grid: [0, 1]}
+  distill.lr_img: {uniform: [10, 100]}
+  method: {choice: [{distill.K: 0, distill.beta: 1.0}, {distill.K: 2, distill.beta: 0.2}]}
+""")
+    assert main(["--space", str(space), "--dry-run"]) == 0  # before write_space replaces space.yaml
+    assert "search.algorithm=random: Tune samples 1 configuration(s) per grid point" in capsys.readouterr().out
+    spec = load_space(space)
+    points, _ = expand_space(spec)
+    got = param_space(spec, points)["searched"]
+    assert got["distill"]["seed"] == tune.grid_search([0, 1])
+    assert isinstance(got["distill"]["lr_img"], tune.search.sample.Float)
+    assert got["distill"]["lr_img"].lower == 10.0 and got["distill"]["lr_img"].upper == 100.0
+    assert got["method"].categories == [{"distill": {"K": 0, "beta": 1.0}}, {"distill": {"K": 2, "beta": 0.2}}]
+    values = {"distill": {"seed": 1, "lr_img": 42.0}, "method": {"distill": {"K": 2, "beta": 0.2}}}
+    assert point_of_values(spec, values) == {"distill.seed": 1, "distill.lr_img": 42.0, "distill.K": 2,
+                                             "distill.beta": 0.2}
+    grid_spec = load_space(SMOKE)
+    assert param_space(grid_spec, expand_space(grid_spec)[0])["searched"]["grid_search"][1] == {
+        "distill": {"beta": 0.0, "K": 3, "R": 1}}
+    with pytest.raises(SweepError, match=r"search.algorithm='optuna': expected one of grid, random"):
+        load_space(write_space(tmp_path, "preset: tiny_cpu\nsearch: {algorithm: optuna}\n"
+                                         "space:\n  distill.beta: {grid: [0.1]}\n"))
+    curriculum = load_space(write_space(tmp_path, "preset: tiny_cpu\nsearch: {algorithm: random}\n"
+                                                  "space:\n  experts.curriculum: {grid: [true, false]}\n"))
+    with pytest.raises(SweepError, match=r"space.experts.curriculum changes the expert store"):
+        check_search(curriculum)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from contra_ray.common.argtypes import non_negative_float, non_negative_int, positive_int
 from contra_ray.common.cli import cli_error
 from contra_ray.config import ConfigError, check_run_name, parse_overrides
 from contra_ray.tune.space import SweepError, expand_space, load_space
 from contra_ray.tune.stores import expert_store_resolver
-from contra_ray.tune.sweep import run_sweep
+from contra_ray.tune.sweep import check_search, run_sweep
 
 __all__ = ["build_parser", "main"]
 
@@ -57,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.name is not None:  # what the real run checks first, so a dry run that passes also starts
                 check_run_name(args.name, "--name")
             spec = load_space(args.space)
+            check_search(spec)
             points, notes = expand_space(spec, parse_overrides(args.set), "error" if args.strict else "drop",
                                          num_samples=args.num_samples)
             for note in notes:
                 print(note)
-            for p in points:
-                print(p.name, json.dumps(p.searched))
+            if spec.algorithm == "grid":
+                for p in points:
+                    print(p.name, json.dumps(p.searched))
+            else:  # Tune samples the trials when the sweep runs; the driver's draws above only checked the space
+                from contra_ray.tune.space import param_space
+
+                print(f"search.algorithm={spec.algorithm}: Tune samples {args.num_samples or spec.num_samples} "
+                      f"configuration(s) per grid point from param_space "
+                      f"{json.dumps(param_space(spec, points), default=str)}; a sample that fails validation "
+                      "ends as INVALID (--strict: as a failed trial)")
             store_of = expert_store_resolver(spec, parse_overrides(args.set), "experts")
             stores: dict[str, int] = {}
             for p in points:
@@ -78,4 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                            verbose=args.verbose, note=args.note)
     except (SweepError, ConfigError) as e:
         return cli_error(e)
+    if result.failed:
+        print(f"error: {len(result.failed)} of {len(result.rows)} trial(s) failed: " +
+              "; ".join(f"{r['name']}: {r['error']}" for r in result.failed), file=sys.stderr)
+        return 1
     return 0 if result.best is not None else 1

@@ -18,8 +18,8 @@ from contra_ray.common.fileio import YAMLFileError, load_yaml
 from contra_ray.config import Config, ConfigError, flatten_dotted, get_dotted, load_config, set_dotted
 
 __all__ = ["SweepSpec", "TrialPoint", "SweepError", "load_space", "expand_space", "asha_settings", "check_schedule",
-           "space_path", "axis_fields", "searched_fields", "merge_nested",
-           "short_label"]
+           "space_path", "axis_fields", "searched_fields", "merge_nested", "short_label", "trial_name",
+           "axis_values", "point_of_values", "param_space", "materialize", "SEARCH_ALGORITHMS"]
 
 SPACE_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
 AXIS_KINDS = ("grid", "choice", "uniform")
@@ -28,6 +28,13 @@ DEFAULT_PROXY = {"eval_every": 100, "epochs": 50, "runs": 1}
 REPORTED_METRICS = ("proxy_acc", "loss", "syn_lr")  # in every report a trial sends Tune (see contra_ray.tune.trial)
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 2}  # max_t defaults to the trials' longest iterations
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "brackets", "stop_last_trials")
+#: ``search.algorithm`` of a space file -> what samples the trials (docs/SWEEPS.md). Only algorithms whose
+#: packages are installed with Ray here: Tune's BasicVariantGenerator in two uses (OptunaSearch, HyperOpt...
+#: need packages this project does not install).
+SEARCH_ALGORITHMS = {
+    "grid": "the driver's validated trials (grid product, seeded draws with redraws) as one tune.grid_search",
+    "random": "Tune's BasicVariantGenerator samples the axes (grid_search / choice / uniform) itself",
+}
 
 
 class SweepError(ValueError):
@@ -98,16 +105,19 @@ class SweepSpec:
     proxy: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_PROXY))
     scheduler: dict | None = None  # ASHA settings as written ({} = ASHA defaults); None = no early stopping
     seed: int = 0
+    algorithm: str = "grid"  # search.algorithm, a key of SEARCH_ALGORITHMS
 
 
 @dataclasses.dataclass
 class TrialPoint:
-    """One configuration of the sweep: ``searched`` values and the full validated config dict."""
+    """One configuration of the sweep: ``searched`` values, the full validated config dict and ``values``,
+    the axis values as Tune hands them to the trial (:func:`axis_values`)."""
 
     index: int
     name: str
     searched: dict[str, Any]
     config: dict
+    values: dict = dataclasses.field(default_factory=dict)
 
 
 def space_path(space: str | os.PathLike) -> Path:
@@ -135,6 +145,8 @@ def _bundles(axis: str, kind: str, values: list) -> list[dict[str, Any]]:
     if "." in axis:
         raise SweepError(f"space.{axis}: a bundle axis is named without a dot (e.g. 'method'); its values "
                          "name the fields")
+    if axis in Config().to_dict():
+        raise SweepError(f"space.{axis}: a bundle axis is not named like a config section (use e.g. 'method')")
     out = []
     for i, v in enumerate(values):
         if not isinstance(v, dict) or not v:
@@ -173,7 +185,7 @@ def load_space(space: str | os.PathLike) -> SweepSpec:
         raise SweepError(f"--space {str(space)!r}: {e}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping (preset, space, ...), got {type(raw).__name__}")
-    known = {"preset", "overrides", "space", "num_samples", "metric", "mode", "proxy", "scheduler", "seed"}
+    known = {"preset", "overrides", "space", "num_samples", "metric", "mode", "proxy", "scheduler", "seed", "search"}
     for key in raw:
         if key not in known:
             raise SweepError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -218,8 +230,15 @@ def load_space(space: str | os.PathLike) -> SweepSpec:
     n = raw.get("num_samples", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise SweepError(f"num_samples={n!r}: expected an integer >= 1")
+    search = raw.get("search") or {}
+    if not isinstance(search, dict) or set(search) - {"algorithm"}:
+        raise SweepError(f"search={search!r}: expected {{algorithm: {' | '.join(SEARCH_ALGORITHMS)}}}")
+    algorithm = search.get("algorithm", "grid")
+    if algorithm not in SEARCH_ALGORITHMS:
+        raise SweepError(f"search.algorithm={algorithm!r}: expected one of {', '.join(SEARCH_ALGORITHMS)} (the "
+                         "searchers installed here; Optuna, HyperOpt, ... need packages this project does not install)")
     return SweepSpec(str(path), path.stem, str(raw["preset"]), _nested(raw.get("overrides"), "overrides"), axes,
-                     n, str(metric), mode, proxy, asha, int(raw.get("seed", 0)))
+                     n, str(metric), mode, proxy, asha, int(raw.get("seed", 0)), str(algorithm))
 
 
 
@@ -320,6 +339,80 @@ def _materialize(spec: SweepSpec, base: dict, point: dict[str, Any]) -> tuple[Co
     return cfg, searched
 
 
+def trial_name(index: int, searched: dict[str, Any]) -> str:
+    """``t03-beta0.5-K3-R1``: the trial's index and searched values (its run directory and MLflow run name)."""
+    return f"t{index:02d}-" + "-".join(short_label(f, v) for f, v in searched.items())
+
+
+def axis_values(axes: dict[str, Any]) -> dict:
+    """``{axis: value}`` -> the nested values Tune hands a trial: ``{"distill.beta": 0.5}`` ->
+    ``{"distill": {"beta": 0.5}}``; a bundle axis keeps its name, its value nested
+    (``{"method": {"distill": {"K": 0, "beta": 1.0}}}``)."""
+    out: dict = {}
+    for axis, value in axes.items():
+        if isinstance(value, dict):
+            nested: dict = {}
+            for f, v in value.items():
+                set_dotted(nested, f, v)
+            out[axis] = nested
+        else:
+            set_dotted(out, axis, value)
+    return out
+
+
+def point_of_values(spec: SweepSpec, values: dict) -> dict[str, Any]:
+    """Inverse of :func:`axis_values`: a trial's nested values -> ``{"section.field": value}``.
+
+    Raises:
+        SweepError: an axis of the space has no value in ``values``.
+    """
+    out: dict[str, Any] = {}
+    for axis, (_, choices) in spec.space.items():
+        try:
+            if choices and isinstance(choices[0], dict):
+                out.update(flatten_dotted(values[axis]))
+            else:
+                out[axis] = get_dotted(values, axis)
+        except (KeyError, TypeError):
+            raise SweepError(f"trial values {values!r}: no value for space.{axis}") from None
+    return out
+
+
+def param_space(spec: SweepSpec, points: list[TrialPoint]) -> dict:
+    """Tune's ``param_space`` of the sweep; a trial receives ``config["searched"]`` = nested axis values.
+
+    ``grid`` (default): ``tune.grid_search`` over the validated points' values (each a nested dict; the
+    redraws and drops of :func:`expand_space` stay exact). ``random``: every axis as its Tune domain,
+    sampled by Tune: grid axes ``tune.grid_search``, ``choice`` ``tune.choice``, ``uniform``
+    ``tune.uniform``, bundle axes a grid/choice over nested dicts.
+    """
+    from ray import tune
+
+    if spec.algorithm == "grid":
+        return {"searched": tune.grid_search([p.values for p in points])}
+    domains: dict[str, Any] = {}
+    for axis, (kind, values) in spec.space.items():
+        if values and isinstance(values[0], dict):
+            values = [axis_values({"_": v})["_"] for v in values]
+        dom = (tune.grid_search(values) if kind == "grid" else tune.choice(values) if kind == "choice"
+               else tune.uniform(float(values[0]), float(values[1])))
+        if "." in axis:
+            set_dotted(domains, axis, dom)
+        else:
+            domains[axis] = dom
+    return {"searched": domains}
+
+
+def materialize(spec: SweepSpec, base: dict, point: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    """Config of one point (unvalidated; R resolved) and its searched values, as :func:`expand_space`
+    builds them (the trials of ``search.algorithm: random`` build theirs with it).
+
+    Raises:
+        ConfigError: unknown field or wrong type.
+    """
+    return _materialize(spec, merge_nested(copy.deepcopy(spec.overrides), copy.deepcopy(base)), point)
+
+
 def _flat_point(point: dict[str, Any]) -> dict[str, Any]:
     """Axis values -> ``{"section.field": value}``: a bundle axis's mapping sets its fields."""
     out: dict[str, Any] = {}
@@ -377,11 +470,14 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
         return None
 
     for combo in itertools.product(*[v for _, v in grid]) if grid else [()]:
-        fixed = _flat_point(dict(zip([f for f, _ in grid], combo)))
+        fixed_axes = dict(zip([f for f, _ in grid], combo))
+        fixed = _flat_point(fixed_axes)
         for _ in range(n if rand else 1):
             reason, cfg, searched = None, None, None
             for _attempt in range(MAX_DRAWS if rand else 1):
-                point = {**fixed, **_flat_point({f: _draw(rng, k, v) for f, k, v in rand})}
+                drawn = {f: _draw(rng, k, v) for f, k, v in rand}
+                axes = {**fixed_axes, **drawn}  # grid axes first: the order of the searched values (names)
+                point = _flat_point(axes)
                 cfg, searched = _materialize(spec, base, point)
                 reason = why_invalid(cfg)
                 label = " ".join(f"{f}={v!r}" for f, v in searched.items())
@@ -403,8 +499,8 @@ def expand_space(spec: SweepSpec, base_overrides: dict | None = None, on_invalid
                              + (f" (no valid draw of {', '.join(f for f, _, _ in rand)} in {MAX_DRAWS})"
                                 if rand else ""))
                 continue
-            name = f"t{len(points):02d}-" + "-".join(short_label(f, v) for f, v in searched.items())
-            points.append(TrialPoint(len(points), name, searched, cfg.to_dict()))
+            points.append(TrialPoint(len(points), trial_name(len(points), searched), searched, cfg.to_dict(),
+                                     axis_values(axes)))
     if not points:
         raise SweepError(f"search space {spec.path}: no valid configuration:\n  " + "\n  ".join(notes))
     notes += check_schedule(spec, points)

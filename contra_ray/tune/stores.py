@@ -13,7 +13,7 @@ from typing import Callable
 from contra_ray.config import flatten_dotted, get_dotted, load_config
 from contra_ray.tune.space import SweepSpec, merge_nested, searched_fields, short_label
 
-__all__ = ["EXPERT_KEY_IGNORED", "expert_key", "expert_store_resolver"]
+__all__ = ["EXPERT_KEY_IGNORED", "expert_key", "expert_store_resolver", "expert_fields"]
 
 #: Settings that do not change what an expert store holds (paths, resources, how often experts are tested).
 EXPERT_KEY_IGNORED = ("data.cache_dir", "data.download", "experts.store", "experts.cpus_per_expert",
@@ -26,6 +26,12 @@ def expert_key(config: dict) -> str:
     never enters: trials differing only there distil from the same experts."""
     flat = flatten_dotted({k: config[k] for k in ("data", "model", "experts")})
     return json.dumps({k: v for k, v in flat.items() if k not in EXPERT_KEY_IGNORED}, sort_keys=True, default=str)
+
+
+def expert_fields(spec: SweepSpec) -> list[str]:
+    """The searched fields an expert store depends on (``experts.curriculum``, ``model.width``, ...)."""
+    return [f for f in searched_fields(spec)
+            if f.split(".", 1)[0] in ("data", "model", "experts") and f not in EXPERT_KEY_IGNORED]
 
 
 def expert_store_resolver(spec: SweepSpec, base_overrides: dict | None,
@@ -42,8 +48,7 @@ def expert_store_resolver(spec: SweepSpec, base_overrides: dict | None,
     overrides = merge_nested(copy.deepcopy(spec.overrides), copy.deepcopy(base_overrides or {}))
     unsearched = load_config(spec.preset, overrides, validate=False).to_dict()
     base_key = expert_key(unsearched)
-    relevant = [f for f in searched_fields(spec)
-                if f.split(".", 1)[0] in ("data", "model", "experts") and f not in EXPERT_KEY_IGNORED]
+    relevant = expert_fields(spec)
 
     def store(config: dict) -> str:
         key = expert_key(config)

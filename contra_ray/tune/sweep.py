@@ -5,10 +5,12 @@ Design: docs/SWEEPS.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,28 @@ import yaml
 
 from contra_ray.common.fileio import atomic_write
 from contra_ray.common.raycluster import ensure_ray
-from contra_ray.config import Config, check_run_name, config_from_dict, parse_overrides, set_dotted
+from contra_ray.config import Config, check_run_name, config_from_dict, flatten_dotted, parse_overrides, set_dotted
 from contra_ray.data.prepare import prepare_data
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking, tracking_client
-from contra_ray.tune.space import SweepError, SweepSpec, TrialPoint, asha_settings, expand_space, load_space
-from contra_ray.tune.stores import expert_store_resolver
-from contra_ray.tune.trial import SweepContext, run_trial
+from contra_ray.tune.space import (
+    SweepError,
+    SweepSpec,
+    TrialPoint,
+    asha_settings,
+    expand_space,
+    load_space,
+    param_space,
+)
+from contra_ray.tune.stores import expert_fields, expert_store_resolver
+from contra_ray.tune.trial import SweepContext, resolve_trial, run_trial, trial_index
 
-__all__ = ["SweepResult", "run_sweep", "format_trials_table"]
+__all__ = ["SweepResult", "run_sweep", "format_trials_table", "check_search"]
+
+#: Tune's experiment-state snapshot period in seconds while a sweep runs (Tune's "auto" waits >= 10 s, so a
+#: driver killed within 10 s of a trial's end would rerun it); a TUNE_GLOBAL_CHECKPOINT_S in the
+#: environment wins.
+STATE_PERIOD_S = "1"
 
 
 @dataclasses.dataclass
@@ -33,14 +48,16 @@ class SweepResult:
     """What :func:`run_sweep` returns.
 
     Attributes:
-        rows: one dict per trial, ranked (best first): index, name, searched values, status,
-            final_acc, final_acc_std, proxy_acc, iteration, run_id.
+        rows: one dict per trial, ranked (best first): index, name, searched values, status (DONE,
+            STOPPED by ASHA, ERROR, or INVALID: a configuration Tune sampled that fails validation),
+            final_acc, final_acc_std, proxy_acc, iteration, run_id, error (``"Type: message"`` or None).
         best: the best row (highest ``final_acc``), or ``None`` if no trial finished.
         best_config: the best trial's full config dict as written to ``best_config.yaml`` (renamed
             ``<sweep>-best`` for a rerun, see :func:`_rerun_config`).
         notes: dropped / redrawn combinations.
         parent_run_id, experiment_id, tracking_uri: where the sweep is in MLflow.
         result_grid: Tune's ``ResultGrid``.
+        resumed: whether this run continued an interrupted (or finished) sweep of the same name.
     """
 
     rows: list[dict]
@@ -51,6 +68,12 @@ class SweepResult:
     experiment_id: str | None
     tracking_uri: str
     result_grid: Any = None
+    resumed: bool = False
+
+    @property
+    def failed(self) -> list[dict]:
+        """The rows of trials that errored (status ``ERROR``)."""
+        return [r for r in self.rows if r["status"] == "ERROR"]
 
 
 def _absolute(cfg: Config) -> None:
@@ -85,18 +108,36 @@ def _rank_key(row: dict) -> tuple:
     return (fin is None, -(fin if fin is not None else 0.0), -(prx if prx is not None else -1.0), row["index"])
 
 
-def _param_space(points: list[TrialPoint]) -> dict:
-    """Tune's grid over the trial names (``t03-beta0.5-K3-R1``: the live table's ``trial`` column)."""
-    from ray import tune
+def check_search(spec: SweepSpec) -> None:
+    """Refuse a ``search.algorithm: random`` space that searches a setting of the experts: the driver trains
+    each expert store before the trials, so it must know every value a trial will use.
 
-    return {"trial": tune.grid_search([p.name for p in points])}
+    Raises:
+        SweepError: naming the field.
+    """
+    fields = expert_fields(spec)
+    if spec.algorithm != "grid" and fields:
+        raise SweepError(f"search.algorithm={spec.algorithm}: space.{fields[0]} changes the expert store, which the "
+                         "driver trains before the trials; search it with the default algorithm (grid)")
+
+
+def _trial_namer(ctx: SweepContext):
+    """Tune's trial name and directory: the trial's name (``t03-beta0.5-K3-R1``)."""
+
+    def name(trial) -> str:
+        return resolve_trial(trial.config["searched"], trial_index(trial.trial_id), ctx)[0].name
+
+    return name
 
 
 def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, storage: Path, max_concurrent: int | None,
-                gpus_per_trial: float | None, verbose: int):
-    """The Tuner: one trial per point, ASHA on the proxy metric, resources per trial."""
+                gpus_per_trial: float | None, verbose: int, num_samples: int, restore: bool):
+    """The Tuner: the space as ``param_space`` (:func:`contra_ray.tune.space.param_space`), ASHA on the
+    proxy metric, resources per trial; or, with ``restore``, the interrupted sweep's Tuner
+    (``Tuner.restore``: finished trials kept, unfinished and errored ones run again)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if ctx.workers_per_trial:
         resources = {"cpu": 0.01}  # only the Ray Train driver (Ray refuses 0); workers hold the CPUs/GPUs
@@ -107,29 +148,49 @@ def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, storage: Path, ma
     a = asha_settings(spec, ctx.points)  # checked against every trial by expand_space (check_schedule)
     if a is not None:
         scheduler = ASHAScheduler(time_attr="iteration", metric=spec.metric, mode=spec.mode, **a)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    if restore:
+        return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    search = None if spec.algorithm == "grid" else BasicVariantGenerator(random_state=spec.seed)
+    namer = _trial_namer(ctx)
     return tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources),
-        param_space=_param_space(ctx.points),
-        tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler, reuse_actors=False,
-                                    max_concurrent_trials=max_concurrent),
+        trainable,
+        param_space=param_space(spec, ctx.points),
+        tune_config=tune.TuneConfig(num_samples=1 if spec.algorithm == "grid" else num_samples, scheduler=scheduler,
+                                    search_alg=search, reuse_actors=False, max_concurrent_trials=max_concurrent,
+                                    trial_name_creator=namer, trial_dirname_creator=namer),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 
-def _collect_rows(grid, points: list[TrialPoint]) -> list[dict]:
-    """One row per Tune result: DONE (has ``final_acc``), STOPPED (by ASHA) or ERROR; ranked."""
-    rows = []
+def _error_line(error: BaseException) -> str:
+    """``"DistillationDiverged: iteration 0: syn_lr became -3.2; ..."``: the exception raised inside the
+    trial (Tune wraps it in a ``RayTaskError``), type and first line."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
+
+
+def _collect_rows(grid, ctx: SweepContext) -> tuple[list[dict], dict[int, TrialPoint]]:
+    """One row per Tune result: DONE (has ``final_acc``), STOPPED (by ASHA), ERROR or INVALID; ranked.
+    Also the trials' points by index."""
+    rows, points = [], {}
     for res in grid:
-        p = next((q for q in points if q.name == (res.config or {}).get("trial")), None)
-        if p is None:
+        values = (res.config or {}).get("searched")
+        if values is None:
             continue
         m = res.metrics or {}
-        status = "ERROR" if res.error else ("DONE" if "final_acc" in m else "STOPPED")
+        m_name = re.match(r"t(\d+)-", Path(res.path).name) if res.path else None
+        p, _ = resolve_trial(values, int(m_name.group(1)) if m_name else 0, ctx)
+        points[p.index] = p
+        status = ("ERROR" if res.error else "INVALID" if "invalid" in m else
+                  "DONE" if "final_acc" in m else "STOPPED")
         rows.append({"index": p.index, "name": p.name, "searched": p.searched, "status": status,
                      "final_acc": m.get("final_acc"), "final_acc_std": m.get("final_acc_std"),
                      "proxy_acc": m.get("proxy_acc"), "iteration": m.get("iteration"),
-                     "error": str(res.error).splitlines()[0] if res.error else None})
-    return sorted(rows, key=_rank_key)
+                     "error": _error_line(res.error) if res.error else m.get("invalid")})
+    return sorted(rows, key=_rank_key), points
 
 
 def _rerun_config(trial_config: dict, sweep: str, output_dir: str) -> dict:
@@ -194,6 +255,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
             written or a tracking store that does not answer (all before data, experts or trials).
     """
     spec = load_space(space_path)
+    check_search(spec)
     if workers_per_trial < 0:
         raise SweepError(f"--workers-per-trial={workers_per_trial}: must be >= 0")
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -252,8 +314,26 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     for note in notes:
         print(f"[tune] {note}", flush=True)
     searched = list(points[0].searched)
-    print(f"[tune] {len(points)} trial(s) of {spec.path}: " +
-          "; ".join(" ".join(f"{f.rsplit('.', 1)[-1]}={v}" for f, v in p.searched.items()) for p in points), flush=True)
+    if spec.algorithm == "grid":
+        print(f"[tune] {len(points)} trial(s) of {spec.path}: " + "; ".join(
+            " ".join(f"{f.rsplit('.', 1)[-1]}={v}" for f, v in p.searched.items()) for p in points), flush=True)
+    else:
+        print(f"[tune] trials of {spec.path} sampled by Tune (search.algorithm={spec.algorithm}, "
+              f"num_samples={num_samples or spec.num_samples} per grid point)", flush=True)
+
+    # an earlier run of this sweep name: resumed if it ran the same trials, else refused
+    storage = Path(base_cfg.output_dir) / "tune"
+    record = {"space": spec.path, "search": spec.algorithm, "num_samples": num_samples or spec.num_samples,
+              "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}
+    previous = _read_record(run_dir / "trials.json")
+    if previous is not None:
+        diff = _record_difference(previous, record)
+        if diff:
+            raise SweepError(f"--name={name!r}: {run_dir} holds a sweep of other trials ({diff}); rerun it with "
+                             "the same space and settings to resume it, or choose another --name")
+    from ray.tune import Tuner
+
+    restore = Tuner.can_restore(storage / name)
 
     experiment_id = None
     if tracking:
@@ -262,27 +342,32 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
     for f in searched:
         section, key = f.rsplit(".", 1) if "." in f else ("", f)
         setattr(getattr(parent_cfg, section) if section else parent_cfg, key, "<searched>")
+    resume_id = (previous or {}).get("parent_run_id") if tracking else None
+    if resume_id is not None and not _run_exists(base_cfg.tracking.uri, resume_id):
+        resume_id = None
     with RunLogger(parent_cfg, name, enabled=tracking, role="sweep", entry_point="contra_ray.tune",
-                   note=note) as parent:
-        parent.set_tags({"path.sweep.space": str(Path(spec.path).resolve())})
-        parent.log_params({"sweep.space": spec.name, "sweep.num_trials": len(points),
-                           "sweep.num_dropped": sum(n.startswith("dropped") for n in notes),
-                           "sweep.searched": json.dumps(searched), "sweep.workers_per_trial": workers_per_trial,
-                           "sweep.max_concurrent": max_concurrent, "sweep.metric": spec.metric,
-                           "sweep.proxy": json.dumps(spec.proxy), "sweep.asha": json.dumps(spec.scheduler)})
+                   note=note, resume_run_id=resume_id) as parent:
+        if restore:
+            print(f"[tune] resuming sweep {name} ({storage / name}): finished trials are kept, the others run"
+                  + (f"; MLflow parent run {parent.run_id}" if parent.run_id else ""), flush=True)
+        if resume_id is not None:
+            _supersede_unfinished_children(base_cfg.tracking.uri, experiment_id, parent.run_id)
+        elif parent.run_id is not None:
+            _log_parent_params(parent, spec, points, notes, searched, workers_per_trial, max_concurrent)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "trials.json", json.dumps(
-            {"space": spec.path, "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}, indent=2))
-        if parent.run_id is not None:
+        atomic_write(run_dir / "trials.json", json.dumps({**record, "parent_run_id": parent.run_id}, indent=2))
+        if parent.run_id is not None and resume_id is None:
             parent.log_artifact(spec.path)
             parent.log_artifact(str(run_dir / "trials.json"))
 
-        ctx = SweepContext(points, spec.proxy, workers_per_trial, use_gpu, threads, parent.run_id, tracking, note)
-        tuner = _make_tuner(spec, ctx, name, Path(base_cfg.output_dir) / "tune", max_concurrent, gpus_per_trial,
-                            verbose)
-        grid = tuner.fit()
+        ctx = SweepContext(points, spec.proxy, workers_per_trial, use_gpu, threads, parent.run_id, tracking, note,
+                           spec, base, str(run_dir), base_cfg.experts.store, strict)
+        tuner = _make_tuner(spec, ctx, name, storage, max_concurrent, gpus_per_trial, verbose,
+                            num_samples or spec.num_samples, restore)
+        with _env("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S):
+            grid = tuner.fit()
 
-        rows = _collect_rows(grid, points)
+        rows, by_index = _collect_rows(grid, ctx)
         best = rows[0] if rows and rows[0].get("final_acc") is not None else None
         table = format_trials_table(rows, searched)
         print(f"\n[tune] sweep {name}: {len(rows)} trial(s), ranked by final accuracy "
@@ -293,14 +378,89 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
             _close_child_runs(base_cfg.tracking.uri, experiment_id, parent.run_id, rows)
             parent.log_artifact(str(run_dir / "results.txt"))
         if best is not None:
-            best_config = _rerun_config(points[best["index"]].config, name, base_cfg.output_dir)
-            _log_best(parent, run_dir, best, best_config, points[best["index"]].config)
+            best_config = _rerun_config(by_index[best["index"]].config, name, base_cfg.output_dir)
+            _log_best(parent, run_dir, best, best_config, by_index[best["index"]].config)
         else:
             print("[tune] no trial finished", flush=True)
         if parent.run_id is not None:
             print(f"[tune] MLflow: experiment {base_cfg.tracking.experiment!r} (id {experiment_id}), parent run "
                   f"{parent.run_id}, store {base_cfg.tracking.uri}", flush=True)
-    return SweepResult(rows, best, best_config, notes, parent.run_id, experiment_id, base_cfg.tracking.uri, grid)
+        failed = [r for r in rows if r["status"] == "ERROR"]
+        if failed:
+            print(f"[tune] {len(failed)} of {len(rows)} trial(s) failed (rerunning the same command retries them):\n"
+                  + "\n".join(f"  {r['name']}: {r['error']}" for r in failed), flush=True)
+    return SweepResult(rows, best, best_config, notes, parent.run_id, experiment_id, base_cfg.tracking.uri, grid,
+                       restore)
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    """Set environment variable ``key`` to ``value`` unless it is set; restored on exit."""
+    had = key in os.environ
+    os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        if not had:
+            os.environ.pop(key, None)
+
+
+def _log_parent_params(parent, spec: SweepSpec, points: list[TrialPoint], notes: list[str], searched: list[str],
+                       workers_per_trial: int, max_concurrent: int | None) -> None:
+    parent.set_tags({"path.sweep.space": str(Path(spec.path).resolve())})
+    parent.log_params({"sweep.space": spec.name, "sweep.num_trials": len(points),
+                       "sweep.num_dropped": sum(n.startswith("dropped") for n in notes),
+                       "sweep.searched": json.dumps(searched), "sweep.workers_per_trial": workers_per_trial,
+                       "sweep.max_concurrent": max_concurrent, "sweep.metric": spec.metric,
+                       "sweep.proxy": json.dumps(spec.proxy), "sweep.asha": json.dumps(spec.scheduler),
+                       "sweep.search": spec.algorithm})
+
+
+def _read_record(path: Path) -> dict | None:
+    """The ``trials.json`` of an earlier run of the sweep (``None``: none, or unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _record_difference(previous: dict, record: dict) -> str | None:
+    """The first difference between an earlier run's record and this one's, in words (``None``: same)."""
+    for key in ("search", "num_samples"):
+        if previous.get(key) != record[key]:
+            return f"{key} {previous.get(key)!r}, now {record[key]!r}"
+    old, new = previous.get("trials") or [], record["trials"]
+    if len(old) != len(new):
+        return f"{len(old)} trial(s), now {len(new)}"
+    for a, b in zip(old, new):
+        if a.get("name") != b["name"]:
+            return f"trial {a.get('name')!r}, now {b['name']!r}"
+        fa, fb = flatten_dotted(a.get("config") or {}), flatten_dotted(b["config"])
+        for f in sorted(set(fa) | set(fb)):
+            if fa.get(f) != fb.get(f):
+                return f"trial {b['name']}: {f}={fa.get(f)!r}, now {fb.get(f)!r}"
+    return None
+
+
+def _run_exists(uri: str, run_id: str) -> bool:
+    try:
+        tracking_client(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - any store answer but a run means "start a new parent"
+        return False
+    return True
+
+
+def _supersede_unfinished_children(uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """A resumed sweep: the child runs of trials that were running (``RUNNING``: the driver was killed) or
+    failed (``FAILED``; Tune runs them again) end ``KILLED`` with tag ``contra_ray.superseded`` (the trial
+    runs again under a new child); finished trials keep theirs and are not run again."""
+    client = tracking_client(uri)
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
+    for run in runs:
+        if run.info.status in ("RUNNING", "FAILED") and "contra_ray.stopped" not in run.data.tags:
+            client.set_tag(run.info.run_id, "contra_ray.superseded", "rerun by the resumed sweep")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _close_child_runs(uri: str, experiment_id: str, parent_run_id: str, rows: list[dict]) -> None:
@@ -309,8 +469,12 @@ def _close_child_runs(uri: str, experiment_id: str, parent_run_id: str, rows: li
     it ``FAILED``, or it was left ``RUNNING``); end any other run still ``RUNNING`` as ``FAILED``. Fills in
     each row's MLflow ``run_id``."""
     client = tracking_client(uri)
-    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
-    by_index = {int(r.data.params.get("tune.trial_index", -1)): r for r in runs}
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000,
+                              order_by=["attributes.start_time DESC"])
+    by_index: dict = {}
+    for r in runs:  # the newest run of a trial (a resumed sweep superseded the others)
+        if "contra_ray.superseded" not in r.data.tags:
+            by_index.setdefault(int(r.data.params.get("tune.trial_index", -1)), r)
     for row in rows:
         run = by_index.get(row["index"])
         row["run_id"] = run.info.run_id if run else None

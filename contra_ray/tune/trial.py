@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from contra_ray.config import Config, EvalConfig, config_from_dict
+from contra_ray.config import Config, ConfigError, EvalConfig, config_from_dict
 from contra_ray.data import PreparedData
 from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.artifact import DistilledSet
@@ -28,14 +28,20 @@ from contra_ray.evaluate.training import summarize
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, accuracy_metrics
-from contra_ray.tune.space import TrialPoint
+from contra_ray.tune.space import SweepError, SweepSpec, TrialPoint, materialize, point_of_values, trial_name
 
-__all__ = ["SweepContext", "run_trial"]
+__all__ = ["SweepContext", "run_trial", "resolve_trial", "trial_index"]
 
 
 @dataclasses.dataclass
 class SweepContext:
-    """What every trial needs (put in the object store once by ``tune.with_parameters``)."""
+    """What every trial needs (put in the object store once by ``tune.with_parameters``).
+
+    ``points``: the driver's validated trials (``search.algorithm: grid`` runs exactly these); ``spec``,
+    ``base`` (the nested overrides after the file's), ``run_dir`` and ``store`` build the config of a trial
+    Tune sampled itself (``random``); ``strict``: such a trial with an invalid configuration fails instead
+    of ending as ``INVALID``.
+    """
 
     points: list[TrialPoint]
     proxy: dict
@@ -45,6 +51,45 @@ class SweepContext:
     parent_run_id: str | None
     tracking: bool
     note: str | None = None
+    spec: SweepSpec | None = None
+    base: dict = dataclasses.field(default_factory=dict)
+    run_dir: str = ""
+    store: str = ""
+    strict: bool = False
+
+
+def trial_index(trial_id: str) -> int:
+    """Tune's trial id ``"4b3f0_00003"`` -> 3: the order in which the search algorithm created the trial
+    (kept by ``Tuner.restore``)."""
+    return int(str(trial_id).rsplit("_", 1)[-1])
+
+
+def resolve_trial(values: dict, index: int, ctx: SweepContext) -> tuple[TrialPoint, str | None]:
+    """The trial Tune created with ``config["searched"] = values``: its :class:`TrialPoint` (name, searched
+    values, full config with its run directory and expert store) and why its configuration is invalid
+    (``None``: valid).
+
+    ``grid``: the driver's point with these values (validated before the sweep). ``random``: built like the
+    driver's points (:func:`contra_ray.tune.space.materialize`), named by ``index`` (Tune's trial index,
+    :func:`trial_index`), validated with ``Config.validate``.
+
+    Raises:
+        SweepError: (grid) no point has these values; ConfigError: unknown field or wrong type.
+    """
+    if ctx.spec is None or ctx.spec.algorithm == "grid":
+        for p in ctx.points:
+            if p.values == values:
+                return p, None
+        raise SweepError(f"trial values {values!r} are none of the sweep's {len(ctx.points)} trials")
+    cfg, searched = materialize(ctx.spec, ctx.base, point_of_values(ctx.spec, values))
+    name = trial_name(index, searched)
+    cfg.output_dir, cfg.name, cfg.experts.store = ctx.run_dir, name, ctx.store
+    try:
+        cfg.validate()
+        reason = None
+    except (ConfigError, ValueError) as e:
+        reason = str(e)
+    return TrialPoint(index, name, searched, cfg.to_dict(), values), reason
 
 
 class _TrialLogger:
@@ -139,7 +184,12 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     """One trial (a Tune function trainable and, with W >= 1, the Ray Train driver)."""
     from ray import tune
 
-    point = next(p for p in ctx.points if p.name == config["trial"])
+    point, invalid = resolve_trial(config["searched"], trial_index(tune.get_context().get_trial_id()), ctx)
+    if invalid is not None:  # only a trial Tune sampled itself (search.algorithm: random)
+        if ctx.strict:
+            raise ConfigError(f"trial {point.name}: invalid combination: {invalid}")
+        tune.report({"iteration": 0, "invalid": invalid})
+        return
     cfg = config_from_dict(point.config)  # logged as is; its eval recipe is the final evaluation's
     final_eval = cfg.eval
     run_cfg = copy.deepcopy(cfg)  # what the loop runs with: proxy evaluations every proxy.eval_every

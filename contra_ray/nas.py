@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from contra_ray import data
-from contra_ray.augment import DSA
+from contra_ray.augment import dsa_if
 from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
 from contra_ray.common.fileio import ensure_writable_dir
 from contra_ray.common.raycluster import ensure_ray
@@ -382,9 +382,7 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
     proxy_x, proxy_y = (pre(train.images[val_idx]), train.labels[val_idx]) if len(val_idx) else (test_x, test.labels)
     real_x = pre(train.images[real_idx])
     real_t = torch.nn.functional.one_hot(train.labels[real_idx], train.num_classes).float()
-    augment = None
-    if ecfg.dsa:
-        augment = DSA()
+    augment = dsa_if(ecfg.dsa)
 
     specs = architectures(SPACES[args.space], art.model_spec())
     lr = args.lr or ecfg.lr or art.syn_lr

@@ -195,15 +195,13 @@ def fake_modules(monkeypatch):
 
     from contra_ray.data.preprocess import real_images_per_class
 
-    data = types.ModuleType("contra_ray.data")
-    data.Preprocessor, data.load_split, data.real_images_per_class = Pre, load_split, real_images_per_class
-    aug = types.ModuleType("contra_ray.augment")
-    aug.DSA = lambda: (lambda x, generator: x)
-    import contra_ray
+    data = types.SimpleNamespace(Preprocessor=Pre, load_split=load_split, real_images_per_class=real_images_per_class)
+    import contra_ray.evaluate.cli
+    import contra_ray.evaluate.sets
 
-    for name, mod in (("data", data), ("augment", aug)):
-        monkeypatch.setitem(sys.modules, f"contra_ray.{name}", mod)
-        monkeypatch.setattr(contra_ray, name, mod, raising=False)
+    # the evaluate CLI reads the data stage through its module-level name `data`; no augmentation
+    monkeypatch.setattr(contra_ray.evaluate.cli, "data", data)
+    monkeypatch.setattr(contra_ray.evaluate.sets, "dsa_if", lambda on: (lambda x, generator: x) if on else None)
     return state
 
 

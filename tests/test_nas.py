@@ -2,7 +2,6 @@
 
 import csv
 import math
-import sys
 import types
 
 import pytest
@@ -110,12 +109,13 @@ def fake_data(monkeypatch):
         return types.SimpleNamespace(images=((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), labels=y,
                                      classes=["pos", "neg"], num_classes=2, dataset_id="toy", content_hash="h")
 
-    data = types.ModuleType("contra_ray.data")
-    data.Preprocessor, data.load_split = Pre, load_split
-    import contra_ray
+    data = types.SimpleNamespace(Preprocessor=Pre, load_split=load_split)
+    import contra_ray.evaluate.cli
+    import contra_ray.nas
 
-    monkeypatch.setitem(sys.modules, "contra_ray.data", data)
-    monkeypatch.setattr(contra_ray, "data", data, raising=False)
+    # nas and the shared artifact prologue read the data stage through their module-level name `data`
+    monkeypatch.setattr(contra_ray.evaluate.cli, "data", data)
+    monkeypatch.setattr(contra_ray.nas, "data", data)
 
 
 def test_cli_on_a_saved_artifact_with_tracking(tmp_path, fake_data, capsys):

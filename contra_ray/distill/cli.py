@@ -100,15 +100,17 @@ def interrupted_message(cfg: Config) -> str:
     from pathlib import Path
 
 
+    every = cfg.distill.checkpoint_every
+    if every and (checkpoint_dirs(cfg.run_dir() / "checkpoints")
+                  or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name)):
+        return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
+                "iterations); rerun the same command to resume from it")
     experts = experts_interrupted_message(cfg)
     if experts is not None:
         return experts
-    every = cfg.distill.checkpoint_every
     if not every:
-        return "interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts over"
-    if checkpoint_dirs(cfg.run_dir() / "checkpoints") or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name):
-        return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
-                "iterations); rerun the same command to resume from it")
+        return ("interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts the "
+                "distillation over (finished experts and data are kept)")
     return (f"interrupted before the first checkpoint (every distill.checkpoint_every={every} iterations): rerunning "
             "the same command starts the distillation over (finished experts and data are kept)")
 

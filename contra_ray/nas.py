@@ -40,7 +40,7 @@ import torch
 from contra_ray import data
 from contra_ray.augment import dsa_if
 from contra_ray.common.argtypes import non_negative_int, positive_float, positive_int
-from contra_ray.common.fileio import ensure_writable_dir
+from contra_ray.common.cli import check_folder, cli_entry, interrupted
 from contra_ray.common.raycluster import ensure_ray
 from contra_ray.config import ConfigError, check_device
 from contra_ray.evaluate.cli import config_for_artifact, run_artifact_cli, test_data_for_artifact
@@ -349,13 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> NasResult:
     """Command-line entry point; returns the :class:`NasResult`.
 
     Exits with status 2 and a one-line error for invalid input (bad flags, a missing or corrupt artifact,
-    an artifact that does not fit the data, a bad config), as the other command lines do.
+    an artifact that does not fit the data, a bad config, an ``--out`` or ``data.cache_dir`` that cannot be
+    written), as the other command lines do; 1 with one ``error: <path>: <cause>`` line for a failure of the
+    machine during the work (disk full); 130 with one line on Ctrl-C.
     """
-    return run_artifact_cli(build_parser(), argv, _run_cli)
+    try:
+        return run_artifact_cli(build_parser(), argv, _run_cli)
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted("interrupted: nas.csv is written only after every architecture is trained; "
+                                     "rerunning the same command trains them all again")) from None
 
 
 def _run_cli(args: argparse.Namespace, art) -> NasResult:
@@ -364,11 +371,8 @@ def _run_cli(args: argparse.Namespace, art) -> NasResult:
 
     check_device(device, field="--device")
     out = Path(args.out or f"runs/nas-{Path(args.artifact).stem}-{args.space}")
-    try:  # before any training: the table is written after all of it
-        ensure_writable_dir(out)
-    except OSError as e:
-        raise ConfigError(f"--out={str(out)!r}: {e.strerror or e}") from None
-    check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
+    check_folder(str(out), "--out")  # before any training: the table is written after all of it
+    check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None, cache_dir=cfg.data.cache_dir)
     ecfg = dataclasses.replace(cfg.eval, gpus_per_run=cfg.eval.gpus_per_run if device != "cpu" else 0.0)
 
     pre, test = test_data_for_artifact(art, cfg, args.artifact)

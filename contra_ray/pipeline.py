@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from contra_ray.common.cli import add_common_args, cli_error, config_from_args
+from contra_ray.common.cli import add_common_args, cli_entry, cli_error, config_from_args
 from contra_ray.common.fileio import atomic_write
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import ConfigError, check_device
@@ -38,6 +38,7 @@ from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, init_tracking, main_model
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m contra_ray.pipeline", description=__doc__.split("\n")[0])
     add_common_args(p)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_resume:
             precheck_resume(cfg, distributed=False)
         check_device(cfg.device)  # distillation runs in this process
-        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None,
+                           cache_dir=cfg.data.cache_dir)
     except ConfigError as e:
         return cli_error(e)
     return run_in_run_dir(cfg, lambda: run_pipeline(cfg, baseline=not args.skip_baseline, note=args.note,

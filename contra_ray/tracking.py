@@ -166,10 +166,11 @@ def tracking_schemes() -> frozenset[str]:
 
 
 def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str | None,
-                       timeout_s: float = 5.0) -> None:
+                       timeout_s: float = 5.0, cache_dir: str | os.PathLike | None = None) -> None:
     """Fail fast, before any work, if results could not be written: call at the start of every CLI.
 
     * ``output_dir``: created if missing and proven writable (a temporary file is created and removed).
+    * ``cache_dir`` (``data.cache_dir``; skip with ``None``): the same.
     * ``tracking_uri`` (skip with ``None``, e.g. tracking disabled): ``sqlite:///PATH`` -> PATH's
       directory creatable and writable, and PATH, if it exists, a writable SQLite database; ``file:`` URIs
       and plain paths (MLflow's file store, which MLflow 3 refuses by default) are refused; ``http(s)://`` ->
@@ -188,6 +189,11 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
             ensure_writable_dir(output_dir)
         except OSError as e:
             raise ConfigError(f"output_dir={str(output_dir)!r}: {e.strerror}") from None
+    if cache_dir is not None:
+        try:
+            ensure_writable_dir(cache_dir)
+        except OSError as e:
+            raise ConfigError(f"data.cache_dir={str(cache_dir)!r}: {e.strerror}") from None
     if not tracking_uri:
         return
     uri = str(tracking_uri)

@@ -245,6 +245,12 @@ def test_images_that_are_not_8_bit_are_refused_naming_file_and_mode(tmp_path, mo
         load_split(folder_cfg(tmp_path / "ds", tmp_path), "train")
 
 
+@pytest.fixture
+def toy_cifar10(monkeypatch):
+    """make_tree's toy tree stands in for CIFAR-10: the known-counts check expects its classes and counts."""
+    monkeypatch.setitem(data.sources.KNOWN_SPLITS, "cifar10-jpeg", (3, CLASSES, {"train": 6, "test": 2}))
+
+
 def _tarball(tmp_path, sums=True):
     truth = make_tree(tmp_path / "src")
     shared = tmp_path / "shared"
@@ -259,7 +265,7 @@ def _tarball(tmp_path, sums=True):
     return tb, truth
 
 
-def test_tarball_verified_once_extracted_into_cache_only(tmp_path, monkeypatch):
+def test_tarball_verified_once_extracted_into_cache_only(tmp_path, monkeypatch, toy_cifar10):
     tb, truth = _tarball(tmp_path)
     before = sorted(os.listdir(tb.parent))
     cfg = DataConfig(dataset="cifar10-jpeg", root=str(tb), cache_dir=str(tmp_path / "cache"))

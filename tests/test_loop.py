@@ -218,6 +218,14 @@ def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path, module, capsys, mon
     rc = cli.main(base + ["--set", "distill.checkpoint_every=5"])
     err = capsys.readouterr().err
     assert rc == 130 and "Traceback" not in err
+    # no expert trained yet: the rerun trains them (test_environment_errors checks the resume wording)
+    assert "interrupted before the experts were trained (0 of " in err and "from their first epoch" in err
+    store = tmp_path / "c" / "experts"
+    store.mkdir(parents=True)
+    for i in range(load_config("tiny_cpu").experts.num_experts):  # finished experts: the distillation's message
+        (store / f"expert_{i:04d}.safetensors").write_bytes(b"stands in for a finished expert")
+    assert cli.main(base + ["--set", "distill.checkpoint_every=5"]) == 130
+    err = capsys.readouterr().err
     assert "interrupted before the first checkpoint (every distill.checkpoint_every=5 iterations): rerunning" in err
     cfg, d = make(tmp_path, ["name=c"])
     from contra_ray.distill.checkpoint import write_checkpoint

@@ -30,11 +30,12 @@ from contra_ray.analyze.correlation import (
 )
 from contra_ray.augment import dsa_if
 from contra_ray.common.argtypes import non_negative_int
-from contra_ray.common.cli import add_common_args, cli_error, config_from_args
+from contra_ray.common.cli import add_common_args, check_folder, cli_entry, cli_error, config_from_args, interrupted
 from contra_ray.common.fileio import atomic_write
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ConfigError, check_device
 from contra_ray.data.prepare import prepare_data
+from contra_ray.distill.cli import experts_interrupted_message
 from contra_ray.distill.distiller import Distiller, init_pool
 from contra_ray.distill.monitor import ForgettingMonitor
 from contra_ray.experts.remote import ensure_experts
@@ -194,17 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 2 invalid input, before any work (a destination that cannot be written included);
+    1 a failure of the machine during the work (one ``error: <path>: <cause>`` line); 130 Ctrl-C (one line
+    saying what a rerun does)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        cfg = getattr(args, "_cfg", None)
+        experts = experts_interrupted_message(cfg, then="computes the correlations") if cfg is not None else None
+        return interrupted(experts or "interrupted: rerunning the same command computes every mode's correlation "
+                                      "again (trained experts and decoded data are kept)")
+
+
+def _main(args: argparse.Namespace) -> int:
 
     try:
         if args.warmup < 0:
             raise ConfigError(f"--warmup={args.warmup}: must be >= 0")
-        cfg = config_from_args(args, verbatim={"experts.store": args.experts})
+        cfg = args._cfg = config_from_args(args, verbatim={"experts.store": args.experts})
         check_device(cfg.device)  # the probes distill in this process
-        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
-        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ConfigError(f"--out={args.out!r}: is a file, expected a directory")
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None,
+                           cache_dir=cfg.data.cache_dir)
+        if args.out:
+            check_folder(args.out, "--out")
         span = parse_epoch_range(args.epochs) if args.epochs else None
         modes = ["sequential", "concurrent"] if args.mode == "both" else [args.mode]
         if "concurrent" in modes:

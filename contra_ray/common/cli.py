@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from pathlib import Path
 
-from contra_ray.config import Config, load_config, parse_overrides, set_dotted
+from contra_ray.common.fileio import ensure_writable_dir, os_error_line
+from contra_ray.config import Config, ConfigError, load_config, parse_overrides, set_dotted
 
 DISTILL_HELP = {
     "ipc": "images per class (IPC)", "beta": "β: weight of the sampled segment in Eq. 8 (1 - β spread over K)",
@@ -69,3 +72,67 @@ def cli_error(message: object, code: int = 2) -> int:
     2 for input the user can fix before any work (the default), 1 for a failure during the work."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of the program, or ``None``.
+
+    Walks ``exc`` and its causes (``__cause__`` / ``__context__``): the first ``OSError`` with an errno gives
+    its path(s) and cause (:func:`contra_ray.common.fileio.os_error_line`: ENOSPC is ``disk full``, EROFS
+    ``read-only file system``, ...); SQLite's ``database or disk is full`` (MLflow's store, wrapped by
+    SQLAlchemy and MLflow) gives ``<tracking URI>: disk full``.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return os_error_line(e)
+        if "database or disk is full" in str(e):
+            uri = None
+            if "mlflow" in sys.modules:
+                uri = sys.modules["mlflow"].get_tracking_uri()
+            return f"{uri}: disk full" if uri else "SQLite database: disk full"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def interrupted(message: str) -> int:
+    """Print what a user reads after Ctrl-C (``interrupted...``, one line on stderr) and return 130."""
+    print(f"\n{message}", file=sys.stderr, flush=True)
+    return 130
+
+
+def cli_entry(main):
+    """Decorate a command line's ``main(argv)``: a failure of the machine during the work (a full disk, a
+    read-only or vanished destination, see :func:`environment_error`) is one ``error: <path>: <cause>`` line
+    and exit status 1 (``SystemExit(1)``), never a traceback; any other exception propagates. Refusals a user
+    can fix before the work (exit 2) and Ctrl-C (130) are each command line's own."""
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None):
+        try:
+            return main(argv)
+        except Exception as e:
+            line = environment_error(e)
+            if line is None:
+                raise
+            raise SystemExit(cli_error(line, 1)) from None
+
+    return wrapper
+
+
+def check_folder(path: str, field: str) -> Path:
+    """Before any work: ``path`` (the value of ``field``) is a folder, created if missing, that can be written.
+
+    Raises:
+        ConfigError: a file stands at ``path`` (or at one of its parents), or the folder cannot be created or
+            written (read-only file system, permissions); names ``field``, the path and the cause.
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{field}={path!r}: is a file, expected a folder")
+    try:
+        return ensure_writable_dir(p)
+    except OSError as e:
+        raise ConfigError(f"{field}={path!r}: {e.strerror}") from None

@@ -9,9 +9,11 @@ never half a file, and an interrupted write leaves no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,7 +22,26 @@ from typing import Any, Callable, Iterator
 import yaml
 
 __all__ = ["atomic_write", "sha256_file", "load_yaml", "YAMLFileError", "ensure_writable_dir", "RunInUse", "run_lock",
-           "wait_lock"]
+           "wait_lock", "os_error_cause", "os_error_line"]
+
+# what a user reads for the OS errors a run meets on its destinations (else the OS's own strerror)
+_CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EEXIST: "already exists", errno.ENOTDIR: "not a directory (a file stands where a folder goes)",
+           errno.EISDIR: "is a directory (a file was expected)", errno.ENOENT: "no such file or directory"}
+_FULL_BYTES = 1 << 20  # a writer failing with less than this free on its file system failed for lack of space
+
+
+def os_error_cause(e: OSError) -> str:
+    """The cause of ``e`` in words: ``"disk full"`` for ENOSPC, ``"read-only file system"`` for EROFS, ...;
+    the OS's message for the other errnos."""
+    return _CAUSES.get(e.errno) or e.strerror or " ".join(str(e).split()) or type(e).__name__
+
+
+def os_error_line(e: OSError) -> str:
+    """One line naming the path(s) of ``e`` and its cause: ``"/data/out: read-only file system"``."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{where}: {os_error_cause(e)}" if where else os_error_cause(e)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], None], *,
@@ -38,13 +59,15 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
         ``Path(path)``.
 
     Raises:
-        OSError: the directory is not writable (no temporary file is left behind); whatever ``data``
-            raises, after removing the temporary file.
+        OSError: the directory is not writable, or the disk is full (no temporary file is left behind);
+            ``filename`` is ``path``. A writer that fails otherwise (``torch.save`` raises ``RuntimeError``
+            on a short write) while its file system has under 1 MiB free raises ``OSError(ENOSPC)`` naming
+            ``path`` too. Whatever else ``data`` raises, after removing the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if callable(data):
             data(tmp)
         else:
@@ -54,10 +77,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+    except Exception as e:
+        if _nearly_full(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _nearly_full(folder: Path) -> bool:
+    """True when ``folder``'s file system has less than ``_FULL_BYTES`` free (False if it cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free < _FULL_BYTES
+    except OSError:
+        return False
 
 
 def _umask() -> int:
@@ -170,7 +209,7 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise OSError(e.errno, f"directory {p} cannot be created or written ({e.strerror or e})") from None
+        raise OSError(e.errno, f"directory {p} cannot be created or written ({os_error_cause(e)})") from None
     return p
 
 

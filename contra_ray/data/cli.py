@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from contra_ray.common.cli import cli_error
+from contra_ray.common.cli import check_folder, cli_entry, cli_error, interrupted
 from contra_ray.config import DATASETS, ConfigError, config_from_dict, default_cache_dir
 from contra_ray.data.ffcv_beton import write_beton
 from contra_ray.data.sources import load_split
@@ -13,9 +13,15 @@ from contra_ray.data.sources import load_split
 __all__ = ["main"]
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     """``python -m contra_ray.data prepare ...``: write FFCV ``.beton`` files of a data set (see
-    :func:`contra_ray.data.ffcv_beton.write_beton`), each with its dataset id and content hash in a JSON beside it."""
+    :func:`contra_ray.data.ffcv_beton.write_beton`), each with its dataset id and content hash in a JSON beside it.
+
+    Exit status: 0 done; 2 invalid input, checked before any work (``--out`` a file or not writable, a
+    ``--cache-dir`` that cannot be written, missing or damaged data); 1 a failure of the machine during the work
+    (one ``error: <path>: <cause>`` line, e.g. disk full); 130 Ctrl-C (each ``.beton`` is written atomically,
+    so a rerun writes the unfinished ones again)."""
     p = argparse.ArgumentParser(prog="python -m contra_ray.data", description="data utilities")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("prepare", help="write FFCV .beton files (+ dataset id and content hash in a JSON) for "
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict({"data": {"dataset": args.dataset, "root": args.root, "resolution": args.resolution,
                                          "cache_dir": args.cache_dir, "train_per_class": args.train_per_class,
                                          "subset_seed": args.subset_seed}}).data
+        check_folder(args.out, "--out")
+        check_folder(cfg.cache_dir, "--cache-dir")
         print(f"{'split':<6} {'images':>9} {'content hash':<17} {'seconds':>8}  file")
         for split in [s for s in args.splits.split(",") if s]:
             t0 = time.time()
@@ -44,4 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split:<6} {len(data):>9} {data.content_hash:<17} {time.time() - t0:>8.1f}  {path}", flush=True)
     except (ConfigError, FileNotFoundError, ValueError, ImportError, TimeoutError) as e:
         return cli_error(e)
+    except KeyboardInterrupt:
+        return interrupted(f"interrupted: the .beton files listed above are complete in {args.out}; rerunning the "
+                           "same command writes every split again (decoded images stay cached)")
     return 0

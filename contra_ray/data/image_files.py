@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 __all__ = ["decode_images", "check_split_classes", "find_classes", "list_image_folder", "list_split", "split_dir",
-           "differences", "NOT_8BIT"]
+           "differences", "undecodable", "NOT_8BIT"]
 
 # PIL modes whose samples are not 8-bit (16/32-bit integer, float): PIL's convert("RGB") clips them to
 # 0..255 instead of scaling, so they are refused rather than silently flattened
@@ -144,6 +144,13 @@ def check_split_classes(root: str | os.PathLike) -> None:
                          "scored as other classes; give every split the same class folders")
 
 
+def undecodable(path: str, e: BaseException) -> str:
+    """The one line for an image file whose header opened but whose pixels cannot be decoded (a truncated or
+    corrupt file): names the file and the decoder's reason."""
+    return (f"{path}: image data cannot be decoded, the file is truncated or corrupt ({' '.join(str(e).split())}); "
+            "replace it with a complete copy or remove it")
+
+
 def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
     """Decode image files into one uint8 RGB ``[N, 3, H, W]`` tensor (no resizing), 8 bits per channel.
 
@@ -161,7 +168,8 @@ def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
 
     Raises:
         ValueError: no files; an image whose size differs from the first image's (names both files); an
-            image whose mode is not 8-bit or cannot be converted to RGB (names the file and its mode).
+            image whose mode is not 8-bit or cannot be converted to RGB (names the file and its mode); a file
+            whose pixels cannot be decoded, e.g. a truncated JPEG (names the file).
     """
     try:  # deprecated in torchvision 0.29 (superseded by TorchCodec); PIL is the fallback
         from torchvision.io import ImageReadMode, decode_image
@@ -170,8 +178,11 @@ def decode_images(files: list[str], desc: str = "decoding") -> torch.Tensor:
 
     if not files:
         raise ValueError("no image files to decode")
-    with Image.open(files[0]) as im:
-        w, h = im.size
+    try:
+        with Image.open(files[0]) as im:
+            w, h = im.size
+    except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ValueError(f"{files[0]}: not a readable image ({e})") from None
     out = torch.empty(len(files), 3, h, w, dtype=torch.uint8)
     tv_mode = ImageReadMode.RGB if decode_image is not None else None
     with warnings.catch_warnings():
@@ -206,6 +217,10 @@ def _decode_one(path: str, decode_image, tv_mode, first: str, hw: tuple[int, int
             if img is not None and (img.dtype != torch.uint8 or img.shape[0] != 3):
                 img = None  # e.g. a 16-bit PNG: PIL's reading is the reference
         if img is None:
+            try:
+                im.load()  # the pixels: a truncated or corrupt file fails here
+            except (ValueError, OSError, SyntaxError) as e:
+                raise ValueError(undecodable(path, e)) from None
             try:
                 rgb = im.convert("RGB")
             except (ValueError, OSError) as e:

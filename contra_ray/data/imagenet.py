@@ -42,7 +42,7 @@ from contra_ray.common.fileio import atomic_write
 from contra_ray.common.raycluster import available_cpus
 from contra_ray.data.cache import files_key
 from contra_ray.data.disk_images import DiskImages, write_npy
-from contra_ray.data.image_files import NOT_8BIT, decode_images, differences, list_split
+from contra_ray.data.image_files import NOT_8BIT, decode_images, differences, list_split, undecodable
 
 __all__ = ["Listing", "tiny_imagenet_listing", "imagefolder_listing", "read_class_names", "load_imagenet_split",
            "IMAGENET_DEFAULT_RESOLUTION", "decode_resized"]
@@ -212,7 +212,8 @@ def decode_resized(path: str, resolution: int) -> np.ndarray:
     ``Resize(R)`` (shorter side to ``R``, bilinear with PIL's antialiasing) and ``CenterCrop(R)``.
 
     Raises:
-        ValueError: unreadable file, or a mode that is not 8 bits per channel (names the file and mode).
+        ValueError: unreadable file, a file whose pixels cannot be decoded (a truncated or corrupt JPEG), or a
+            mode that is not 8 bits per channel (names the file and the cause).
     """
     try:
         im = Image.open(path)
@@ -221,7 +222,10 @@ def decode_resized(path: str, resolution: int) -> np.ndarray:
     with im:
         if im.mode.startswith(NOT_8BIT):
             raise ValueError(f"{path}: image mode {im.mode!r} is not 8 bits per channel; convert it to 8-bit RGB first")
-        rgb = im.convert("RGB")
+        try:  # the header opened; the pixels are read here (PIL: "image file is truncated")
+            rgb = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(undecodable(path, e)) from None
     out = TF.center_crop(TF.resize(rgb, resolution, interpolation=TF.InterpolationMode.BILINEAR), resolution)
     return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
 

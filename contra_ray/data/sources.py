@@ -45,12 +45,20 @@ from contra_ray.data.disk_images import DiskImages
 from contra_ray.data.image_files import decode_images, list_split
 from contra_ray.data.imagenet import effective_resolution, load_imagenet_split
 
-__all__ = ["ImageSet", "load_split", "content_hash", "imagefolder_root", "shared_dir", "SPLITS"]
+__all__ = ["ImageSet", "load_split", "content_hash", "imagefolder_root", "shared_dir", "SPLITS", "KNOWN_SPLITS",
+           "check_known_counts"]
 
 SPLITS = ("train", "test")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _MARKER = ".contra_ray_extracted.json"
 _CHUNK = 4096  # images per chunk when hashing a streamed set
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# what the known data sets are: {dataset: (number of classes, their names or None, {split: images per class})}
+KNOWN_SPLITS: dict[str, tuple[int, tuple[str, ...] | None, dict[str, int]]] = {
+    "cifar10": (10, CIFAR10_CLASSES, {"train": 5000, "test": 1000}),
+    "cifar10-jpeg": (10, CIFAR10_CLASSES, {"train": 5000, "test": 1000}),
+    "cifar100": (100, None, {"train": 500, "test": 100}),
+}
 
 
 def shared_dir() -> Path:
@@ -151,7 +159,10 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
             image whose size differs from the first one, or whose mode is not 8-bit (names the file and
             the mode); train and test splits with different class lists (names both lists, the missing and
             extra classes and both folders); a tarball whose sha256 differs from ``SHA256SUMS``, or that is
-            not a tar archive, truncated or corrupt (names ``data.root`` and the file).
+            not a tar archive, truncated or corrupt (names ``data.root`` and the file); a copy of CIFAR-10/100
+            whose classes or images per class differ from the known ones, checked on the full split before
+            any ``train_per_class`` subset (:func:`check_known_counts`).
+        OSError: the cache cannot be written (``filename`` names the path; ENOSPC when the disk is full).
         FileNotFoundError: data not found (names the path and the ``data.root`` / ``data.download`` fix).
     """
     if split not in SPLITS:
@@ -173,6 +184,7 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
         images, labels, classes, digest = _load_imagefolder_cached(Path(cfg.root).expanduser(), split, cfg.cache_dir)
     else:
         raise ValueError(f"data.dataset={cfg.dataset!r}: unknown dataset")
+    check_known_counts(cfg.dataset, _where(cfg), split, labels, classes)  # the full split, before any subset
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
         raise ValueError(f"data.dataset={cfg.dataset!r} {split}: labels span {int(labels.min())}..{int(labels.max())} "
                          f"but there are {len(classes)} classes")
@@ -183,6 +195,46 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
         dataset_id += f"[{cfg.train_per_class}pc,seed{cfg.subset_seed}]"
         digest = content_hash(images, labels)
     return ImageSet(images, labels, list(classes), dataset_id, digest, class_names)
+
+
+def check_known_counts(dataset: str, where: str, split: str, labels, classes: list[str]) -> None:
+    """Refuse a damaged copy of a known data set (:data:`KNOWN_SPLITS`): every class present, each with its known
+    number of images in ``split`` (CIFAR-10: 5,000 train and 1,000 test per class; CIFAR-100: 500 / 100).
+
+    Args:
+        dataset: ``data.dataset``; other data sets are not checked.
+        where: how the message names the copy, e.g. ``"data.root='/data/cifar10-jpeg.tar'"``.
+        labels: int64 ``[N]`` (tensor or array) or a sequence of ints, the full split (before any subset).
+        classes: the split's class names, in label order.
+
+    Raises:
+        ValueError: ``<where>: split train has 2,500 images of class truck (9), expected 5,000`` (the first
+            five differing classes, then how many more), or the classes that are missing or unknown.
+    """
+    known = KNOWN_SPLITS.get(dataset)
+    if known is None or split not in known[2]:
+        return
+    num, names, per_class = known
+    expected = per_class[split]
+    if names is not None and list(classes) != list(names):
+        missing = [c for c in names if c not in classes]
+        extra = [c for c in classes if c not in names]
+        raise ValueError(f"{where}: split {split} has {len(classes)} classes, expected the {num} of {dataset}"
+                         + (f"; missing: {', '.join(missing)}" if missing else "")
+                         + (f"; unknown: {', '.join(extra)}" if extra else "")
+                         + ("" if missing or extra else f"; order: {', '.join(classes)}")
+                         + "; the copy is damaged or not this data set")
+    if len(classes) != num:
+        raise ValueError(f"{where}: split {split} has {len(classes)} classes, expected {num}; the copy is damaged "
+                         "or not this data set")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num)
+    wrong = [(c, int(n)) for c, n in enumerate(counts[:num]) if n != expected]
+    if wrong:
+        shown = [f"{n:,} images of class {classes[c]} ({c})" for c, n in wrong[:5]]
+        more = f" and {len(wrong) - 5} more classes" if len(wrong) > 5 else ""
+        raise ValueError(f"{where}: split {split} has {', '.join(shown)}{more}, expected {expected:,} per class "
+                         f"({expected * num:,} in all, found {int(counts.sum()):,}); the copy is damaged (e.g. a "
+                         "truncated tarball): replace it with a complete one")
 
 
 def _balanced_subset(labels: torch.Tensor, classes: list[str], per_class: int, seed: int) -> torch.Tensor:
@@ -196,6 +248,11 @@ def _balanced_subset(labels: torch.Tensor, classes: list[str], per_class: int, s
                              f"{len(members)} training images")
         picked.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
     return torch.cat(picked).sort().values
+
+
+def _where(cfg: DataConfig) -> str:
+    """How messages name the copy of the data set: ``data.root='...'`` (or the dataset when root is unset)."""
+    return f"data.root={cfg.root!r}" if cfg.root else f"data.dataset={cfg.dataset!r} (data.root unset)"
 
 
 def _load_torchvision_cifar(cfg: DataConfig, split: str):
@@ -225,8 +282,11 @@ def _load_torchvision_cifar(cfg: DataConfig, split: str):
 
 def _load_cifar10_jpeg(cfg: DataConfig, split: str):
     root = Path(cfg.root).expanduser() if cfg.root else None
+    def expect(labels, classes) -> None:  # before decoding: a damaged copy is refused at once
+        check_known_counts(cfg.dataset, _where(cfg), split, labels, classes)
+
     if root is not None and root.is_dir() and (root / "train").is_dir():  # an already extracted copy
-        return _load_imagefolder_cached(root, split, cfg.cache_dir)
+        return _load_imagefolder_cached(root, split, cfg.cache_dir, expect)
     tarball = root if root is not None else shared_dir() / "datasets" / "cifar10-jpeg.tar.gz"
     if tarball.is_dir():
         tarball = tarball / "cifar10-jpeg.tar.gz"
@@ -244,7 +304,7 @@ def _load_cifar10_jpeg(cfg: DataConfig, split: str):
         if cached is not None:
             return cached
     folder, sha = _extract_tarball(tarball, Path(cfg.cache_dir))
-    return _decode_cached(imagefolder_root(folder), split, cache_for(sha))
+    return _decode_cached(imagefolder_root(folder), split, cache_for(sha), expect=expect)
 
 
 def _expected_sha256(tarball: Path) -> str | None:
@@ -315,8 +375,8 @@ def _extract_tarball(tarball: Path, cache_dir: Path) -> tuple[Path, str]:
         except tarfile.TarError as e:  # e.g. a member that would land outside the folder (filter="data")
             raise _bad_tarball(tarball, "holds a member that cannot be extracted safely", e) from None
         except OSError as e:
-            if e.errno is not None:  # disk full, permissions: not the archive's fault
-                raise
+            if e.errno is not None:  # disk full, permissions: not the archive's fault; name where it happened
+                raise OSError(e.errno, e.strerror, e.filename or str(cache_dir)) from e
             raise _bad_tarball(tarball, "is truncated or corrupt", e) from None  # gzip.BadGzipFile, bz2 data
         (tmp / _MARKER).write_text(json.dumps(record))
         if final.exists():  # stale extraction of other content: move it aside, then drop it
@@ -352,21 +412,27 @@ def imagefolder_root(folder: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------- ImageFolder
 
-def _load_imagefolder_cached(root: Path, split: str, cache_dir: str):
-    """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime."""
+def _load_imagefolder_cached(root: Path, split: str, cache_dir: str, expect=None):
+    """Decode an ImageFolder split once; the cache key covers the root path and every file's size/mtime.
+    ``expect(labels, classes)``, if given, checks the listing before anything is decoded."""
     folder, listing = list_split(root, split)
+    if expect is not None:
+        expect(listing.targets, listing.classes)
     key = files_key([DECODER, folder.resolve()], listing.samples)
     return _decode_cached(folder.parent, split, Path(cache_dir) / "decoded" / f"imagefolder-{key}-{split}.pt",
                           listing=listing)
 
 
-def _decode_cached(root: Path, split: str, cache: Path, listing=None):
-    """Decoded ``(images, labels, classes, content_hash)`` of ``root/<split>``, from ``cache`` if present."""
+def _decode_cached(root: Path, split: str, cache: Path, listing=None, expect=None):
+    """Decoded ``(images, labels, classes, content_hash)`` of ``root/<split>``, from ``cache`` if present;
+    ``expect(labels, classes)`` checks a fresh listing before decoding."""
     cached = read_decoded(cache)
     if cached is not None:
         return cached
     if listing is None:
         _, listing = list_split(root, split)
+        if expect is not None:
+            expect(listing.targets, listing.classes)
     files = [p for p, _ in listing.samples]
     images = decode_images(files, desc=f"decoding {root.name}/{split}")
     labels = torch.as_tensor(listing.targets, dtype=torch.int64)

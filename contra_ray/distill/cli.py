@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
-from contra_ray.common.cli import DISTILL_HELP, add_common_args, cli_error, config_from_args
+from contra_ray.common.cli import DISTILL_HELP, add_common_args, cli_entry, cli_error, config_from_args, interrupted
 from contra_ray.common.fileio import RunInUse, run_lock
 from contra_ray.config import Config, ConfigError, DistillConfig, check_device
 from contra_ray.data.prepare import prepare_data
@@ -30,7 +29,7 @@ from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking
 
 __all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume",
-           "interrupted_message", "run_in_run_dir", "main"]
+           "experts_interrupted_message", "interrupted_message", "run_in_run_dir", "main"]
 
 
 # ---------------------------------------------------------------------- CLI
@@ -73,21 +72,50 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
             check_resumable(found[1].get("config"), cfg, found[0], int(found[1]["distiller"]["iteration"]))
 
 
+def experts_interrupted_message(cfg: Config, then: str = "distills") -> str | None:
+    """After Ctrl-C: what a rerun does with the expert store ``cfg.expert_store()`` if it holds fewer than
+    ``experts.num_experts`` finished experts (the run stopped before or while training them), else ``None``.
+
+    A rerun keeps the finished experts and resumes each unfinished one after its last saved epoch
+    (:class:`contra_ray.experts.store.PartialExpert`); an expert with no saved epoch starts from its beginning.
+    """
+    store = cfg.expert_store()
+    finished = len(list(store.glob("expert_*.safetensors"))) if store.is_dir() else 0
+    wanted = cfg.experts.num_experts
+    if finished >= wanted:
+        return None
+    partial = len([p for p in store.glob("expert_*.partial") if (p / "state.pt").is_file()]) if store.is_dir() else 0
+    rest = wanted - finished - partial
+    parts = [f"keeps the {finished} finished one(s)"] if finished else []
+    if partial:
+        parts.append(f"resumes {partial} unfinished one(s) after its last saved epoch")
+    if rest > 0:
+        parts.append(f"trains {'the other' if parts else 'all'} {rest} from their first epoch")
+    return (f"interrupted before the experts were trained ({finished} of {wanted} finished in {store}): rerunning "
+            f"the same command {', '.join(parts)}, then {then}")
+
+
 def interrupted_message(cfg: Config) -> str:
-    """What a user reads after Ctrl-C: where the run stands and how to go on."""
+    """What a user reads after Ctrl-C: where the run stands and what rerunning the same command does."""
     from pathlib import Path
 
 
     every = cfg.distill.checkpoint_every
-    if not every:
-        return "interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts over"
-    if checkpoint_dirs(cfg.run_dir() / "checkpoints") or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name):
+    if every and (checkpoint_dirs(cfg.run_dir() / "checkpoints")
+                  or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name)):
         return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
                 "iterations); rerun the same command to resume from it")
+    experts = experts_interrupted_message(cfg)
+    if experts is not None:
+        return experts
+    if not every:
+        return ("interrupted: distill.checkpoint_every=0 keeps no checkpoint, so rerunning the same command starts the "
+                "distillation over (finished experts and data are kept)")
     return (f"interrupted before the first checkpoint (every distill.checkpoint_every={every} iterations): rerunning "
             "the same command starts the distillation over (finished experts and data are kept)")
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -106,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_resume:
             precheck_resume(cfg, distributed=args.num_workers > 0)
 
-        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None)
+        check_destinations(cfg.output_dir, cfg.tracking_uri() if cfg.tracking.enabled else None,
+                           cache_dir=cfg.data.cache_dir)
     except ConfigError as e:
         return cli_error(e)
     return run_in_run_dir(cfg, lambda: _run(cfg, args))
@@ -124,8 +153,7 @@ def run_in_run_dir(cfg: Config, work) -> int:
     except RunInUse as e:
         return cli_error(e)
     except KeyboardInterrupt:
-        print(f"\n{interrupted_message(cfg)}", file=sys.stderr)
-        return 130
+        return interrupted(interrupted_message(cfg))
 
 
 def _run(cfg: Config, args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from contra_ray import data
 from contra_ray.common.argtypes import positive_float, positive_int
-from contra_ray.common.cli import cli_error
+from contra_ray.common.cli import cli_entry, cli_error, interrupted
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ConfigError, config_from_dict
 from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
@@ -141,14 +141,24 @@ def test_data_for_artifact(art: DistilledSet, cfg: Config, path: str) -> tuple[d
     return pre, test
 
 
+INTERRUPTED = ("interrupted: evaluate keeps no partial results; rerunning the same command trains and evaluates "
+               "every run again (the decoded data stay cached)")
+
+
+@cli_entry
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns ``{(method, model): [accs]}``.
 
     Exits with status 2 and a one-line error (no traceback), as ``contra_ray.distill`` does for invalid
     input: bad flags or a missing/corrupt artifact (preprocessor state included) as an argparse usage
-    error; a preprocessing/config mismatch, an unreachable tracking store or missing data as ``error: ...``.
+    error; a preprocessing/config mismatch, an unreachable tracking store, a ``data.cache_dir`` that cannot
+    be written or missing data as ``error: ...``. A failure of the machine during the work (disk full) is one
+    ``error: <path>: <cause>`` line, status 1; Ctrl-C one line (:data:`INTERRUPTED`), status 130.
     """
-    return run_artifact_cli(build_parser(), argv, _run_cli)
+    try:
+        return run_artifact_cli(build_parser(), argv, _run_cli)
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted(INTERRUPTED)) from None
 
 
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
@@ -169,7 +179,7 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     elif ecfg.gpus_per_run <= 0:
         ecfg.gpus_per_run = 1.0  # a CPU recipe evaluated on a GPU: one GPU per run
     cfg.validate()
-    check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None)
+    check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None, cache_dir=cfg.data.cache_dir)
 
     pre, test = test_data_for_artifact(art, cfg, args.artifact)
     test_x = pre(test.images)
@@ -186,6 +196,8 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     with RunLogger(cfg, name, enabled=cfg.tracking.enabled, method=tag_method, note=args.note) as log:
         log.log_params({"eval_cli.seed": ecfg.seed, "eval_cli.baseline": args.baseline, "eval_cli.syn_lr": art.syn_lr})
         log.set_tags({"path.artifact": str(Path(args.artifact).resolve())})
+        print(f"evaluate: training {len(sets)} set(s) x {len(ecfg.models)} model(s) x {ecfg.runs} run(s) of "
+              f"{ecfg.epochs} epochs on {device}", flush=True)
         rows, results = evaluate_sets(sets, ecfg.models, art.model_spec(), ecfg, test_x, test.labels, ipc=art.ipc,
                                       device=device, threads=cfg.threads, use_ray=not args.inline)
         summary = summary_by_metric(rows)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+import time
 
 from contra_ray.common.argtypes import non_negative_float, non_negative_int, positive_int
-from contra_ray.common.cli import cli_error
+from contra_ray.common.cli import cli_entry, cli_error, interrupted
 from contra_ray.config import ConfigError, check_run_name, parse_overrides
 from contra_ray.tune.space import SweepError, expand_space, load_space
 from contra_ray.tune.stores import expert_store_resolver
@@ -51,8 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 a best trial; 1 no trial finished, or a failure of the machine during the work (one
+    ``error: <path>: <cause>`` line); 2 invalid input; 130 Ctrl-C, with one line saying what a rerun does."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        name = args.name or "<name>"
+        again = "the same command" if args.name else f"the command with --name {name}"
+        resume = ("trials resume from their newest distillation checkpoint" if args.workers_per_trial == 0
+                  else "trials on Ray Train workers start over")
+        return interrupted(f"interrupted: rerunning {again} resumes sweep {name}: finished trials are kept, "
+                           f"unfinished ones run again ({resume}; trained experts are kept)")
+
+
+def _main(args: argparse.Namespace) -> int:
+    # Ctrl-C ends the sweep at once (KeyboardInterrupt, exit 130) instead of Tune's own handler, which would
+    # end the run quietly and let the sweep rank the unfinished trials
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
         if args.dry_run:
             if args.name is not None:  # what the real run checks first, so a dry run that passes also starts
@@ -80,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             print("expert stores (under the preset's run directory): " +
                   ", ".join(f"{k} ({v} trial(s))" for k, v in stores.items()))
             return 0
+        if args.name is None:  # named here, so the Ctrl-C line can say which name a rerun needs
+            args.name = f"{load_space(args.space).name}-{time.strftime('%Y%m%d-%H%M%S')}"
         result = run_sweep(args.space, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                            workers_per_trial=args.workers_per_trial, use_gpu=args.use_gpu,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -89,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, ConfigError) as e:
         return cli_error(e)
     if result.failed:
-        print(f"error: {len(result.failed)} of {len(result.rows)} trial(s) failed: " +
-              "; ".join(f"{r['name']}: {r['error']}" for r in result.failed), file=sys.stderr)
-        return 1
+        return cli_error(f"{len(result.failed)} of {len(result.rows)} trial(s) failed: " +
+                         "; ".join(f"{r['name']}: {r['error']}" for r in result.failed), 1)
     return 0 if result.best is not None else 1

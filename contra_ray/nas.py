@@ -54,6 +54,8 @@ __all__ = [
     "spearman",
     "select_best",
     "top_k_indices",
+    "space_size",
+    "check_top_k",
     "top_k_correlation",
     "split_per_class",
     "score_architectures",
@@ -320,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space: dc720 = the paper's 720 ConvNets, small = 16 of them for a CPU "
                         "(default: small)")
     p.add_argument("--top-k", type=positive_int, default=10,
-                   help="Spearman correlation over the k best architectures by real accuracy (default: 10, "
-                        "the paper's; DC used the top 5%%)")
+                   help="Spearman correlation over the k best architectures by real accuracy, 2 <= k <= the "
+                        "space's size (default: 10, the paper's; DC used the top 5%%)")
     p.add_argument("--epochs", type=positive_int, default=100,
                    help="training epochs on the distilled set (default: 100, the paper's)")
     p.add_argument("--real-epochs", type=positive_int, default=20,
@@ -365,7 +367,29 @@ def main(argv: list[str] | None = None) -> NasResult:
                                      "rerunning the same command trains them all again")) from None
 
 
+def space_size(space: Mapping[str, Sequence]) -> int:
+    """How many ConvNets :func:`architectures` gives for ``space`` (the product of its option counts)."""
+    return math.prod(len(v) for v in space.values())
+
+
+def check_top_k(top_k: int, space: str) -> None:
+    """Refuse a ``--top-k`` the search space cannot fill (before any data or training).
+
+    Raises:
+        ConfigError: ``top_k`` above the number of architectures of ``space``, or below 2 (Spearman's
+            correlation over fewer than 2 architectures is undefined); names the flag, the value and the size.
+    """
+    n = space_size(SPACES[space])
+    if top_k > n:
+        raise ConfigError(f"--top-k={top_k}: the {space!r} search space has {n} architectures; use --top-k <= {n}"
+                          + (" or --space dc720" if space != "dc720" else ""))
+    if top_k < 2:
+        raise ConfigError(f"--top-k={top_k}: the Spearman correlation needs at least 2 architectures "
+                          f"(the {space!r} space has {n})")
+
+
 def _run_cli(args: argparse.Namespace, art) -> NasResult:
+    check_top_k(args.top_k, args.space)
     cfg = config_for_artifact(art, args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -6,7 +6,8 @@ Stages (each reusable on its own: ``contra_ray.distill``, ``contra_ray.evaluate`
 1. data: train split (class-balanced subset), test split, mean/std + ZCA preprocessor (cached);
 2. experts: ``experts.num_experts`` trajectories trained in parallel as Ray tasks (skipped if stored);
 3. distillation: ``distill.iterations`` ConTra iterations (resumes from its checkpoint; ``--no-resume``
-   starts over; a changed result field is refused before any work, exit 2);
+   starts over; a changed result field is refused before any work, exit 2, and so is one that would
+   replace a finished run's set and ``results.json``, with or without a checkpoint);
 4. evaluation: ``eval.runs`` fresh networks per model on the distilled set, and on a random real subset
    of the same IPC (hard labels, lr = experts.lr), as Ray tasks; prints the table and writes
    ``<run dir>/results.json``. Everything is one MLflow run, in the vocabulary of
@@ -36,6 +37,23 @@ from contra_ray.experts.remote import ensure_experts
 from contra_ray.experts.store import ExpertStoreError
 from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, init_tracking, main_model
+
+# readable names of data.dataset for the results table's title
+DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar10-jpeg": "CIFAR-10", "cifar100": "CIFAR-100",
+                  "tiny-imagenet": "Tiny ImageNet", "imagenet": "ImageNet-1K", "imagefolder": "ImageFolder"}
+
+
+def evaluation_title(cfg, num_test: int) -> str:
+    """The results table's title, named by the data set it was evaluated on, e.g. ``"Tiny ImageNet
+    evaluation on 10000 test images"`` (``"ImageNet-1K (64 px) ..."``: resized ImageNet sets give their
+    resolution)."""
+    from contra_ray.data.imagenet import effective_resolution
+
+    label = DATASET_LABELS.get(cfg.data.dataset, cfg.data.dataset)
+    res = effective_resolution(cfg.data) if cfg.data.dataset in ("tiny-imagenet", "imagenet") else None
+    if res is not None:
+        label += f" ({res} px)"
+    return f"{label} evaluation on {num_test} test images"
 
 
 @cli_entry
@@ -76,7 +94,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
     t0 = time.time()
     try:
         data = prepare_data(cfg)
-        check_memory(cfg, data)
+        plan = check_memory(cfg, data)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
     stage("data", t0)
@@ -93,7 +111,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
         stage("experts", t0)
         t0 = time.time()
         try:
-            artifact, history = run_distillation(cfg, data, store, logger, resume=resume)
+            artifact, history = run_distillation(cfg, data, store, logger, resume=resume, announced_mode=plan.mode)
         except DistillationDiverged as e:
             return cli_error(f"{type(e).__name__}: {e}", 1)
         out = cfg.run_dir() / "distilled.safetensors"
@@ -121,7 +139,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
         stage("evaluate", t0)
         table = format_table(rows)
         total = time.time() - t_start
-        print(f"\n{cfg.name}: CIFAR-style evaluation on {len(data.test_x)} test images "
+        print(f"\n{cfg.name}: {evaluation_title(cfg, len(data.test_x))} "
               f"(K={cfg.distill.K}, β={cfg.distill.beta}, N={cfg.distill.syn_steps}, "
               f"{cfg.distill.iterations} iterations)\n{table}\ntotal {total / 60:.1f} min "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})", flush=True)

@@ -2,6 +2,9 @@
 
 import csv
 import math
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -13,7 +16,7 @@ from contra_ray import nas
 from contra_ray.config import Config, EvalConfig
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.models import ModelSpec, build_model, num_params
-from helpers import toy_halves
+from helpers import ROOT, toy_halves
 
 
 @pytest.mark.parametrize("a, b", [
@@ -165,3 +168,31 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
         nas.main(["--artifact", str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip() == "error: data.root='/nowhere': no such dataset"
+
+
+def _saved_toy_artifact(path):
+    """A 2-class 8 px distilled set with a complete meta (what the CLI needs to get past loading it)."""
+    cfg = Config()
+    x, y = toy_halves(2, 4)
+    spec = ModelSpec("convnet", num_classes=2, image_size=8, channels=1, width=8, depth=2)
+    meta = {"model": spec.to_dict(), "zca": True, "preprocessor_fingerprint": "fp1", "image_size": 8,
+            "channels": 1, "num_classes": 2, "classes": ["pos", "neg"], "ipc": 2, "config": cfg.to_dict(),
+            "eval": cfg.to_dict()["eval"], "dataset_id": "toy", "method": "contra", "iteration": 3}
+    DistilledSet(x, 5 * F.one_hot(y, 2).float(), y, 0.01, True, {"mean": torch.zeros(1)}, meta).save(path)
+    return path
+
+
+@pytest.mark.parametrize("top_k, says", [("50", "the 'small' search space has 16 architectures"),
+                                         ("1", "needs at least 2 architectures")])
+def test_cli_refuses_a_top_k_the_space_cannot_fill_before_any_work(tmp_path, top_k, says):
+    """The issue: --top-k 50 on the 16-network space ran with 16 and said nothing."""
+    art = _saved_toy_artifact(tmp_path / "set.safetensors")
+    out = tmp_path / "nas"
+    proc = subprocess.run([sys.executable, "-m", "contra_ray.nas", "--artifact", str(art), "--space", "small",
+                           "--top-k", top_k, "--out", str(out), "--no-tracking"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith(f"error: --top-k={top_k}: ") and says in proc.stderr
+    assert "NAS over" not in proc.stdout and not out.exists()  # nothing trained, nothing written
+    assert nas.space_size(nas.SPACES["small"]) == 16 and nas.space_size(nas.SPACES["dc720"]) == 720

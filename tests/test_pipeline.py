@@ -1,6 +1,12 @@
 """End to end on real CIFAR-10 (a few hundred images, narrow nets): the README main job in miniature."""
 
+import contextlib
+import hashlib
+import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,8 +15,8 @@ from contra_ray.config import load_config
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.cli import main as distill_main
 from contra_ray.experts.store import ExpertStore
-from contra_ray.pipeline import run_pipeline
-from helpers import CIFAR_TARBALL, assert_shared_vocabulary
+from contra_ray.pipeline import evaluation_title, run_pipeline
+from helpers import CIFAR_TARBALL, ROOT, assert_shared_vocabulary
 
 pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(),
                                 reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")
@@ -141,3 +147,81 @@ def test_distill_rerun_with_another_beta_and_K_is_refused_before_work(pipeline_r
     assert rc == 2
     assert "distill.beta=0.2 in the checkpoint, 1.0 now" in captured.err and "distill.K=2" in captured.err
     assert "--no-resume" in captured.err and "resumed" not in captured.out
+
+
+# ---------------------------------------------------------------------------------------------- finished runs
+
+
+def _nockpt_args(cfg, *extra: str) -> list[str]:
+    """distill arguments of the checkpoint-less run "nockpt" (tiny_cpu keeps no checkpoint), 2 iterations, on
+    the pipeline run's expert store."""
+    return ["--preset", "tiny_cpu", "--name", "nockpt", "--set", f"output_dir={cfg.output_dir}",
+            "--set", f"data.cache_dir={cfg.data.cache_dir}", "--set", "experts.curriculum=true",
+            "--set", "experts.curriculum_gamma=2", "--experts", str(cfg.expert_store()), "--iterations", "2",
+            "--no-tracking", "--no-train-experts", *extra]
+
+
+def _distill_cli(cfg, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "contra_ray.distill", *_nockpt_args(cfg, *extra)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=cfg.output_dir, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_nockpt(pipeline_run):
+    """The finished checkpoint-less run "nockpt" (β = 0.2), distilled in this process; its stdout."""
+    cfg = pipeline_run
+    assert load_config("tiny_cpu").distill.checkpoint_every == 0  # what the issue is about
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert distill_main(_nockpt_args(cfg)) == 0
+    return cfg, cfg.run_dir().parent / "nockpt", out.getvalue()
+
+
+def test_distill_prints_its_memory_plan_once(finished_nockpt):
+    """The issue: the planner's line was printed by the pre-check and again by the Distiller."""
+    _, _, out = finished_nockpt
+    plan_lines = [line for line in out.splitlines() if "estimated peak" in line]
+    assert len(plan_lines) == 1, plan_lines
+    assert plan_lines[0].startswith("memory: unroll_memory=full: estimated peak")
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_finished_checkpointless_run_is_not_replaced_by_another_beta(finished_nockpt):
+    """The issue: re-running a finished tiny_cpu run name with another β replaced distilled.safetensors
+    silently (no checkpoint, so the resume check never ran). Now refused, naming distill.beta; --no-resume
+    replaces it; the same configuration reruns as before."""
+    cfg, run_dir, _ = finished_nockpt
+    art = run_dir / "distilled.safetensors"
+    before = _sha(art)
+    assert DistilledSet.load(art).meta["config"]["distill"]["beta"] == 0.2
+
+    refused = _distill_cli(cfg, "--beta", "0.5")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
+    assert "distill.beta=0.2 in the finished set, 0.5 now" in refused.stderr
+    assert str(art) in refused.stderr and "--no-resume" in refused.stderr
+    assert "memory:" not in refused.stdout and _sha(art) == before  # before any work; the set untouched
+
+    replaced = _distill_cli(cfg, "--beta", "0.5", "--no-resume")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    first = DistilledSet.load(art)
+    assert first.meta["config"]["distill"]["beta"] == 0.5 and first.meta["iteration"] == 2
+
+    again = _distill_cli(cfg, "--beta", "0.5")  # the same configuration: distilled again, as before
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = DistilledSet.load(art)
+    assert torch.equal(first.images, second.images) and first.syn_lr == second.syn_lr
+
+
+def test_results_table_is_titled_by_its_data_set():
+    """The issue: the Tiny ImageNet table was titled "CIFAR-style evaluation"."""
+    titles = {p: evaluation_title(load_config(p, validate=False), 10000)
+              for p in ("tiny_ipc10", "tiny_cpu", "cifar100_ipc10", "imagenet1k_ipc10")}
+    assert titles == {"tiny_ipc10": "Tiny ImageNet evaluation on 10000 test images",
+                      "tiny_cpu": "CIFAR-10 evaluation on 10000 test images",
+                      "cifar100_ipc10": "CIFAR-100 evaluation on 10000 test images",
+                      "imagenet1k_ipc10": "ImageNet-1K (64 px) evaluation on 10000 test images"}

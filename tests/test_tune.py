@@ -664,3 +664,97 @@ space:
                                                   "space:\n  experts.curriculum: {grid: [true, false]}\n"))
     with pytest.raises(SweepError, match=r"space.experts.curriculum changes the expert store"):
         check_search(curriculum)
+
+
+# ---------------------------------------------------------------------------------------------- owned names
+
+LONG_SPACE = """
+preset: tiny_cpu
+overrides:
+  eval: {runs: 1, epochs: 1}
+  distill: {iterations: 400, checkpoint_every: 0}
+space:
+  distill.beta: {grid: [0.2]}
+proxy: {eval_every: 400, epochs: 1, runs: 1}
+"""
+
+
+def test_a_second_sweep_with_the_same_name_is_refused_while_the_first_runs(tmp_path, cache_dir):
+    """The issue: two sweeps started at once with one --name shared its directories and the second replaced
+    the first's results. The first holds <out>/<name>/.lock (400 iterations: it is stopped once checked)."""
+    space = write_space(tmp_path, LONG_SPACE)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "contra_ray.tune", "--space", str(space), "--name", "same", "--output-dir",
+           str(out), "--no-tracking", "--verbose", "0", "--set", f"data.cache_dir={cache_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                 start_new_session=True)
+    try:
+        lock = out / "same" / ".lock"
+        deadline = time.time() + 240
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "the first sweep never took its lock"
+            time.sleep(0.2)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert first.poll() is None  # the first one still runs: the refusal was the lock's
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.strip() == (f"error: run directory {out / 'same'} is in use by another process (pid "
+                                         f"{first.pid}): wait for it to finish, or choose another --name / "
+                                         "--output-dir")
+        assert "[tune]" not in second.stdout  # refused before data, experts or trials
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)
+            try:
+                first.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait(timeout=30)
+
+
+def _earlier_sweep(run_dir: Path, overrides: list[str]) -> list:
+    """Make ``run_dir`` look like a cpu_smoke sweep run with ``overrides``: its trials.json and trial folders."""
+    from contra_ray.config import parse_overrides
+    from contra_ray.tune.sweep import _sweep_request
+
+    spec = load_space(SMOKE)
+    points, _ = expand_space(spec, parse_overrides(overrides))
+    for p in points:
+        (run_dir / p.name).mkdir(parents=True)
+        (run_dir / p.name / "distilled.safetensors").write_bytes(b"earlier")
+    (run_dir / "results.txt").write_text("earlier\n")
+    (run_dir / "trials.json").write_text(json.dumps({"trials": [{"name": p.name} for p in points],
+                                                     "request": _sweep_request(spec, points)}))
+    return points
+
+
+def test_an_earlier_sweep_of_the_name_with_another_configuration_is_refused(tmp_path, monkeypatch, capsys):
+    """A finished sweep's results are replaced only by the same configuration, or with --overwrite."""
+    from contra_ray.tune.sweep import _check_earlier_sweep, _sweep_request
+
+    _no_work(monkeypatch)
+    out = tmp_path / "out"
+    points = _earlier_sweep(out / "same", ["distill.iterations=8"])
+    args = ["--space", str(SMOKE), "--output-dir", str(out), "--name", "same", "--no-tracking"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep 'same' has already run in ") and len(err.strip().splitlines()) == 1
+    assert err.count("distill.iterations=8 in the finished sweep, 4 now") == 1  # said once, not per trial
+    assert "--overwrite" in err and (out / "same" / "results.txt").read_text() == "earlier\n"
+
+    with pytest.raises(AssertionError, match="work started"):  # --overwrite: replaced, then the work starts
+        main(args + ["--overwrite"])
+    assert "--overwrite: replacing sweep 'same' (distill.iterations=8" in capsys.readouterr().out
+    assert not any((out / "same" / p.name).exists() for p in points)
+    assert not (out / "same" / "results.txt").exists() and not (out / "same" / "trials.json").exists()
+
+    spec = load_space(SMOKE)  # the same configuration runs again (and other spaces name their trials)
+    same, _ = expand_space(spec)
+    _check_earlier_sweep(out / "again", _sweep_request(spec, same), overwrite=False)  # nothing there
+    _earlier_sweep(out / "again", [])
+    _check_earlier_sweep(out / "again", _sweep_request(spec, same), overwrite=False)
+    other = [p for p in same if p.searched["distill.beta"] == 0.0]
+    with pytest.raises(SweepError, match=r"trial\(s\) .*-beta0.5-.* only in the finished sweep"):
+        _check_earlier_sweep(out / "again", _sweep_request(spec, other), overwrite=False)

@@ -36,7 +36,7 @@ from contra_ray.common.fileio import atomic_write
 from contra_ray.models import ModelSpec
 
 __all__ = ["ArtifactError", "ArtifactMismatchError", "DistilledSet", "FORMAT", "FORMAT_VERSION", "REQUIRED_META",
-           "build_meta"]
+           "build_meta", "read_meta"]
 
 FORMAT_VERSION = 2
 FORMAT = f"contra_ray.distilled/{FORMAT_VERSION}"
@@ -207,6 +207,30 @@ class DistilledSet:
                                 "re-export it from its run (python -m contra_ray.distill with the same --name "
                                 "resumes from its checkpoint and rewrites it)")
         return out
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` of the set at ``path`` as written (format 1 keys not upgraded), from the safetensors header
+    only: no tensor is read, so this is cheap for a set of any size.
+
+    Raises:
+        ArtifactError: the file is missing, not a safetensors file, or lacks the contra_ray header (names ``path``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"distilled set {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = (f.metadata() or {}).get(_HEADER_KEY)
+        if header is None:
+            raise ValueError(f"no '{_HEADER_KEY}' entry in the safetensors header")
+        doc = json.loads(header)
+        if doc.get("format") not in _READABLE:
+            raise ValueError(f"format {doc.get('format')!r}, expected one of {sorted(_READABLE)}")
+    except Exception as e:  # safetensors raises its own error types, json/ValueError, OSError
+        raise ArtifactError(f"distilled set {path}: corrupt or not a contra_ray artifact "
+                            f"({type(e).__name__}: {e})") from None
+    return doc.get("meta") or {}
 
 
 def _upgrade_meta(art: "DistilledSet", version: int) -> dict:

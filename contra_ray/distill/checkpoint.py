@@ -116,17 +116,27 @@ def read_checkpoint(directory: str | os.PathLike) -> dict:
     return torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def resume_mismatches(saved: dict, now: dict) -> list[str]:
-    """``section.field`` entries (with both values) whose value differs between a checkpoint's config and
-    this run's, over :data:`CHECKED_SECTIONS` less :data:`RESUMABLE_CHANGES`."""
+def resume_mismatches(saved: dict, now: dict, *, where: str = "the checkpoint",
+                      sections: tuple[str, ...] = CHECKED_SECTIONS,
+                      may_change: dict[str, set[str]] | None = None) -> list[str]:
+    """``section.field`` entries (with both values) whose value differs between a saved config and this
+    run's, over ``sections`` (default :data:`CHECKED_SECTIONS`) less ``may_change`` (default
+    :data:`RESUMABLE_CHANGES`).
+
+    Args:
+        saved, now: ``Config.to_dict()`` style dicts (the saved one from a checkpoint, a finished set's
+            meta, or a sweep's trials); a field ``saved`` lacks (it predates the field) is not a change.
+        where: how the entries name the saved side (``"distill.beta=0.2 in the checkpoint, 0.5 now"``).
+    """
+    allowed = RESUMABLE_CHANGES if may_change is None else may_change
     out = []
-    for section in CHECKED_SECTIONS:
+    for section in sections:
         for key, value in now.get(section, {}).items():
-            if key in RESUMABLE_CHANGES.get(section, set()):
+            if key in allowed.get(section, set()):
                 continue
-            old = saved.get(section, {}).get(key, value)  # a field the checkpoint predates: not a change
+            old = saved.get(section, {}).get(key, value)
             if old != value:
-                out.append(f"{section}.{key}={old!r} in the checkpoint, {value!r} now")
+                out.append(f"{section}.{key}={old!r} in {where}, {value!r} now")
     return out
 
 

@@ -4,9 +4,10 @@ Learns synthetic images, soft labels and syn_lr by concurrent trajectory matchin
 in this process (default) or sharded over ``--num-workers W`` Ray Train workers (:mod:`contra_ray.distill.remote`).
 Both run the one loop :func:`contra_ray.distill.loop.run_loop`. Overrides: ``--set section.field=value`` or the
 ``--ipc/--K/--beta/--R/--syn-steps/...`` flags. A re-run with the same ``--name`` and ``--output-dir``
-resumes from the newest valid checkpoint; a changed field that alters the result is refused by name
-(``--no-resume`` starts over). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input (or the
-run directory in use by another process), 130 interrupted (Ctrl-C; the newest checkpoint is kept).
+resumes from the newest valid checkpoint; a changed field that alters the result is refused by name, and
+so is one that would replace a finished run's set, with or without a checkpoint (``--no-resume`` starts
+over and replaces it). Exit status: 0 done, 1 diverged or workers failed, 2 invalid input (or the run
+directory in use by another process), 130 interrupted (Ctrl-C; the newest checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from contra_ray.common.cli import DISTILL_HELP, add_common_args, cli_entry, cli_
 from contra_ray.common.fileio import RunInUse, run_lock
 from contra_ray.config import Config, ConfigError, DistillConfig, check_device
 from contra_ray.data.prepare import prepare_data
-from contra_ray.distill.checkpoint import check_resumable, checkpoint_dirs, newest_valid
+from contra_ray.distill.artifact import ArtifactError, read_meta
+from contra_ray.distill.checkpoint import check_resumable, checkpoint_dirs, newest_valid, resume_mismatches
 from contra_ray.distill.distiller import DistillationDiverged
 from contra_ray.distill.loop import run_distillation
 from contra_ray.distill.memory import check_memory
@@ -29,7 +31,7 @@ from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking
 
 __all__ = ["DISTILL_HELP", "add_common_args", "config_from_args", "build_parser", "precheck_resume",
-           "experts_interrupted_message", "interrupted_message", "run_in_run_dir", "main"]
+           "check_finished_run", "experts_interrupted_message", "interrupted_message", "run_in_run_dir", "main"]
 
 
 # ---------------------------------------------------------------------- CLI
@@ -58,18 +60,57 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
 
     Looks at the newest valid checkpoint of the run in both places a run of this name keeps them
     (``<run dir>/checkpoints`` in one process, ``<output_dir>/ray_train/<name>`` for Ray Train): the result
-    does not depend on the worker count, so switching ``--num-workers`` must not bypass the check.
+    does not depend on the worker count, so switching ``--num-workers`` must not bypass the check. Then
+    a finished run's set is compared with this run's config (:func:`check_finished_run`), with or without a
+    checkpoint.
 
     Raises:
-        ConfigError: naming the changed fields (see :func:`contra_ray.distill.checkpoint.check_resumable`).
+        ConfigError: naming the changed fields (see :func:`contra_ray.distill.checkpoint.check_resumable`
+            and :func:`check_finished_run`).
     """
     from pathlib import Path
 
 
+    continues = False
     for root in (cfg.run_dir() / "checkpoints", Path(cfg.output_dir) / "ray_train" / cfg.name):
         found = newest_valid(checkpoint_dirs(root), log=lambda line: None)  # the loop reports a torn one
         if found is not None:
             check_resumable(found[1].get("config"), cfg, found[0], int(found[1]["distiller"]["iteration"]))
+            continues = True
+    check_finished_run(cfg, continues)
+
+
+def check_finished_run(cfg: Config, continues: bool) -> None:
+    """Before any work: refuse to replace a finished run's distilled set with one of another configuration.
+
+    A run directory holding ``distilled.safetensors`` has finished; re-running its name rewrites that file
+    (and the pipeline's ``results.json``). That is allowed for the configuration recorded in the set's meta
+    (the run is repeated, or continued from its checkpoint), whatever ``distill.checkpoint_every`` is. The
+    fields compared are those a checkpoint is checked on (:func:`contra_ray.distill.checkpoint.resume_mismatches`),
+    plus ``distill.iterations`` when no checkpoint is there to continue from (``continues`` False: the run
+    would start over and end elsewhere).
+
+    Raises:
+        ConfigError: naming every differing field with both values, the set, and the two ways out
+            (``--no-resume`` replaces it, another ``--name`` keeps it); or the set cannot be read.
+    """
+    path = cfg.run_dir() / "distilled.safetensors"
+    if not path.is_file():
+        return
+    way_out = "rerun with --no-resume to replace it, or use another --name"
+    try:
+        meta = read_meta(path)
+    except ArtifactError as e:
+        raise ConfigError(f"run {cfg.name!r} has a distilled set that cannot be compared with this run ({e}); "
+                          f"{way_out}") from None
+    diff = resume_mismatches(meta.get("config") or {}, cfg.to_dict(), where="the finished set")
+    done = meta.get("iteration")
+    if not continues and done is not None and int(done) != cfg.distill.iterations:
+        diff.append(f"distill.iterations={int(done)} in the finished set, {cfg.distill.iterations} now (no "
+                    "checkpoint to continue from: the run would start over)")
+    if diff:
+        raise ConfigError(f"run {cfg.name!r} has finished with another configuration ({path}): " + "; ".join(diff)
+                          + f"; {way_out}")
 
 
 def experts_interrupted_message(cfg: Config, then: str = "distills") -> str | None:
@@ -164,7 +205,7 @@ def _run(cfg: Config, args: argparse.Namespace) -> int:
 
     try:
         data = prepare_data(cfg)
-        check_memory(cfg, data)
+        plan = check_memory(cfg, data)
         store = ensure_experts(cfg, data, train_missing=not args.no_train_experts)
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
@@ -172,7 +213,8 @@ def _run(cfg: Config, args: argparse.Namespace) -> int:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
     try:
         with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=args.note) as logger:
-            artifact, history = run_distillation(cfg, data, store, logger, resume=not args.no_resume)
+            artifact, history = run_distillation(cfg, data, store, logger, resume=not args.no_resume,
+                                                 announced_mode=plan.mode)
             out = cfg.run_dir() / "distilled.safetensors"
             artifact.save(out)
             logger.log_artifact(str(out))

@@ -320,7 +320,8 @@ def run_loop(distiller: Distiller, cfg: Config, data: PreparedData | None = None
 # ---------------------------------------------------------------------------------------------- one process
 
 def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger: MetricLogger | None = None,
-                     resume: bool = True, progress: str | None = "bar") -> tuple[DistilledSet, dict[str, list[float]]]:
+                     resume: bool = True, progress: str | None = "bar",
+                     announced_mode: str | None = None) -> tuple[DistilledSet, dict[str, list[float]]]:
     """Distill in this process: build the :class:`Distiller` (DSA, forgetting monitor if
     ``distill.monitor_every``), run :func:`run_loop` with :class:`LocalSync` and, if
     ``distill.checkpoint_every``, :class:`~contra_ray.distill.checkpoint.LocalCheckpoints` in
@@ -330,6 +331,9 @@ def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger
         cfg: validated config; data: :class:`contra_ray.data.PreparedData`; store: the expert store
             (checked compatible); logger: ``log_metrics(metrics, step)`` or None.
         resume: continue from the newest valid checkpoint; False removes the run's checkpoints first.
+        announced_mode: the unroll mode :func:`contra_ray.distill.memory.check_memory` printed for this run
+            (its returned plan's ``mode``); the Distiller's own plan is then printed only if it chose another
+            mode, so a run prints its ``memory:`` line once. ``None``: print it (with ``progress``).
 
     Returns:
         (the :class:`contra_ray.distill.artifact.DistilledSet`, metric history ``{name: [values]}``).
@@ -352,7 +356,8 @@ def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger
                           augment=dsa_if(d.dsa), expert_ids=expert_ids, device=cfg.device)
     line = distiller.init_report.line(data.train.names, d.ipc)
     if progress is not None:
-        print(distiller.memory_plan.describe(), flush=True)
+        if distiller.memory_plan.mode != announced_mode:
+            print(f"memory: {distiller.memory_plan.describe()}", flush=True)
         if line:
             print(line, flush=True)
     checkpoints = None

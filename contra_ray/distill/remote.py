@@ -219,8 +219,8 @@ def train_loop_per_worker(config: dict) -> dict:
     data, store = setup(cfg, rank == 0 and d.eval_every > 0)
     distiller = Distiller(cfg, store, data.spec, *init_pool(cfg, data),
                           augment=dsa_if(d.dsa), device=str(device), workers=world)
-    if rank == 0:
-        print(f"[distill] {distiller.memory_plan.describe()}", flush=True)
+    if rank == 0 and distiller.memory_plan.mode != config.get("announced_mode"):  # the driver printed its plan
+        print(f"[distill] memory: {distiller.memory_plan.describe()}", flush=True)
     progress = {"start": distiller.iteration, "s_per_iter": float("nan")}
 
     def summary(**extra) -> dict:
@@ -283,7 +283,7 @@ def _with_absolute_paths(cfg: Config) -> Config:
 def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True, *,
                  setup: Setup | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
                  fault: FaultInjection | None = None, tracking_run_id: str | None = None,
-                 callbacks: list | None = None, num_to_keep: int = 2):
+                 callbacks: list | None = None, num_to_keep: int = 2, announced_mode: str | None = None):
     """The :class:`~ray.train.torch.TorchTrainer` of a distributed distillation (used by the distill CLI,
     :func:`fit_distributed` and Tune trials).
 
@@ -299,6 +299,8 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
         tracking_run_id: MLflow run that rank 0 logs per-iteration metrics to.
         callbacks: Ray Train callbacks (Tune's report callback).
         num_to_keep: checkpoints Ray keeps (2: a torn newest one leaves one to fall back to).
+        announced_mode: the unroll mode the driver's :func:`contra_ray.distill.memory.check_memory` printed;
+            rank 0 prints its own plan only if it differs (``None``: always).
 
     Raises:
         ConfigError: ``num_workers < 1``.
@@ -312,7 +314,8 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
     threads = max(1, cfg.threads)
     loop_config = {"cfg": cfg.to_dict(), "use_gpu": use_gpu, "threads": threads, "resume": resume,
                    "run_token": uuid.uuid4().hex, "setup": setup, "fault": fault,
-                   "tracking_uri": cfg.tracking_uri(), "tracking_run_id": tracking_run_id}
+                   "tracking_uri": cfg.tracking_uri(), "tracking_run_id": tracking_run_id,
+                   "announced_mode": announced_mode}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -326,15 +329,17 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
 
 def fit_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True,
                     setup: Setup | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
-                    fault: FaultInjection | None = None, tracking_run_id: str | None = None) -> DistributedRun:
-    """Fit :func:`make_trainer`'s trainer (experts must exist; see :func:`run_distributed`).
+                    fault: FaultInjection | None = None, tracking_run_id: str | None = None,
+                    announced_mode: str | None = None) -> DistributedRun:
+    """Fit :func:`make_trainer`'s trainer (experts must exist; see :func:`run_distributed`; ``announced_mode``:
+    see :func:`make_trainer`).
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
     ensure_ray()
     trainer = make_trainer(cfg, num_workers, use_gpu, resume, setup=setup, max_failures=max_failures,
-                           fault=fault, tracking_run_id=tracking_run_id)
+                           fault=fault, tracking_run_id=tracking_run_id, announced_mode=announced_mode)
     result = trainer.fit()
     state, history = None, {}
     if result.checkpoint is not None:
@@ -385,7 +390,7 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
         check_locations_on_nodes({"output_dir": cfg.output_dir, "data.cache_dir": cfg.data.cache_dir,
                                   "experts.store": cfg.expert_store().parent})
         data = prepare_data(cfg)  # fills the cache the workers read
-        check_memory(cfg, data, workers=num_workers)
+        plan = check_memory(cfg, data, workers=num_workers)
         ensure_experts(cfg, data, train_missing=train_missing)
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
@@ -395,7 +400,7 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
         with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=note) as logger:
             try:
                 run = fit_distributed(cfg, num_workers, use_gpu, resume, max_failures=max_failures,
-                                      tracking_run_id=logger.run_id)
+                                      tracking_run_id=logger.run_id, announced_mode=plan.mode)
             except TrainingFailedError as e:
                 raise _RunFailed(f"distributed distillation failed ({max_failures} restart(s) allowed): {e}") from e
             if run.error is not None:

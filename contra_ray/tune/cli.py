@@ -1,8 +1,11 @@
 """Hyperparameter sweeps of ConTra (β, K, R of paper Eq. 8; Fig. 4) with Ray Tune, Ray Train and MLflow.
 
 ``python -m contra_ray.tune --space tune_spaces/cpu_smoke.yaml [--num-samples N] [--max-concurrent C]
-[--workers-per-trial W] [--tracking-uri URI] [--output-dir DIR] [--dry-run]``; library:
-:func:`contra_ray.tune.run_sweep`. Space files, expansion, early stopping, Ray Train and MLflow: docs/SWEEPS.md.
+[--workers-per-trial W] [--tracking-uri URI] [--output-dir DIR] [--name NAME] [--overwrite] [--dry-run]``;
+library: :func:`contra_ray.tune.run_sweep`. A sweep owns ``<output dir>/<name>``: a second sweep of that name
+is refused while the first runs (exit 2, naming its pid), and an earlier sweep of the name with another
+configuration is only replaced with ``--overwrite`` (the same configuration runs again). Space files,
+expansion, early stopping, Ray Train and MLflow: docs/SWEEPS.md.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 from contra_ray.common.argtypes import non_negative_float, non_negative_int, positive_int
 from contra_ray.common.cli import cli_entry, cli_error, interrupted
+from contra_ray.common.fileio import RunInUse
 from contra_ray.config import ConfigError, check_run_name, parse_overrides
 from contra_ray.tune.space import SweepError, expand_space, load_space
 from contra_ray.tune.stores import expert_store_resolver
@@ -45,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail on an invalid combination instead of dropping it with a note")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier sweep of this --name that had another configuration (default: refuse)")
     p.add_argument("--note", default=None, help="description of the sweep's MLflow runs (tag mlflow.note.content)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the expanded, validated configurations (no data, experts or trials) and exit")
@@ -106,8 +112,8 @@ def _main(args: argparse.Namespace) -> int:
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                            tracking_uri=args.tracking_uri, output_dir=args.output_dir, experiment=args.experiment,
                            name=args.name, strict=args.strict, overrides=args.set, tracking=not args.no_tracking,
-                           verbose=args.verbose, note=args.note)
-    except (SweepError, ConfigError) as e:
+                           verbose=args.verbose, note=args.note, overwrite=args.overwrite)
+    except (SweepError, ConfigError, RunInUse) as e:
         return cli_error(e)
     if result.failed:
         return cli_error(f"{len(result.failed)} of {len(result.rows)} trial(s) failed: " +

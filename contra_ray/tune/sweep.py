@@ -11,16 +11,18 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from contra_ray.common.fileio import atomic_write
+from contra_ray.common.fileio import atomic_write, run_lock
 from contra_ray.common.raycluster import ensure_ray
 from contra_ray.config import Config, check_run_name, config_from_dict, flatten_dotted, parse_overrides, set_dotted
 from contra_ray.data.prepare import prepare_data
+from contra_ray.distill.checkpoint import resume_mismatches
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking, tracking_client
 from contra_ray.tune.space import (
@@ -35,7 +37,7 @@ from contra_ray.tune.space import (
 from contra_ray.tune.stores import expert_fields, expert_store_resolver
 from contra_ray.tune.trial import SweepContext, resolve_trial, run_trial, trial_index
 
-__all__ = ["SweepResult", "run_sweep", "format_trials_table", "check_search"]
+__all__ = ["SweepResult", "run_sweep", "format_trials_table", "check_search", "sweep_differences", "SWEEP_MAY_CHANGE"]
 
 #: Tune's experiment-state snapshot period in seconds while a sweep runs (Tune's "auto" waits >= 10 s, so a
 #: driver killed within 10 s of a trial's end would rerun it); a TUNE_GLOBAL_CHECKPOINT_S in the
@@ -228,7 +230,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
               gpus_per_trial: float | None = None, tracking_uri: str | None = None, output_dir: str | None = None,
               experiment: str | None = None, name: str | None = None, strict: bool = False,
               overrides: list[str] | None = None, tracking: bool = True, verbose: int = 1,
-              note: str | None = None) -> SweepResult:
+              note: str | None = None, overwrite: bool = False) -> SweepResult:
     """Expand, validate and run a sweep; log it to MLflow; return the ranked trials.
 
     Args:
@@ -248,11 +250,20 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         tracking: log to MLflow.
         verbose: Tune verbosity (0 silent, 1 live table, 2 more).
         note: description of the parent and child runs (tag ``mlflow.note.content``).
+        overwrite: replace an earlier sweep of this name that had another configuration (its trial
+            directories, results and best config); without it that sweep is refused.
+
+    The sweep holds ``<output_dir>/<name>/.lock`` (:func:`contra_ray.common.fileio.run_lock`) from before
+    data and experts to its end; ``trials.json`` there records what decides its results, and a later sweep of
+    the name is compared with it (the same configuration runs again).
 
     Raises:
         SweepError, ConfigError: malformed space, no valid configuration, a sweep name that is not one folder
             name, ASHA settings that do not fit a trial's iterations, an output directory that cannot be
-            written or a tracking store that does not answer (all before data, experts or trials).
+            written, a tracking store that does not answer, or an earlier sweep of this name with another
+            configuration (naming the differing fields) without ``overwrite`` (all before data, experts or
+            trials).
+        RunInUse: another live process holds the sweep's name (names its pid).
     """
     spec = load_space(space_path)
     check_search(spec)
@@ -282,6 +293,105 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
 
     if str(base_cfg.device).startswith("cuda") and not use_gpu:
         raise SweepError(f"device={base_cfg.device!r} (preset {spec.preset}): pass --use-gpu (or override device=cpu)")
+    run_dir = Path(base_cfg.output_dir) / name
+    with run_lock(run_dir):  # one sweep per name: a second one is refused (RunInUse) before any work
+        request = _sweep_request(spec, probe_points)
+        _check_earlier_sweep(run_dir, request, overwrite)
+        return _run_owned(spec, base, base_cfg, name, run_dir, request, num_samples=num_samples,
+                          max_concurrent=max_concurrent, workers_per_trial=workers_per_trial, use_gpu=use_gpu,
+                          gpus_per_trial=gpus_per_trial, strict=strict, tracking=tracking, verbose=verbose,
+                          note=note, threads=threads)
+
+
+# fields a sweep rerun may change without changing its results: locations, resources, execution strategy,
+# and the distill evaluation settings the trials replace by the space's proxy
+SWEEP_MAY_CHANGE = {
+    "data": {"cache_dir", "root", "download", "decode_threads"},
+    "experts": {"store", "cpus_per_expert", "gpus_per_expert", "eval_every", "max_retries"},
+    "distill": {"checkpoint_every", "eval_every", "eval_runs_periodic", "unroll_memory", "student_execution"},
+    "eval": {"cpus_per_run", "gpus_per_run", "test_batch_size"},
+}
+SWEEP_SECTIONS = ("data", "model", "experts", "distill", "eval")
+
+
+def _sweep_request(spec: SweepSpec, points: list[TrialPoint]) -> dict:
+    """What decides a sweep's results: the trials of the space expanded without data (deterministic for one
+    space, overrides and ``num_samples``), and the proxy, metric and scheduler that rank and stop them.
+    Recorded in ``trials.json``; a later sweep of the same name is compared with it."""
+    request = {"trials": [{"name": p.name, "config": {k: p.config[k] for k in SWEEP_SECTIONS}} for p in points],
+               "metric": spec.metric, "mode": spec.mode, "proxy": spec.proxy, "scheduler": spec.scheduler}
+    return json.loads(json.dumps(request))  # as read back from trials.json (tuples become lists)
+
+
+def sweep_differences(earlier: dict, now: dict) -> list[str]:
+    """What differs between two sweep requests (see :func:`_sweep_request`), one entry per field:
+    trials only in one of them, a ranking setting, or a config field of the trials both have
+    (:func:`contra_ray.distill.checkpoint.resume_mismatches` over :data:`SWEEP_SECTIONS` less
+    :data:`SWEEP_MAY_CHANGE`)."""
+    out = []
+    for key in ("metric", "mode", "proxy", "scheduler"):
+        if earlier.get(key) != now.get(key):
+            out.append(f"{key}={earlier.get(key)!r} in the finished sweep, {now.get(key)!r} now")
+    before = {t["name"]: t["config"] for t in earlier.get("trials", [])}
+    after = {t["name"]: t["config"] for t in now.get("trials", [])}
+    gone, new = [n for n in before if n not in after], [n for n in after if n not in before]
+    if gone:
+        out.append(f"trial(s) {', '.join(gone)} only in the finished sweep")
+    if new:
+        out.append(f"trial(s) {', '.join(new)} only in this one")
+    for n in (n for n in after if n in before):
+        out += resume_mismatches(before[n], after[n], where="the finished sweep", sections=SWEEP_SECTIONS,
+                                 may_change=SWEEP_MAY_CHANGE)
+    return list(dict.fromkeys(out))  # a fixed field differs alike in every trial: say it once
+
+
+def _check_earlier_sweep(run_dir: Path, request: dict, overwrite: bool) -> None:
+    """Refuse to replace an earlier sweep of this name (``<run_dir>/trials.json``) that had another
+    configuration, unless ``overwrite``: then its trial directories, ``results.txt``, ``best_config.yaml`` and
+    Tune's experiment state (``<output_dir>/tune/<name>``) are removed first
+    (a trial of the same name would otherwise resume the old trial's checkpoint). The
+    same configuration runs again, as it always did.
+
+    Raises:
+        SweepError: naming every differing field and the ``--overwrite`` / ``--name`` ways out.
+    """
+    path = run_dir / "trials.json"
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        earlier = {"unreadable": f"{type(e).__name__}: {e}"}
+    if "request" not in earlier:  # written before sweeps recorded it, or unreadable: cannot be compared
+        diff = [f"{path} records no comparable configuration ({earlier.get('unreadable', 'an older contra_ray')})"]
+    else:
+        diff = sweep_differences(earlier["request"], request)
+    if not diff:
+        return
+    if not overwrite:
+        raise SweepError(f"sweep {run_dir.name!r} has already run in {run_dir} with another configuration: "
+                         + "; ".join(diff) + "; rerun with --overwrite to replace it, or use another --name")
+    removed = []
+    for t in earlier.get("trials", []):
+        d = run_dir / str(t.get("name", ""))
+        if t.get("name") and d.parent == run_dir and d.is_dir():
+            shutil.rmtree(d)
+            removed.append(d.name)
+    for f in ("results.txt", "best_config.yaml", "trials.json"):
+        (run_dir / f).unlink(missing_ok=True)
+    tune_state = run_dir.parent / "tune" / run_dir.name  # Tune's experiment state: a rerun would restore it
+    if tune_state.is_dir():
+        shutil.rmtree(tune_state)
+    print(f"[tune] --overwrite: replacing sweep {run_dir.name!r} ({'; '.join(diff)}); removed "
+          f"{len(removed)} trial director{'y' if len(removed) == 1 else 'ies'} of it", flush=True)
+
+
+def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir: Path, request: dict, *,
+               num_samples: int | None, max_concurrent: int | None, workers_per_trial: int, use_gpu: bool,
+               gpus_per_trial: float | None, strict: bool, tracking: bool, verbose: int, note: str | None,
+               threads: int) -> SweepResult:
+    """The rest of :func:`run_sweep`, holding the sweep's run directory: data and experts, the full
+    expansion, the Tuner, the ranking and the MLflow parent run."""
     ensure_ray()
     store_of = expert_store_resolver(spec, base, base_cfg.experts.store)
     prepared: dict[str, tuple] = {}  # store directory -> (data, expert store): trained once per setting
@@ -307,7 +417,6 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
                                data.preprocessor.fingerprint())
 
     points, notes = expand_space(spec, base, "error" if strict else "drop", check=check, num_samples=num_samples)
-    run_dir = Path(base_cfg.output_dir) / name
     for p in points:  # trial run directories <output_dir>/<sweep>/<trial>, the expert store of its setting
         p.config["experts"]["store"] = store_of(p.config)
         p.config["output_dir"], p.config["name"] = str(run_dir), p.name
@@ -355,7 +464,8 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
         elif parent.run_id is not None:
             _log_parent_params(parent, spec, points, notes, searched, workers_per_trial, max_concurrent)
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "trials.json", json.dumps({**record, "parent_run_id": parent.run_id}, indent=2))
+        atomic_write(run_dir / "trials.json", json.dumps({**record, "request": request, "parent_run_id": parent.run_id},
+                                                         indent=2))
         if parent.run_id is not None and resume_id is None:
             parent.log_artifact(spec.path)
             parent.log_artifact(str(run_dir / "trials.json"))

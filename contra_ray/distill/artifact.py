@@ -177,13 +177,8 @@ class DistilledSet:
             raise ArtifactError(f"distilled set {path}: no such file")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                header = (f.metadata() or {}).get(_HEADER_KEY)
-                if header is None:
-                    raise ValueError(f"no '{_HEADER_KEY}' entry in the safetensors header")
+                doc = _header(f)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            doc = json.loads(header)
-            if doc.get("format") not in _READABLE:
-                raise ValueError(f"format {doc.get('format')!r}, expected one of {sorted(_READABLE)}")
             missing = [k for k in _CORE if k not in tensors]
             if missing:
                 raise ValueError(f"missing tensors {missing}")
@@ -209,6 +204,21 @@ class DistilledSet:
         return out
 
 
+def _header(f) -> dict:
+    """The contra_ray header of an open safetensors file (``safe_open``), checked to be a readable format.
+
+    Raises:
+        ValueError: no contra_ray entry, or a format this version cannot read.
+    """
+    header = (f.metadata() or {}).get(_HEADER_KEY)
+    if header is None:
+        raise ValueError(f"no '{_HEADER_KEY}' entry in the safetensors header")
+    doc = json.loads(header)
+    if doc.get("format") not in _READABLE:
+        raise ValueError(f"format {doc.get('format')!r}, expected one of {sorted(_READABLE)}")
+    return doc
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``meta`` of the set at ``path`` as written (format 1 keys not upgraded), from the safetensors header
     only: no tensor is read, so this is cheap for a set of any size.
@@ -221,12 +231,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise ArtifactError(f"distilled set {path}: no such file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = (f.metadata() or {}).get(_HEADER_KEY)
-        if header is None:
-            raise ValueError(f"no '{_HEADER_KEY}' entry in the safetensors header")
-        doc = json.loads(header)
-        if doc.get("format") not in _READABLE:
-            raise ValueError(f"format {doc.get('format')!r}, expected one of {sorted(_READABLE)}")
+            doc = _header(f)
     except Exception as e:  # safetensors raises its own error types, json/ValueError, OSError
         raise ArtifactError(f"distilled set {path}: corrupt or not a contra_ray artifact "
                             f"({type(e).__name__}: {e})") from None

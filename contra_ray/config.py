@@ -17,6 +17,7 @@ from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
 import yaml
 
+from contra_ray.common import storage
 from contra_ray.common.fileio import YAMLFileError, load_yaml
 from contra_ray.models import MODEL_NAMES, ModelSpec, is_distillable
 
@@ -180,15 +181,37 @@ class Config:
 
     # ------------------------------------------------------------------ derived values
     def run_dir(self) -> Path:
+        """The run's folder on this node: ``<output_dir>/<name>``; for a URI ``output_dir`` its node-local
+        mirror (:func:`contra_ray.common.storage.local_mirror`), published to :meth:`run_location`."""
+        if storage.is_uri(self.output_dir):
+            return storage.local_mirror(self.output_dir) / self.name
         return Path(self.output_dir) / self.name
 
+    def run_location(self) -> str:
+        """Where the run's files are published: ``<output_dir>/<name>`` (a local path or a URI)."""
+        return storage.join(self.output_dir, self.name)
+
     def expert_store(self) -> Path:
-        return Path(self.experts.store) if self.experts.store else self.run_dir() / "experts"
+        """The expert store's folder on this node (the local mirror of :meth:`expert_store_location`)."""
+        if self.experts.store:
+            return storage.local_mirror(self.experts.store) if storage.is_uri(self.experts.store) \
+                else Path(self.experts.store)
+        return self.run_dir() / "experts"
+
+    def expert_store_location(self) -> str:
+        """Where the expert store lives: ``experts.store`` or ``<run location>/experts`` (a path or a URI)."""
+        return str(self.experts.store) if self.experts.store else storage.join(self.run_location(), "experts")
+
+    def remote_locations(self) -> bool:
+        """Whether the run publishes to object storage (``output_dir`` or ``experts.store`` is a URI)."""
+        return storage.is_uri(self.output_dir) or storage.is_uri(self.experts.store)
 
     def tracking_uri(self) -> str:
+        """``tracking.uri``, else SQLite in the output folder (for a URI ``output_dir``: in its local mirror
+        on the driver's node; the driver alone writes to it)."""
         if self.tracking.uri:
             return self.tracking.uri
-        return f"sqlite:///{(Path(self.output_dir) / 'mlflow.db').resolve()}"
+        return f"sqlite:///{(storage.local_mirror(self.output_dir) / 'mlflow.db').resolve()}"
 
     def model_spec(self, num_classes: int, image_size: int, channels: int = 3) -> ModelSpec:
         return ModelSpec(self.model.name, num_classes, image_size, channels, self.model.width, self.model.depth)
@@ -218,9 +241,17 @@ class Config:
         for field, path in locations:
             if not path:
                 continue
-            if URI_SCHEME.match(str(path)):
-                bad(field, path, "object storage and other URIs are not supported yet: give a local path, on a "
-                                 "multi-node cluster a folder every node mounts (NFS, EFS, a ReadWriteMany volume)")
+            if field in ("output_dir", "experts.store"):
+                try:
+                    storage.check_location(field, path)
+                except storage.StorageError as e:
+                    raise ConfigError(str(e)) from None
+                if storage.is_uri(path):
+                    continue
+            elif URI_SCHEME.match(str(path)):
+                bad(field, path, "a URI is not supported for this field: give a local path (on a multi-node "
+                                 "cluster the driver prepares the data once and workers receive it through Ray's "
+                                 "object store; a streamed data set needs a folder every node mounts)")
             if job_dir is not None and not os.path.isabs(os.path.expanduser(str(path))):
                 bad(field, path, f"a relative path inside a Ray job with a working dir resolves into Ray's "
                                  f"temporary unpack folder {job_dir}, deleted with the job; give an absolute path "

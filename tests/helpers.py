@@ -4,6 +4,8 @@ gets it through PYTHONPATH). Test modules import from here, never from one anoth
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -230,3 +232,36 @@ def stop_own_cluster(temp_dir: str) -> None:
         pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
         if not pids:
             return
+
+
+def start_s3_server() -> tuple[subprocess.Popen, str]:
+    """moto's S3-compatible server on 127.0.0.1 (a free port); returns (process, endpoint URL) once it answers."""
+    import urllib.request
+
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).read()
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on {endpoint}") from None
+            time.sleep(0.2)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    """Create bucket ``name`` on the server; returns ``s3://name``."""
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key="testing", secret_key="testing",
+                      allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"

@@ -181,11 +181,9 @@ class Config:
 
     # ------------------------------------------------------------------ derived values
     def run_dir(self) -> Path:
-        """The run's folder on this node: ``<output_dir>/<name>``; for a URI ``output_dir`` its node-local
-        mirror (:func:`contra_ray.common.storage.local_mirror`), published to :meth:`run_location`."""
-        if storage.is_uri(self.output_dir):
-            return storage.local_mirror(self.output_dir) / self.name
-        return Path(self.output_dir) / self.name
+        """``<output_dir>/<name>`` on this node (a URI's node-local mirror, published to :meth:`run_location`)."""
+        base = storage.local_mirror(self.output_dir) if storage.is_uri(self.output_dir) else Path(self.output_dir)
+        return base / self.name
 
     def run_location(self) -> str:
         """Where the run's files are published: ``<output_dir>/<name>`` (a local path or a URI)."""
@@ -193,22 +191,17 @@ class Config:
 
     def expert_store(self) -> Path:
         """The expert store's folder on this node (the local mirror of :meth:`expert_store_location`)."""
-        if self.experts.store:
-            return storage.local_mirror(self.experts.store) if storage.is_uri(self.experts.store) \
-                else Path(self.experts.store)
-        return self.run_dir() / "experts"
+        if not self.experts.store:
+            return self.run_dir() / "experts"
+        store = self.experts.store
+        return storage.local_mirror(store) if storage.is_uri(store) else Path(store)
 
     def expert_store_location(self) -> str:
         """Where the expert store lives: ``experts.store`` or ``<run location>/experts`` (a path or a URI)."""
         return str(self.experts.store) if self.experts.store else storage.join(self.run_location(), "experts")
 
-    def remote_locations(self) -> bool:
-        """Whether the run publishes to object storage (``output_dir`` or ``experts.store`` is a URI)."""
-        return storage.is_uri(self.output_dir) or storage.is_uri(self.experts.store)
-
     def tracking_uri(self) -> str:
-        """``tracking.uri``, else SQLite in the output folder (for a URI ``output_dir``: in its local mirror
-        on the driver's node; the driver alone writes to it)."""
+        """``tracking.uri``, else SQLite in the output folder (a URI's mirror on the driver's node)."""
         if self.tracking.uri:
             return self.tracking.uri
         return f"sqlite:///{(storage.local_mirror(self.output_dir) / 'mlflow.db').resolve()}"

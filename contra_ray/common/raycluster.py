@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from contra_ray.common import storage
 from contra_ray.config import ConfigError
 
 __all__ = ["ensure_ray", "available_cpus", "cgroup_cpu_limit", "check_locations_on_nodes", "LocationNotShared",
@@ -136,16 +137,22 @@ class LocationNotShared(ConfigError):
 
 
 def _probe_on_node(probes: dict[str, str], token: str, reply_suffix: str) -> dict[str, str]:
-    """Ray task body: read each probe file's token and write a reply beside it; ``{field: problem}``."""
+    """Ray task body: read each probe file's token and write a reply beside it; ``{field: problem}``.
+    A probe may be a URI (object storage, :mod:`contra_ray.common.storage`)."""
+    from contra_ray.common import storage
+
     problems = {}
     for field, probe in probes.items():
         try:
-            if Path(probe).read_text() != token:
+            if storage.read_bytes(probe).decode() != token:
                 problems[field] = "sees another file at the probe's path"
                 continue
-            Path(probe + reply_suffix).write_text(token)
+            storage.write_bytes(probe + reply_suffix, token.encode())
         except FileNotFoundError:
-            problems[field] = "does not see the files the driver wrote there (a node-local folder?)"
+            problems[field] = ("does not see the files the driver wrote there (a node-local folder?)"
+                               if not storage.is_uri(probe) else "does not see the object the driver wrote there")
+        except storage.StorageError as e:
+            problems[field] = f"cannot read or write there ({e})"
         except OSError as e:
             problems[field] = f"cannot write there ({e.strerror or e})"
     return problems
@@ -175,6 +182,10 @@ def check_locations_on_nodes(locations: dict[str, str | os.PathLike], timeout_s:
     token = uuid.uuid4().hex
     probes, created = {}, []
     for field, folder in locations.items():
+        if storage.is_uri(folder):  # object storage: every node must reach it with its own credentials
+            probes[field] = storage.join(folder, f".contra_ray-probe-{token}")
+            storage.write_bytes(probes[field], token.encode())
+            continue
         d = Path(folder).expanduser().resolve()
         missing = [p for p in (d, *d.parents) if not p.exists()]
         d.mkdir(parents=True, exist_ok=True)
@@ -197,10 +208,14 @@ def check_locations_on_nodes(locations: dict[str, str | os.PathLike], timeout_s:
             for field, probe in probes.items():
                 if field in found:
                     problems.append(f"{where} {found[field]}: {field}={locations[field]!s}")
-                elif not Path(probe + f".{n['NodeID'][:12]}").is_file():
+                elif not storage.exists(probe + f".{n['NodeID'][:12]}"):
                     problems.append(f"{where} wrote into {field}={locations[field]!s} but this node does not see it")
     finally:
         for probe in probes.values():
+            if storage.is_uri(probe):
+                for n in [*nodes, {"NodeID": ""}]:
+                    storage.delete(probe + (f".{n['NodeID'][:12]}" if n["NodeID"] else ""))
+                continue
             for f in Path(probe).parent.glob(Path(probe).name + "*"):
                 f.unlink(missing_ok=True)
     if problems:
@@ -209,6 +224,7 @@ def check_locations_on_nodes(locations: dict[str, str | os.PathLike], timeout_s:
                 d.rmdir()
             except OSError:
                 pass  # not empty: something else wrote there meanwhile
-        raise LocationNotShared("; ".join(problems) + ". Every node of the cluster must see the same folder: put it "
-                               "on storage every node mounts (NFS, EFS, a ReadWriteMany volume)")
+        raise LocationNotShared("; ".join(problems) + ". Every node of the cluster must see the run's locations: use "
+                               "object storage (--output-dir s3://bucket/runs, gs://...; credentials on every node) "
+                               "or a folder every node mounts (NFS, EFS, a ReadWriteMany volume)")
     return len(nodes)

@@ -16,6 +16,7 @@ upload completed (S3 and GCS single-object semantics), so readers never see half
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -184,6 +185,10 @@ def _read_record(local: Path) -> dict:
         return {}
 
 
+def _excluded(rel: str, exclude: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatch(rel.split("/", 1)[0], pattern) for pattern in exclude)
+
+
 def _local_files(local: Path) -> list[str]:
     """Files of a mirror, without dot files (locks, temporaries, records) and without nested mirrors
     (a sub-folder with its own record is published by its own owner, e.g. the expert store)."""
@@ -193,21 +198,21 @@ def _local_files(local: Path) -> list[str]:
     out = []
     for p in local.rglob("*"):
         rel = p.relative_to(local)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts) \
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) and not p.name.endswith(".tmp") \
                 and not any(n in p.parents for n in nested):
             out.append(rel.as_posix())
     return sorted(out)
 
 
 def push(local_dir: str | os.PathLike, location: str | os.PathLike, *, files: Iterable[str] | None = None,
-         last: Iterable[str] = ()) -> list[str]:
+         last: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[str]:
     """Publish the files of the mirror ``local_dir`` (or only ``files``, relative paths) to the folder ``location``.
 
     Files named in ``last`` (relative paths, e.g. ``manifest.json``, ``store.json``) are uploaded after all
     others, so a reader that trusts them sees a complete copy. A file unchanged (size and mtime) since this
-    mirror last pushed or pulled it is skipped; the record is ``<local_dir>/.contra_ray-sync.json``. Dot files
-    and nested mirrors (sub-folders with their own record) are not published. A local ``location`` equal to
-    ``local_dir`` is a no-op.
+    mirror last pushed or pulled it is skipped; the record is ``<local_dir>/.contra_ray-sync.json``. Dot files,
+    ``*.tmp`` files, nested mirrors (sub-folders with their own record) and top-level names matching a
+    pattern in ``exclude`` are not published. A local ``location`` equal to ``local_dir`` is a no-op.
 
     Returns:
         The relative paths uploaded.
@@ -219,6 +224,7 @@ def push(local_dir: str | os.PathLike, location: str | os.PathLike, *, files: It
     if not is_uri(location) and Path(location).expanduser().resolve() == local.resolve():
         return []
     names = sorted(files) if files is not None else _local_files(local)
+    names = [n for n in names if not _excluded(n, exclude)]
     late = [n for n in last if n in names]
     order = [n for n in names if n not in late] + late
     record = _read_record(local)
@@ -266,8 +272,10 @@ def pull(location: str | os.PathLike, local_dir: str | os.PathLike, *, files: It
     """Fetch the files under the folder ``location`` (or only ``files``) into the mirror ``local_dir``.
 
     Each file is written to a temporary name and renamed, so a crash leaves no partial file. A file is
-    skipped when the mirror holds it as last fetched (same remote size and time, local file unchanged) or,
-    with no record of it, when the local file has the remote size. ``exclude``: top-level names not fetched.
+    skipped when the mirror holds it as last fetched (same remote size and modification time, which S3 keeps
+    in whole seconds; local file unchanged) or,
+    with no record of it, when the local file has the remote size. ``exclude``: patterns of top-level names
+    not fetched (``"*.partial"``).
     A local ``location`` equal to ``local_dir`` is a no-op.
 
     Returns:
@@ -280,9 +288,8 @@ def pull(location: str | os.PathLike, local_dir: str | os.PathLike, *, files: It
     if not is_uri(location) and Path(location).expanduser().resolve() == local.resolve():
         return []
     remote = _remote_files(location)
-    skip = set(exclude)
     names = sorted(n for n in (remote if files is None else files)
-                   if n in remote and n.split("/", 1)[0] not in skip and not Path(n).name.startswith("."))
+                   if n in remote and not _excluded(n, exclude) and not Path(n).name.startswith("."))
     record = _read_record(local)
     fs, root = filesystem(location)
     done = []

@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 
+from contra_ray.common import storage
 from contra_ray.common.fileio import atomic_write, sha256_file
 from contra_ray.config import Config, ConfigError
 
@@ -188,15 +189,21 @@ class LocalCheckpoints:
     """Checkpoints of an in-process run: ``<root>/iter_XXXXXXXX/`` (the format above), newest ``keep`` kept.
 
     Each checkpoint is written into a temporary sibling directory and renamed into place, so ``root``
-    only ever holds complete directories (and a torn manifest still fails validation).
+    only ever holds complete directories (and a torn manifest still fails validation). With ``location``
+    (a URI, :mod:`contra_ray.common.storage`), ``root`` is its node-local mirror: every checkpoint is published
+    there as soon as it is written (``manifest.json`` last) and older ones are deleted there too; ``load``
+    fetches the published ones first, so a run resumes on any node.
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 2):
+    def __init__(self, root: str | os.PathLike, keep: int = 2, location: str | None = None):
         self.root = Path(root)
         self.keep = max(1, keep)
+        self.location = location if location is not None and storage.is_uri(location) else None
 
     def load(self, log=print) -> dict | None:
         """The newest valid checkpoint's state, or ``None`` (see :func:`newest_valid`)."""
+        if self.location is not None:
+            storage.pull(self.location, self.root)
         found = newest_valid(checkpoint_dirs(self.root), log)
         if found is None:
             return None
@@ -211,13 +218,21 @@ class LocalCheckpoints:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if self.location is not None:
+            storage.push(final, storage.join(self.location, final.name), last=[MANIFEST_FILE])
         for old in checkpoint_dirs(self.root)[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
+            if self.location is not None:
+                storage.delete(storage.join(self.location, old.name))
         return final
 
     def clear(self) -> int:
         """Remove every checkpoint (``--no-resume``); returns how many there were."""
+        if self.location is not None:
+            storage.pull(self.location, self.root)
         dirs = checkpoint_dirs(self.root)
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+            if self.location is not None:
+                storage.delete(storage.join(self.location, d.name))
         return len(dirs)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from contra_ray.augment import dsa_if
+from contra_ray.common import storage
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config
 from contra_ray.data.prepare import PreparedData
@@ -362,7 +363,8 @@ def run_distillation(cfg: Config, data: PreparedData, store: ExpertStore, logger
             print(line, flush=True)
     checkpoints = None
     if d.checkpoint_every:
-        checkpoints = LocalCheckpoints(cfg.run_dir() / "checkpoints")
+        checkpoints = LocalCheckpoints(cfg.run_dir() / "checkpoints",
+                                       location=storage.join(cfg.run_location(), "checkpoints"))
         if not resume:
             n = checkpoints.clear()
             if n and progress is not None:

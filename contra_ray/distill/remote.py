@@ -15,8 +15,11 @@ bit-identically on CPU; a changed field that alters the result is refused by nam
 Driver (:func:`run_distributed`): prepares the data (fills the on-disk cache the workers read), trains
 missing experts, opens the MLflow run, fits :func:`make_trainer`'s ``TorchTrainer``, then logs the
 artifact and curves. Rank 0 logs per-iteration metrics to that MLflow run and writes
-``<run_dir>/distilled.safetensors``. On a multi-node cluster ``output_dir``, the data cache and the
-tracking store must be on storage every node sees (NFS, EFS, a ReadWriteMany volume).
+``<run_dir>/distilled.safetensors``. On a multi-node cluster ``output_dir`` (and ``experts.store``) is a URI
+(``s3://…``, ``gs://…``: Ray Train's ``storage_path`` and the published store and set,
+:mod:`contra_ray.common.storage`) or a folder every node mounts; the data reach the workers through Ray's
+object store (a streamed set through ``data.cache_dir``, then a shared folder); only the driver's node writes
+to MLflow.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from typing import Any, Callable
 import torch
 
 from contra_ray.augment import dsa_if
+from contra_ray.common import storage
 from contra_ray.common.cli import cli_error
 from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.config import Config, ConfigError, config_from_dict
+from contra_ray.data.imagenet import in_memory
 from contra_ray.data.prepare import PreparedData, prepare_data
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.checkpoint import (
@@ -101,11 +106,29 @@ class PreparedSetup:
         return self.data, ExpertStore.open(self.store_path)
 
 
-def _default_setup(cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
-    """Load the data through the on-disk cache the driver filled and open the (checked) expert store."""
+@dataclasses.dataclass
+class ClusterSetup:
+    """The default setup of :func:`run_distributed`: the data the driver prepared, from Ray's object store
+    (``data_ref``; ``None``: a streamed set, read through the on-disk cache the driver filled), and the expert
+    store fetched from its location into this node's mirror (once per node, under a lock)."""
 
-    data = prepare_data(cfg, with_test=with_test)
-    store = ExpertStore.open(cfg.expert_store())
+    data_ref: Any = None
+
+    def __call__(self, cfg: Config, with_test: bool) -> tuple[PreparedData, Any]:
+        return _default_setup(cfg, with_test, self.data_ref)
+
+
+def _default_setup(cfg: Config, with_test: bool, data_ref: Any = None) -> tuple[PreparedData, Any]:
+    """The prepared data (from the object store, else through the on-disk cache the driver filled) and the
+    (checked) expert store, fetched from its location when that is a URI."""
+    if data_ref is not None:
+        import ray
+
+        data = ray.get(data_ref)
+    else:
+        data = prepare_data(cfg, with_test=with_test)
+    with storage.pulled(cfg.expert_store_location(), "the expert store") as path:
+        store = ExpertStore.open(path)
     d = cfg.distill
     store.check_compatible(data.spec, data.train.dataset_id, cfg.data.zca, d.max_start_epoch + d.expert_epochs,
                            data.preprocessor.fingerprint())
@@ -242,6 +265,8 @@ def train_loop_per_worker(config: dict) -> dict:
     progress.update(start=result.start_iteration, s_per_iter=result.s_per_iter)
     if rank == 0:
         distiller.to_artifact(data.preprocessor, data.train).save(cfg.run_dir() / "distilled.safetensors")
+        if storage.is_uri(cfg.output_dir):  # this node's mirror -> the run's location, read by the driver
+            storage.push(cfg.run_dir(), cfg.run_location(), files=["distilled.safetensors"])
     return summary(error=None)
 
 
@@ -271,11 +296,12 @@ class DistributedRun:
 def _with_absolute_paths(cfg: Config) -> Config:
     """A copy whose paths do not depend on the working directory (Ray workers run elsewhere)."""
     cfg = config_from_dict(cfg.to_dict())
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    if not storage.is_uri(cfg.output_dir):
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-    if cfg.experts.store:
+    if cfg.experts.store and not storage.is_uri(cfg.experts.store):
         cfg.experts.store = str(Path(cfg.experts.store).expanduser().resolve())
     return cfg
 
@@ -312,6 +338,7 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
         raise ConfigError(f"--num-workers={num_workers}: must be >= 1")
     cfg = _with_absolute_paths(cfg)
     threads = max(1, cfg.threads)
+    storage_path, storage_filesystem = storage.ray_storage(storage.join(cfg.output_dir, "ray_train"))
     loop_config = {"cfg": cfg.to_dict(), "use_gpu": use_gpu, "threads": threads, "resume": resume,
                    "run_token": uuid.uuid4().hex, "setup": setup, "fault": fault,
                    "tracking_uri": cfg.tracking_uri(), "tracking_run_id": tracking_run_id,
@@ -322,7 +349,8 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": threads}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(Path(cfg.output_dir) / "ray_train"), callbacks=callbacks or None,
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+            callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)))
 
@@ -347,8 +375,11 @@ def fit_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
             saved = read_checkpoint(path)
         state, history = saved["distiller"], saved["history"]
     summary = dict(result.return_value or {})
-    return DistributedRun(result, state, history, summary, _with_absolute_paths(cfg).run_dir() /
-                          "distilled.safetensors", summary.get("error"))
+    cfg = _with_absolute_paths(cfg)
+    if storage.is_uri(cfg.output_dir) and summary.get("error") is None:  # rank 0 published it; fetch it here
+        storage.pull(cfg.run_location(), cfg.run_dir(), files=["distilled.safetensors"])
+    return DistributedRun(result, state, history, summary, cfg.run_dir() / "distilled.safetensors",
+                          summary.get("error"))
 
 
 def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True,
@@ -386,12 +417,19 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
             return cli_error(f"{msg}; use fewer workers, or drop --use-gpu to train on CPUs")
         print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)
     try:
-        # every node must see the folders the workers read and write (a node-local folder fails here, not later)
-        check_locations_on_nodes({"output_dir": cfg.output_dir, "data.cache_dir": cfg.data.cache_dir,
-                                  "experts.store": cfg.expert_store().parent})
-        data = prepare_data(cfg)  # fills the cache the workers read
+        # every node must reach the locations the workers read and write (a node-local folder fails here, not
+        # later); the data reach the workers through Ray's object store, except a streamed set (the cache)
+        store_location = cfg.expert_store_location()
+        shared = {"output_dir": cfg.output_dir,
+                  "experts.store": store_location if storage.is_uri(store_location) else cfg.expert_store().parent}
+        streamed = not in_memory(cfg.data)
+        if streamed:
+            shared["data.cache_dir"] = cfg.data.cache_dir
+        check_locations_on_nodes(shared)
+        data = prepare_data(cfg)
         plan = check_memory(cfg, data, workers=num_workers)
         ensure_experts(cfg, data, train_missing=train_missing)
+        setup = ClusterSetup(None if streamed else ray.put(data))
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
     if cfg.tracking.enabled:
@@ -399,7 +437,7 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
     try:
         with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=note) as logger:
             try:
-                run = fit_distributed(cfg, num_workers, use_gpu, resume, max_failures=max_failures,
+                run = fit_distributed(cfg, num_workers, use_gpu, resume, setup=setup, max_failures=max_failures,
                                       tracking_run_id=logger.run_id, announced_mode=plan.mode)
             except TrainingFailedError as e:
                 raise _RunFailed(f"distributed distillation failed ({max_failures} restart(s) allowed): {e}") from e

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from contra_ray.augment import DSA, dsa_if
+from contra_ray.common import storage
 from contra_ray.common.fileio import atomic_write, wait_lock
 from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.common.seeds import derive_seed
@@ -22,7 +23,7 @@ from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beto
 from contra_ray.data.prepare import PreparedData
 from contra_ray.data.preprocess import Preprocessor
 from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, difficulty_from_first_correct
-from contra_ray.experts.store import ExpertStore, ExpertStoreError, reference_expert_id
+from contra_ray.experts.store import ExpertStore, ExpertStoreError, partial_dir, reference_expert_id
 from contra_ray.experts.training import Augment, first_correct_epoch, train_expert
 from contra_ray.models import ModelSpec
 
@@ -58,15 +59,23 @@ def _expert_task(expert_id: int, seed: int, data: tuple, spec: ModelSpec, cfg: E
                  order: SampleOrder | None, augment_factory: Callable[[], Augment] | None, device: str,
                  threads: int, resume_dir: str | None = None,
                  epoch_hook: Callable[[int, int], None] | None = None,
-                 loader_factory: Callable | None = None) -> tuple[int, torch.Tensor, list[float]]:
+                 loader_factory: Callable | None = None,
+                 resume_location: str | None = None) -> tuple[int, torch.Tensor, list[float]]:
     """Body of one Ray task: train one expert (resuming from ``resume_dir``), print one line per epoch
     (forwarded to the driver), then call ``epoch_hook(expert_id, epoch)`` (tests inject faults there).
-    ``loader_factory(device, num_workers)`` builds the batch source in the task (FFCV, ``threads`` workers)."""
+    ``loader_factory(device, num_workers)`` builds the batch source in the task (FFCV, ``threads`` workers).
+    ``resume_location``: the URI ``resume_dir`` mirrors (an expert store on object storage): fetched before
+    training and published after every saved epoch (``state.pt`` last), so a retry on any node resumes."""
     train_x, train_y, test_x, test_y = data
+    remote = resume_location if resume_dir is not None and storage.is_uri(resume_location) else None
+    if remote is not None:
+        storage.pull(remote, resume_dir)
     augment = augment_factory() if (augment_factory is not None and cfg.dsa) else None
     loader = loader_factory(device, threads) if loader_factory is not None else None
 
     def progress(s):
+        if remote is not None:
+            storage.push(resume_dir, remote, last=["state.pt"])
         print(s.line(), flush=True)
         if epoch_hook is not None:
             epoch_hook(expert_id, s.epoch)
@@ -173,12 +182,21 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         loader_factory = _ffcv_factory(x, meta, train_y, spec, preprocessor_state)
         if x.ffcv_mode == "jpeg":
             meta["recipe"]["pixels"] = "ffcv-jpeg"  # lossy: not the pixels the other loaders serve
-    path = cfg.expert_store()
+    path, location = cfg.expert_store(), cfg.expert_store_location()
+    if storage.is_uri(location):
+        storage.pull(location, path, exclude=["*.partial"])
     if (path / "store.json").exists():
         store = ExpertStore.open(path)
         _refuse_incompatible(store, json.loads(json.dumps(meta)))
     else:
         store = ExpertStore.create(path, meta, preprocessor_state)
+
+    def publish(finished: int | None = None) -> None:
+        """Publish the store (the index and store.json last) and drop a finished expert's resume state."""
+        if storage.is_uri(location):
+            storage.push(path, location, last=["index.parquet", "store.json"], exclude=["*.partial"])
+            if finished is not None:
+                storage.delete(storage.join(location, partial_dir(location, finished).name))
 
     todo = []
     for i in range(x.num_experts):
@@ -187,11 +205,12 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
                 continue
             warnings.warn(f"expert store {path}: expert {i} fails its checksum; retraining it", stacklevel=2)
         todo.append(i)
+    publish()
     if not todo:
         return store
     started = ensure_ray()
-    # expert tasks keep their resume state (expert_XXXX.partial/) in the store: every node must see it
-    check_locations_on_nodes({"experts.store": path.parent})
+    # expert tasks keep their resume state (expert_XXXX.partial/) in the store: every node must reach it
+    check_locations_on_nodes({"experts.store": location if storage.is_uri(location) else path.parent})
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if x.cpus_per_expert > cpus:
         msg = f"experts.cpus_per_expert={x.cpus_per_expert}: the Ray cluster has only {cpus} CPUs"
@@ -207,7 +226,8 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         data_ref = ray.put((train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long()))
     pending = {task.remote(i, derive_seed(x.seed, "expert", i), data_ref, spec, x,
                            order_factory(i) if order_factory else None, augment_factory, cfg.device, threads,
-                           str(store.partial_dir(i)), epoch_hook, loader_factory): i for i in todo}
+                           str(store.partial_dir(i)), epoch_hook, loader_factory,
+                           storage.join(location, partial_dir(location, i).name)): i for i in todo}
     failures: list[tuple[int, BaseException]] = []
     bar = tqdm(total=x.num_experts, initial=x.num_experts - len(todo), desc="experts", unit="expert")
     try:
@@ -221,6 +241,7 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
                 bar.write(f"expert {expert_id:04d} failed: {type(e).__name__}: {e}")
                 continue
             store.add(expert_id, derive_seed(x.seed, "expert", expert_id), traj, acc)
+            publish(expert_id)
             bar.update(1)
             bar.set_postfix(last=expert_id, test_acc=f"{acc[-1]:.4f}")
     finally:
@@ -287,6 +308,8 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
     if train_missing:
         # two runs sharing a store (--experts, one preset's default) must not train the same expert at once
         with wait_lock(path.parent / f".{path.name}.lock", f"training the experts of {path}"):
+            if storage.is_uri(cfg.expert_store_location()):  # the published store (and its difficulty ranks)
+                storage.pull(cfg.expert_store_location(), path, exclude=["*.partial"])
             order_factory = None
             if cfg.experts.curriculum:
                 rank = curriculum_rank(cfg, data)
@@ -296,6 +319,8 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
                                   store_meta(cfg, data), data.preprocessor.state_dict(),
                                   order_factory=order_factory)
     else:
+        if storage.is_uri(cfg.expert_store_location()):
+            storage.pull(cfg.expert_store_location(), path, exclude=["*.partial"])
         store = ExpertStore.open(path)
         x, ids = cfg.experts, store.expert_ids
         if len(ids) < x.num_experts:

@@ -38,6 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from contra_ray.common import storage
 from contra_ray.common.fileio import ensure_writable_dir
 from contra_ray.config import ConfigError, flatten_dotted
 
@@ -169,7 +170,8 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
                        timeout_s: float = 5.0, cache_dir: str | os.PathLike | None = None) -> None:
     """Fail fast, before any work, if results could not be written: call at the start of every CLI.
 
-    * ``output_dir``: created if missing and proven writable (a temporary file is created and removed).
+    * ``output_dir``: created if missing and proven writable (a temporary file is created and removed); a URI:
+      one object written and deleted there, then its node-local mirror as a folder.
     * ``cache_dir`` (``data.cache_dir``; skip with ``None``): the same.
     * ``tracking_uri`` (skip with ``None``, e.g. tracking disabled): ``sqlite:///PATH`` -> PATH's
       directory creatable and writable, and PATH, if it exists, a writable SQLite database; ``file:`` URIs
@@ -184,6 +186,14 @@ def check_destinations(output_dir: str | os.PathLike | None, tracking_uri: str |
     Raises:
         ConfigError: one line naming the field (``output_dir`` / ``tracking.uri``), its value and why.
     """
+    if output_dir is not None and storage.is_uri(output_dir):  # object storage: one probe object, then its mirror
+        probe = storage.join(output_dir, f".contra_ray-write-test-{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"")
+            storage.delete(probe)
+        except storage.StorageError as e:
+            raise ConfigError(f"output_dir={str(output_dir)!r}: not writable: {e}") from None
+        output_dir = storage.local_mirror(output_dir)
     if output_dir is not None:
         try:
             ensure_writable_dir(output_dir)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
+from contra_ray.common import storage
 from contra_ray.common.cli import DISTILL_HELP, add_common_args, cli_entry, cli_error, config_from_args, interrupted
 from contra_ray.common.fileio import RunInUse, run_lock
 from contra_ray.config import Config, ConfigError, DistillConfig, check_device
@@ -68,16 +70,45 @@ def precheck_resume(cfg: Config, distributed: bool) -> None:
         ConfigError: naming the changed fields (see :func:`contra_ray.distill.checkpoint.check_resumable`
             and :func:`check_finished_run`).
     """
-    from pathlib import Path
-
-
     continues = False
-    for root in (cfg.run_dir() / "checkpoints", Path(cfg.output_dir) / "ray_train" / cfg.name):
+    fetch_run(cfg)
+    for root in (cfg.run_dir() / "checkpoints", ray_train_dir(cfg)):
         found = newest_valid(checkpoint_dirs(root), log=lambda line: None)  # the loop reports a torn one
         if found is not None:
             check_resumable(found[1].get("config"), cfg, found[0], int(found[1]["distiller"]["iteration"]))
             continues = True
     check_finished_run(cfg, continues)
+
+
+def ray_train_dir(cfg: Config) -> Path:
+    """The folder of the run's Ray Train checkpoints on this node: ``<output_dir>/ray_train/<name>``, or the
+    node-local mirror of that location for a URI ``output_dir`` (filled by :func:`fetch_run`)."""
+    return storage.local_mirror(storage.join(cfg.output_dir, "ray_train", cfg.name))
+
+
+def fetch_run(cfg: Config) -> None:
+    """A URI ``output_dir``: fetch what the run already published (its set, checkpoints, results; Ray
+    Train's checkpoints) into this node's mirror, so resuming and the checks before work read them. The
+    expert store is fetched by :func:`contra_ray.experts.ensure_experts`. Local: nothing to do.
+
+    Raises:
+        ConfigError: the location cannot be read (names it and the cause).
+    """
+    if not storage.is_uri(cfg.output_dir):
+        return
+    try:
+        storage.pull(cfg.run_location(), cfg.run_dir(), exclude=["experts"])
+        storage.pull(storage.join(cfg.output_dir, "ray_train", cfg.name), ray_train_dir(cfg))
+    except storage.StorageError as e:
+        raise ConfigError(f"output_dir={cfg.output_dir!r}: {e}") from None
+
+
+def publish_run(cfg: Config) -> None:
+    """A URI ``output_dir``: publish the run's folder (set, results, pictures) from this node's mirror to
+    :meth:`~contra_ray.config.Config.run_location` (checkpoints and the expert store are published as they
+    are written). Local: nothing to do."""
+    if storage.is_uri(cfg.output_dir):
+        storage.push(cfg.run_dir(), cfg.run_location(), exclude=["experts", "checkpoints"])
 
 
 def check_finished_run(cfg: Config, continues: bool) -> None:
@@ -138,12 +169,8 @@ def experts_interrupted_message(cfg: Config, then: str = "distills") -> str | No
 
 def interrupted_message(cfg: Config) -> str:
     """What a user reads after Ctrl-C: where the run stands and what rerunning the same command does."""
-    from pathlib import Path
-
-
     every = cfg.distill.checkpoint_every
-    if every and (checkpoint_dirs(cfg.run_dir() / "checkpoints")
-                  or checkpoint_dirs(Path(cfg.output_dir) / "ray_train" / cfg.name)):
+    if every and (checkpoint_dirs(cfg.run_dir() / "checkpoints") or checkpoint_dirs(ray_train_dir(cfg))):
         return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
                 "iterations); rerun the same command to resume from it")
     experts = experts_interrupted_message(cfg)
@@ -183,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_in_run_dir(cfg: Config, work) -> int:
-    """``work()`` (returns an exit status) holding the run directory's lock (:func:`contra_ray.common.fileio.run_lock`).
+    """``work()`` (returns an exit status) holding the run directory's lock (:func:`contra_ray.common.fileio.run_lock`),
+    then (also after a failure or Ctrl-C) :func:`publish_run`.
 
     Returns 2 with one line if another process holds the run directory, and 130 with
     :func:`interrupted_message` on Ctrl-C; otherwise ``work()``'s status.
     """
     try:
-        with run_lock(cfg.run_dir()):  # one process per run directory
-            return work()
+        with run_lock(cfg.run_dir()):  # one process per run directory (on this node)
+            try:
+                return work()
+            finally:
+                publish_run(cfg)
     except RunInUse as e:
         return cli_error(e)
     except KeyboardInterrupt:
@@ -221,5 +252,5 @@ def _run(cfg: Config, args: argparse.Namespace) -> int:
             log_set_visuals(cfg, artifact, history, data.preprocessor, logger)
     except DistillationDiverged as e:
         return cli_error(f"{type(e).__name__}: {e}", 1)
-    print(f"distilled set: {out}  (syn_lr {artifact.syn_lr:.5f})")
+    print(f"distilled set: {storage.join(cfg.run_location(), out.name)}  (syn_lr {artifact.syn_lr:.5f})")
     return 0

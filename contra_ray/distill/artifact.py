@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from contra_ray.common import storage
 from contra_ray.common.fileio import atomic_write
 from contra_ray.models import ModelSpec
 
@@ -54,6 +55,19 @@ class ArtifactError(Exception):
 
 class ArtifactMismatchError(ValueError):
     """A distilled set does not match the data it is used with; the message names the field and both values."""
+
+
+def _fetch(uri: str) -> Path:
+    """The node-local copy of the set at ``uri`` (fetched if missing or changed). Raises: ArtifactError."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        storage.check_location("--artifact", uri)
+        if not storage.exists(uri):
+            raise ArtifactError(f"distilled set {uri}: no such file")
+        storage.pull(parent, storage.local_mirror(parent), files=[name])
+    except storage.StorageError as e:
+        raise ArtifactError(f"distilled set {uri}: {e}") from None
+    return storage.local_mirror(parent) / name
 
 
 @dataclasses.dataclass
@@ -167,7 +181,12 @@ class DistilledSet:
             ArtifactError: the file is missing, unreadable, not a safetensors file, lacks the contra_ray
                 header or tensors, holds invalid tensors, or lacks required meta (named, with the file's
                 format version); the message names ``path``.
+
+        ``path`` may be a URI (``s3://bucket/runs/run/distilled.safetensors``): the file is fetched into this
+        node's mirror of it first (:mod:`contra_ray.common.storage`).
         """
+        if storage.is_uri(path):
+            path = _fetch(str(path))
         path = Path(path)
         if path.is_dir():
             hint = path / "distilled.safetensors"

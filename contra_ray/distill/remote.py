@@ -448,7 +448,8 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
             log_set_visuals(cfg, artifact, run.history, data.preprocessor, logger)
     except _RunFailed as e:
         return cli_error(e, 1)
-    print(f"distilled set: {storage.join(cfg.run_location(), run.artifact.name)}  (syn_lr {artifact.syn_lr:.5f}, {num_workers} worker(s), "
+    where = storage.join(cfg.run_location(), run.artifact.name)
+    print(f"distilled set: {where}  (syn_lr {artifact.syn_lr:.5f}, {num_workers} worker(s), "
           f"{run.summary.get('s_per_iter', float('nan')):.3f} s/iteration)")
     return 0
 

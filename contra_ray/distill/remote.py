@@ -59,7 +59,8 @@ from contra_ray.experts.store import ExpertStore, ExpertStoreError
 from contra_ray.plots import log_set_visuals
 from contra_ray.tracking import RunLogger, init_tracking, tracking_client
 
-__all__ = ["CheckpointError", "FaultInjection", "PreparedSetup", "DistributedRun", "RayTrainCheckpoints",
+__all__ = ["CheckpointError", "FaultInjection", "PreparedSetup", "ClusterSetup", "DistributedRun",
+           "RayTrainCheckpoints",
            "worker_share", "write_checkpoint", "read_checkpoint", "train_loop_per_worker", "make_trainer",
            "fit_distributed", "run_distributed"]
 

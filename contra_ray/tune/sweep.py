@@ -18,9 +18,11 @@ from typing import Any
 
 import yaml
 
+from contra_ray.common import storage
 from contra_ray.common.fileio import atomic_write, run_lock
-from contra_ray.common.raycluster import ensure_ray
+from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.config import Config, check_run_name, config_from_dict, flatten_dotted, parse_overrides, set_dotted
+from contra_ray.data.imagenet import in_memory
 from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.checkpoint import resume_mismatches
 from contra_ray.experts.remote import ensure_experts
@@ -79,12 +81,14 @@ class SweepResult:
 
 
 def _absolute(cfg: Config) -> None:
-    """Make the config's paths independent of the working directory (trials run elsewhere)."""
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    """Make the config's paths independent of the working directory (trials run elsewhere); URIs stay."""
+    if not storage.is_uri(cfg.output_dir):
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-    cfg.experts.store = str(cfg.expert_store().expanduser().resolve())
+    location = cfg.expert_store_location()
+    cfg.experts.store = location if storage.is_uri(location) else str(cfg.expert_store().expanduser().resolve())
     if cfg.tracking.uri is None:
         cfg.tracking.uri = cfg.tracking_uri()
 
@@ -132,7 +136,7 @@ def _trial_namer(ctx: SweepContext):
     return name
 
 
-def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, storage: Path, max_concurrent: int | None,
+def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, tune_location: str, max_concurrent: int | None,
                 gpus_per_trial: float | None, verbose: int, num_samples: int, restore: bool):
     """The Tuner: the space as ``param_space`` (:func:`contra_ray.tune.space.param_space`), ASHA on the
     proxy metric, resources per trial; or, with ``restore``, the interrupted sweep's Tuner
@@ -151,9 +155,11 @@ def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, storage: Path, ma
     if a is not None:
         scheduler = ASHAScheduler(time_attr="iteration", metric=spec.metric, mode=spec.mode, **a)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    storage_path, storage_filesystem = storage.ray_storage(tune_location)
     if restore:
-        return tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        return tune.Tuner.restore(storage.join(tune_location, name) if storage_filesystem is None else
+                                  f"{storage_path}/{name}", trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True, storage_filesystem=storage_filesystem)
     search = None if spec.algorithm == "grid" else BasicVariantGenerator(random_state=spec.seed)
     namer = _trial_namer(ctx)
     return tune.Tuner(
@@ -162,7 +168,8 @@ def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, storage: Path, ma
         tune_config=tune.TuneConfig(num_samples=1 if spec.algorithm == "grid" else num_samples, scheduler=scheduler,
                                     search_alg=search, reuse_actors=False, max_concurrent_trials=max_concurrent,
                                     trial_name_creator=namer, trial_dirname_creator=namer),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 
@@ -210,7 +217,9 @@ def _log_best(parent, run_dir: Path, best: dict, best_config: dict, trial_config
     """Write ``best_config.yaml``; log it, the best set and its grid to the parent run under ``best/``,
     tag the parent with the best child's run id and name; print them."""
     atomic_write(run_dir / "best_config.yaml", yaml.safe_dump(best_config, sort_keys=False))
-    best_dir = Path(trial_config["output_dir"]) / trial_config["name"]
+    trial = config_from_dict(trial_config, validate=False)
+    best_dir = trial.run_dir()  # this node's mirror of a URI: the best trial may have run on another node
+    storage.pull(trial.run_location(), best_dir, files=["distilled.safetensors", "distilled_grid.png"])
     parent.log_metrics({"best_final_acc": best["final_acc"], "best_final_acc_std": best["final_acc_std"]})
     parent.log_params({"best.trial": best["name"], **{f"best.{f}": v for f, v in best["searched"].items()}})
     parent.set_tags({"best_run_name": best["name"], **({"best_run_id": best["run_id"]} if best.get("run_id") else {})})
@@ -221,7 +230,8 @@ def _log_best(parent, run_dir: Path, best: dict, best_config: dict, trial_config
     print(f"[tune] best: {best['name']}  " + "  ".join(f"{f}={v}" for f, v in best["searched"].items()) +
           f"  final acc {best['final_acc']:.2f} ± {best['final_acc_std']:.2f}%\n[tune] best config "
           f"({run_dir / 'best_config.yaml'}: rerun with python -m contra_ray.pipeline --preset "
-          f"{run_dir / 'best_config.yaml'}; distilled set {best_dir / 'distilled.safetensors'}):\n"
+          f"{run_dir / 'best_config.yaml'}; distilled set {storage.join(trial.run_location(), 'distilled.safetensors')}"
+          "):\n"
           + yaml.safe_dump({"distill": best_config["distill"]}, sort_keys=False), flush=True)
 
 
@@ -293,14 +303,21 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
 
     if str(base_cfg.device).startswith("cuda") and not use_gpu:
         raise SweepError(f"device={base_cfg.device!r} (preset {spec.preset}): pass --use-gpu (or override device=cpu)")
-    run_dir = Path(base_cfg.output_dir) / name
+    location = storage.join(base_cfg.output_dir, name)  # the sweep's folder: a path or a URI
+    run_dir = storage.local_mirror(location) if storage.is_uri(location) else Path(location)
     with run_lock(run_dir):  # one sweep per name: a second one is refused (RunInUse) before any work
+        storage.pull(location, run_dir, files=["trials.json", "results.txt", "best_config.yaml"])
         request = _sweep_request(spec, probe_points)
-        _check_earlier_sweep(run_dir, request, overwrite)
-        return _run_owned(spec, base, base_cfg, name, run_dir, request, num_samples=num_samples,
-                          max_concurrent=max_concurrent, workers_per_trial=workers_per_trial, use_gpu=use_gpu,
-                          gpus_per_trial=gpus_per_trial, strict=strict, tracking=tracking, verbose=verbose,
-                          note=note, threads=threads)
+        _check_earlier_sweep(run_dir, request, overwrite, location)
+        try:
+            return _run_owned(spec, base, base_cfg, name, run_dir, request, num_samples=num_samples,
+                              max_concurrent=max_concurrent, workers_per_trial=workers_per_trial, use_gpu=use_gpu,
+                              gpus_per_trial=gpus_per_trial, strict=strict, tracking=tracking, verbose=verbose,
+                              note=note, threads=threads)
+        finally:  # the sweep's own files (trial folders are published by their trials)
+            if storage.is_uri(location) and run_dir.is_dir():
+                storage.push(run_dir, location, files=[f for f in ("trials.json", "results.txt", "best_config.yaml")
+                                                       if (run_dir / f).is_file()])
 
 
 # fields a sweep rerun may change without changing its results: locations, resources, execution strategy,
@@ -345,12 +362,12 @@ def sweep_differences(earlier: dict, now: dict) -> list[str]:
     return list(dict.fromkeys(out))  # a fixed field differs alike in every trial: say it once
 
 
-def _check_earlier_sweep(run_dir: Path, request: dict, overwrite: bool) -> None:
+def _check_earlier_sweep(run_dir: Path, request: dict, overwrite: bool, location: str | None = None) -> None:
     """Refuse to replace an earlier sweep of this name (``<run_dir>/trials.json``) that had another
     configuration, unless ``overwrite``: then its trial directories, ``results.txt``, ``best_config.yaml`` and
     Tune's experiment state (``<output_dir>/tune/<name>``) are removed first
-    (a trial of the same name would otherwise resume the old trial's checkpoint). The
-    same configuration runs again, as it always did.
+    (a trial of the same name would otherwise resume the old trial's checkpoint), also at ``location`` (the
+    sweep's URI, whose mirror ``run_dir`` is). The same configuration runs again, as it always did.
 
     Raises:
         SweepError: naming every differing field and the ``--overwrite`` / ``--name`` ways out.
@@ -382,6 +399,10 @@ def _check_earlier_sweep(run_dir: Path, request: dict, overwrite: bool) -> None:
     tune_state = run_dir.parent / "tune" / run_dir.name  # Tune's experiment state: a rerun would restore it
     if tune_state.is_dir():
         shutil.rmtree(tune_state)
+    if storage.is_uri(location):
+        for f in [*removed, "results.txt", "best_config.yaml", "trials.json"]:
+            storage.delete(storage.join(location, f))
+        storage.delete(storage.join(location.rstrip("/").rpartition("/")[0], "tune", run_dir.name))
     print(f"[tune] --overwrite: replacing sweep {run_dir.name!r} ({'; '.join(diff)}); removed "
           f"{len(removed)} trial director{'y' if len(removed) == 1 else 'ies'} of it", flush=True)
 
@@ -393,7 +414,20 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
     """The rest of :func:`run_sweep`, holding the sweep's run directory: data and experts, the full
     expansion, the Tuner, the ranking and the MLflow parent run."""
     ensure_ray()
+    import ray
+
+    location = storage.join(base_cfg.output_dir, name)
+    # every node must reach the sweep's locations (trials run anywhere); the data reach them through Ray's
+    # object store, a streamed set through data.cache_dir, which must then be shared too
+    streamed = not in_memory(base_cfg.data)
+    store_location = base_cfg.experts.store
+    shared = {"output_dir": base_cfg.output_dir if storage.is_uri(base_cfg.output_dir) else run_dir.parent,
+              "experts.store": store_location if storage.is_uri(store_location) else Path(store_location).parent}
+    if streamed:
+        shared["data.cache_dir"] = base_cfg.data.cache_dir
+    check_locations_on_nodes(shared)
     store_of = expert_store_resolver(spec, base, base_cfg.experts.store)
+    data_refs: dict[str, object] = {}
     prepared: dict[str, tuple] = {}  # store directory -> (data, expert store): trained once per setting
 
     def setup(cfg: Config) -> tuple:
@@ -402,8 +436,10 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
             scfg = copy.deepcopy(cfg)
             scfg.experts.store = path
             print(f"[tune] data and experts for {spec.preset} (store {path})", flush=True)
-            data = prepare_data(scfg)  # fills the cache every trial reads
+            data = prepare_data(scfg)
             prepared[path] = (data, ensure_experts(scfg, data, train_missing=True))
+            if not streamed:  # trials get the prepared data from the object store, not by decoding per node
+                data_refs[path] = ray.put(data)
         return prepared[path]
 
     setup(base_cfg)
@@ -419,7 +455,7 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
     points, notes = expand_space(spec, base, "error" if strict else "drop", check=check, num_samples=num_samples)
     for p in points:  # trial run directories <output_dir>/<sweep>/<trial>, the expert store of its setting
         p.config["experts"]["store"] = store_of(p.config)
-        p.config["output_dir"], p.config["name"] = str(run_dir), p.name
+        p.config["output_dir"], p.config["name"] = location, p.name
     for note in notes:
         print(f"[tune] {note}", flush=True)
     searched = list(points[0].searched)
@@ -431,7 +467,7 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
               f"num_samples={num_samples or spec.num_samples} per grid point)", flush=True)
 
     # an earlier run of this sweep name: resumed if it ran the same trials, else refused
-    storage = Path(base_cfg.output_dir) / "tune"
+    tune_location = storage.join(base_cfg.output_dir, "tune")
     record = {"space": spec.path, "search": spec.algorithm, "num_samples": num_samples or spec.num_samples,
               "notes": notes, "trials": [dataclasses.asdict(p) for p in points]}
     previous = _read_record(run_dir / "trials.json")
@@ -442,7 +478,8 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
                              "the same space and settings to resume it, or choose another --name")
     from ray.tune import Tuner
 
-    restore = Tuner.can_restore(storage / name)
+    tune_path, tune_fs = storage.ray_storage(tune_location)
+    restore = Tuner.can_restore(f"{tune_path}/{name}", storage_filesystem=tune_fs)
 
     experiment_id = None
     if tracking:
@@ -457,7 +494,8 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
     with RunLogger(parent_cfg, name, enabled=tracking, role="sweep", entry_point="contra_ray.tune",
                    note=note, resume_run_id=resume_id) as parent:
         if restore:
-            print(f"[tune] resuming sweep {name} ({storage / name}): finished trials are kept, the others run"
+            print(f"[tune] resuming sweep {name} ({storage.join(tune_location, name)}): finished trials are kept, "
+                  "the others run"
                   + (f"; MLflow parent run {parent.run_id}" if parent.run_id else ""), flush=True)
         if resume_id is not None:
             _supersede_unfinished_children(base_cfg.tracking.uri, experiment_id, parent.run_id)
@@ -471,8 +509,8 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
             parent.log_artifact(str(run_dir / "trials.json"))
 
         ctx = SweepContext(points, spec.proxy, workers_per_trial, use_gpu, threads, parent.run_id, tracking, note,
-                           spec, base, str(run_dir), base_cfg.experts.store, strict)
-        tuner = _make_tuner(spec, ctx, name, storage, max_concurrent, gpus_per_trial, verbose,
+                           spec, base, location, base_cfg.experts.store, strict, data_refs)
+        tuner = _make_tuner(spec, ctx, name, tune_location, max_concurrent, gpus_per_trial, verbose,
                             num_samples or spec.num_samples, restore)
         with _env("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S):
             grid = tuner.fit()

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from contra_ray.common import storage
 from contra_ray.config import Config, ConfigError, EvalConfig, config_from_dict
 from contra_ray.data import PreparedData
 from contra_ray.data.prepare import prepare_data
@@ -22,7 +23,7 @@ from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.checkpoint import read_checkpoint
 from contra_ray.distill.distiller import DistillationDiverged
 from contra_ray.distill.loop import run_distillation
-from contra_ray.distill.remote import make_trainer
+from contra_ray.distill.remote import ClusterSetup, make_trainer
 from contra_ray.evaluate.sets import EvalSet, evaluate_sets
 from contra_ray.evaluate.training import summarize
 from contra_ray.experts.remote import ensure_experts
@@ -38,9 +39,10 @@ class SweepContext:
     """What every trial needs (put in the object store once by ``tune.with_parameters``).
 
     ``points``: the driver's validated trials (``search.algorithm: grid`` runs exactly these); ``spec``,
-    ``base`` (the nested overrides after the file's), ``run_dir`` and ``store`` build the config of a trial
-    Tune sampled itself (``random``); ``strict``: such a trial with an invalid configuration fails instead
-    of ending as ``INVALID``.
+    ``base`` (the nested overrides after the file's), ``run_dir`` (the sweep's location, a path or a URI) and
+    ``store`` build the config of a trial Tune sampled itself (``random``); ``strict``: such a trial with an
+    invalid configuration fails instead of ending as ``INVALID``; ``data_refs``: the data the driver prepared
+    once, per expert store, in Ray's object store (a trial on any node reads them instead of decoding).
     """
 
     points: list[TrialPoint]
@@ -56,6 +58,7 @@ class SweepContext:
     run_dir: str = ""
     store: str = ""
     strict: bool = False
+    data_refs: dict = dataclasses.field(default_factory=dict)  # expert store -> ObjectRef of its PreparedData
 
 
 def trial_index(trial_id: str) -> int:
@@ -150,6 +153,7 @@ def _distill_with_ray_train(cfg: Config, ctx: SweepContext, run_id: str | None):
     """
     callback = _proxy_callback(cfg.distill.iterations, cfg.distill.eval_every)
     trainer = make_trainer(cfg, ctx.workers_per_trial, ctx.use_gpu, resume=False, callbacks=[callback],
+                           setup=ClusterSetup(ctx.data_refs.get(cfg.experts.store)),
                            tracking_run_id=run_id, num_to_keep=1)
     result = trainer.fit()
     if (result.metrics or {}).get("error"):
@@ -158,7 +162,7 @@ def _distill_with_ray_train(cfg: Config, ctx: SweepContext, run_id: str | None):
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as path:
             history = read_checkpoint(path)["history"]
-    return DistilledSet.load(cfg.run_dir() / "distilled.safetensors"), history
+    return DistilledSet.load(storage.join(cfg.run_location(), "distilled.safetensors")), history
 
 
 def final_accuracies(artifact: DistilledSet, data: PreparedData, ecfg: EvalConfig, device: str, threads: int,
@@ -200,7 +204,12 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     t0 = time.time()
-    data = prepare_data(cfg)
+    if cfg.experts.store in ctx.data_refs:
+        import ray
+
+        data = ray.get(ctx.data_refs[cfg.experts.store])
+    else:
+        data = prepare_data(cfg)
     with RunLogger(cfg, point.name, parent_run_id=ctx.parent_run_id, enabled=ctx.tracking, role="trial",
                    entry_point="contra_ray.tune", note=ctx.note) as logger:
         logger.log_params({"tune.trial_index": point.index, "tune.searched": json.dumps(list(point.searched)),
@@ -224,6 +233,8 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                             "total_minutes": (time.time() - t0) / 60}, step=cfg.distill.iterations)
         logger.log_artifact(str(out))
         log_set_visuals(cfg, artifact, history, data.preprocessor, logger, eval_every=run_cfg.distill.eval_every)
+        if storage.is_uri(cfg.output_dir):  # this node's mirror -> the trial's location (checkpoints went already)
+            storage.push(cfg.run_dir(), cfg.run_location(), exclude=["checkpoints"])
     proxy = history.get("eval_acc", [])
     tune.report({"iteration": cfg.distill.iterations, "final_acc": mean, "final_acc_std": std,
                  "proxy_acc": float(proxy[-1]) if proxy else mean,

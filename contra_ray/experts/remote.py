@@ -210,7 +210,10 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
         return store
     started = ensure_ray()
     # expert tasks keep their resume state (expert_XXXX.partial/) in the store: every node must reach it
-    check_locations_on_nodes({"experts.store": location if storage.is_uri(location) else path.parent})
+    shared = {"experts.store": location if storage.is_uri(location) else path.parent}
+    if loader_factory is not None:  # every task reads the .beton: a folder every node mounts
+        shared["experts.ffcv_dir"] = x.ffcv_dir
+    check_locations_on_nodes(shared)
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if x.cpus_per_expert > cpus:
         msg = f"experts.cpus_per_expert={x.cpus_per_expert}: the Ray cluster has only {cpus} CPUs"

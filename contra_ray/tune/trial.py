@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -40,7 +41,8 @@ class SweepContext:
     ``points``: the driver's validated trials (``search.algorithm: grid`` runs exactly these); ``spec``,
     ``base`` (the nested overrides after the file's), ``run_dir`` and ``store`` build the config of a trial
     Tune sampled itself (``random``); ``strict``: such a trial with an invalid configuration fails instead
-    of ending as ``INVALID``.
+    of ending as ``INVALID``. ``relay``: the driver's :class:`~contra_ray.tracking_relay.TrackingRelay`, through
+    which the trial (and its Ray Train rank 0) logs to MLflow (``None``: the trial opens the store itself).
     """
 
     points: list[TrialPoint]
@@ -56,6 +58,7 @@ class SweepContext:
     run_dir: str = ""
     store: str = ""
     strict: bool = False
+    relay: Any = None
 
 
 def trial_index(trial_id: str) -> int:
@@ -150,7 +153,7 @@ def _distill_with_ray_train(cfg: Config, ctx: SweepContext, run_id: str | None):
     """
     callback = _proxy_callback(cfg.distill.iterations, cfg.distill.eval_every)
     trainer = make_trainer(cfg, ctx.workers_per_trial, ctx.use_gpu, resume=False, callbacks=[callback],
-                           tracking_run_id=run_id, num_to_keep=1)
+                           tracking_run_id=run_id, num_to_keep=1, relay=ctx.relay)
     result = trainer.fit()
     if (result.metrics or {}).get("error"):
         raise DistillationDiverged(result.metrics["error"])
@@ -202,7 +205,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     t0 = time.time()
     data = prepare_data(cfg)
     with RunLogger(cfg, point.name, parent_run_id=ctx.parent_run_id, enabled=ctx.tracking, role="trial",
-                   entry_point="contra_ray.tune", note=ctx.note) as logger:
+                   entry_point="contra_ray.tune", note=ctx.note, relay=ctx.relay) as logger:
         logger.log_params({"tune.trial_index": point.index, "tune.searched": json.dumps(list(point.searched)),
                            "tune.trial_id": tune.get_context().get_trial_id(),
                            "tune.workers_per_trial": ctx.workers_per_trial,

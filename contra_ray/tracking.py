@@ -439,6 +439,12 @@ class RunLogger:
     ``resume_run_id`` continues that existing run (status RUNNING again; params and tags are not logged
     again): a resumed sweep's parent run.
 
+    ``relay`` (a :class:`contra_ray.tracking_relay.TrackingRelay`, e.g. in a Ray Train worker or a Tune
+    trial on another node): everything goes through the driver's relay actor instead of opening the store
+    here: the run is created there in ``cfg.tracking.experiment`` with the same tags (MLflow's context tags
+    resolved in this process), and its parent is ``parent_run_id`` (``nested=True`` is refused: there is no
+    active run in the relay). Metric steps already logged to the run are dropped (see the relay).
+
     ``entry_point`` (tag ``mlflow.source.name``) defaults to the ``contra_ray`` module that creates the
     logger (``contra_ray.distill.remote`` counts as ``contra_ray.distill``); ``role`` (tag ``contra_ray.role``)
     defaults from it (pipeline, distill, evaluate, trial for ``contra_ray.tune``, else the module's last
@@ -451,8 +457,12 @@ class RunLogger:
 
     def __init__(self, cfg: Any, run_name: str, nested: bool = False, enabled: bool = True,
                  parent_run_id: str | None = None, *, role: str | None = None, entry_point: str | None = None,
-                 method: str | None = None, note: str | None = None, resume_run_id: str | None = None):
+                 method: str | None = None, note: str | None = None, resume_run_id: str | None = None,
+                 relay: Any = None):
+        if relay is not None and nested:
+            raise ValueError("RunLogger(nested=True) with a relay: name the parent with parent_run_id")
         self.cfg = cfg
+        self.relay = relay
         self.resume_run_id = resume_run_id
         self.run_name = run_name
         self.nested = nested
@@ -470,6 +480,8 @@ class RunLogger:
     def __enter__(self) -> "RunLogger":
         if not self.enabled:
             return self
+        if self.relay is not None:
+            return self._enter_relay()
         import mlflow
 
         uri = self.cfg.tracking_uri()
@@ -482,9 +494,27 @@ class RunLogger:
                                parent_run_id=self.parent_run_id,
                                tags=run_tags(self.cfg, self.role, self.entry_point, self.method, self.note))
         self.run_id = run.info.run_id
+        return self._log_config()
+
+    def _log_config(self) -> "RunLogger":
         params = flatten_params(self.cfg.to_dict())
         self.log_params({k: v for k, v in params.items() if k not in PATH_FIELDS})
         return self
+
+    def _enter_relay(self) -> "RunLogger":
+        from mlflow.tracking.context import registry
+
+        self._client = self.relay
+        if self.resume_run_id is not None:
+            self.run_id = self.relay.resume_run(self.resume_run_id)
+            return self
+        tags = run_tags(self.cfg, self.role, self.entry_point, self.method, self.note)
+        tags["mlflow.runName"] = self.run_name
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        # as mlflow.start_run: the context's tags (user, source, git) seen from this process, ours over them
+        self.run_id = self.relay.create_run(self.cfg.tracking.experiment, self.run_name, registry.resolve_tags(tags))
+        return self._log_config()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.run_id is None:

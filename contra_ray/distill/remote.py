@@ -29,7 +29,6 @@ import os
 import signal
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -57,7 +56,8 @@ from contra_ray.distill.memory import check_memory
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.experts.store import ExpertStore, ExpertStoreError
 from contra_ray.plots import log_set_visuals
-from contra_ray.tracking import RunLogger, init_tracking, tracking_client
+from contra_ray.tracking import RunLogger, init_tracking
+from contra_ray.tracking_relay import start_relay
 
 __all__ = ["CheckpointError", "FaultInjection", "PreparedSetup", "ClusterSetup", "DistributedRun",
            "RayTrainCheckpoints",
@@ -137,24 +137,17 @@ def _default_setup(cfg: Config, with_test: bool, data_ref: Any = None) -> tuple[
 
 
 class _MetricSink:
-    """Rank 0's per-iteration metrics into the driver's MLflow run (``None`` run id: no-op), under the
-    names of :data:`contra_ray.tracking.METRICS` (``loss/start_<t>`` keeps its ``/``, as in one process)."""
+    """Rank 0's per-iteration metrics into the driver's MLflow run through the driver's
+    :class:`~contra_ray.tracking_relay.TrackingRelay` (no relay or ``None`` run id: no-op; nothing here opens
+    the store), under the names of :data:`contra_ray.tracking.METRICS` (``loss/start_<t>`` keeps its ``/``, as
+    in one process). Steps a restarted worker group replays are dropped by the relay."""
 
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.run_id = run_id
-        if run_id is not None:
-
-            self.client = tracking_client(uri)
+    def __init__(self, relay: Any, run_id: str | None):
+        self.relay, self.run_id = relay, run_id if relay is not None else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.run_id is None:
-            return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 100])
+        if self.run_id is not None:
+            self.relay.log_metrics(self.run_id, metrics, step)
 
 
 class RayTrainCheckpoints:
@@ -225,7 +218,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     ``config`` keys: ``cfg`` (``Config.to_dict()``), ``use_gpu``, ``threads``, ``resume``, ``run_token``,
     ``setup`` (a :data:`Setup` or ``None`` for the default), ``fault`` (:class:`FaultInjection` or
-    ``None``), ``tracking_uri`` and ``tracking_run_id`` (rank 0 logs metrics there; ``None``: no MLflow).
+    ``None``), ``tracking_relay`` (the driver's :class:`~contra_ray.tracking_relay.TrackingRelay`) and
+    ``tracking_run_id`` (rank 0 logs metrics to that run through the relay; ``None``: no MLflow).
     """
     import ray.train
     import ray.train.torch
@@ -252,7 +246,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 "s_per_iter": progress["s_per_iter"], **extra}
 
     checkpoints = RayTrainCheckpoints(rank, config["run_token"], config["resume"], summary)
-    logger = _MetricSink(config["tracking_uri"], config["tracking_run_id"] if rank == 0 else None)
+    logger = _MetricSink(config["tracking_relay"], config["tracking_run_id"] if rank == 0 else None)
     try:
         result = run_loop(distiller, cfg, data if rank == 0 else None, sync=AllReduceSync(rank, world),
                           checkpoints=checkpoints, logger=logger, resume=True, progress="lines",
@@ -310,7 +304,8 @@ def _with_absolute_paths(cfg: Config) -> Config:
 def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True, *,
                  setup: Setup | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
                  fault: FaultInjection | None = None, tracking_run_id: str | None = None,
-                 callbacks: list | None = None, num_to_keep: int = 2, announced_mode: str | None = None):
+                 callbacks: list | None = None, num_to_keep: int = 2, announced_mode: str | None = None,
+                 relay: Any = None):
     """The :class:`~ray.train.torch.TorchTrainer` of a distributed distillation (used by the distill CLI,
     :func:`fit_distributed` and Tune trials).
 
@@ -323,7 +318,10 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
             through the cache, store from ``cfg.expert_store()``).
         max_failures: worker-group restarts from the latest checkpoint before the run fails.
         fault: test hook, see :class:`FaultInjection`.
-        tracking_run_id: MLflow run that rank 0 logs per-iteration metrics to.
+        tracking_run_id: MLflow run that rank 0 logs per-iteration metrics to, through ``relay``.
+        relay: the driver's :class:`~contra_ray.tracking_relay.TrackingRelay` (a Tune trial passes its
+            sweep's); ``None`` with a ``tracking_run_id``: one is started here, on the caller's node, which
+            must then be the driver's (:func:`~contra_ray.tracking_relay.start_relay`).
         callbacks: Ray Train callbacks (Tune's report callback).
         num_to_keep: checkpoints Ray keeps (2: a torn newest one leaves one to fall back to).
         announced_mode: the unroll mode the driver's :func:`contra_ray.distill.memory.check_memory` printed;
@@ -338,11 +336,13 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
     if num_workers < 1:
         raise ConfigError(f"--num-workers={num_workers}: must be >= 1")
     cfg = _with_absolute_paths(cfg)
+    if tracking_run_id is not None and relay is None:
+        relay = start_relay(cfg.tracking_uri())
     threads = max(1, cfg.threads)
     storage_path, storage_filesystem = storage.ray_storage(storage.join(cfg.output_dir, "ray_train"))
     loop_config = {"cfg": cfg.to_dict(), "use_gpu": use_gpu, "threads": threads, "resume": resume,
                    "run_token": uuid.uuid4().hex, "setup": setup, "fault": fault,
-                   "tracking_uri": cfg.tracking_uri(), "tracking_run_id": tracking_run_id,
+                   "tracking_relay": relay, "tracking_run_id": tracking_run_id,
                    "announced_mode": announced_mode}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
@@ -359,16 +359,17 @@ def make_trainer(cfg: Config, num_workers: int, use_gpu: bool = False, resume: b
 def fit_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume: bool = True,
                     setup: Setup | None = None, max_failures: int = DEFAULT_MAX_FAILURES,
                     fault: FaultInjection | None = None, tracking_run_id: str | None = None,
-                    announced_mode: str | None = None) -> DistributedRun:
-    """Fit :func:`make_trainer`'s trainer (experts must exist; see :func:`run_distributed`; ``announced_mode``:
-    see :func:`make_trainer`).
+                    announced_mode: str | None = None, relay: Any = None) -> DistributedRun:
+    """Fit :func:`make_trainer`'s trainer (experts must exist; see :func:`run_distributed`; ``announced_mode``,
+    ``relay``: see :func:`make_trainer`).
 
     Raises:
         ray.train.TrainingFailedError: the workers failed more than ``max_failures`` times.
     """
     ensure_ray()
     trainer = make_trainer(cfg, num_workers, use_gpu, resume, setup=setup, max_failures=max_failures,
-                           fault=fault, tracking_run_id=tracking_run_id, announced_mode=announced_mode)
+                           fault=fault, tracking_run_id=tracking_run_id, announced_mode=announced_mode,
+                           relay=relay)
     result = trainer.fit()
     state, history = None, {}
     if result.checkpoint is not None:
@@ -433,15 +434,20 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
         setup = ClusterSetup(None if streamed else ray.put(data))
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
+    relay = None
     if cfg.tracking.enabled:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
+        relay = start_relay(cfg.tracking_uri(), cfg.tracking.experiment)  # rank 0 logs through it
     try:
         with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=note) as logger:
             try:
                 run = fit_distributed(cfg, num_workers, use_gpu, resume, setup=setup, max_failures=max_failures,
-                                      tracking_run_id=logger.run_id, announced_mode=plan.mode)
+                                      tracking_run_id=logger.run_id, announced_mode=plan.mode, relay=relay)
             except TrainingFailedError as e:
                 raise _RunFailed(f"distributed distillation failed ({max_failures} restart(s) allowed): {e}") from e
+            finally:
+                if relay is not None:
+                    relay.close()
             if run.error is not None:
                 raise _RunFailed(run.error)  # the MLflow run ends FAILED
             artifact = DistilledSet.load(run.artifact)

@@ -27,6 +27,7 @@ from contra_ray.data.prepare import prepare_data
 from contra_ray.distill.checkpoint import resume_mismatches
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking, tracking_client
+from contra_ray.tracking_relay import start_relay
 from contra_ray.tune.space import (
     SweepError,
     SweepSpec,
@@ -161,7 +162,7 @@ def _make_tuner(spec: SweepSpec, ctx: SweepContext, name: str, tune_location: st
                                   f"{storage_path}/{name}", trainable=trainable, resume_unfinished=True,
                                   resume_errored=True, storage_filesystem=storage_filesystem)
     search = None if spec.algorithm == "grid" else BasicVariantGenerator(random_state=spec.seed)
-    namer = _trial_namer(ctx)
+    namer = _trial_namer(dataclasses.replace(ctx, relay=None, data_refs={}))  # pickled into tuner.pkl: no handles
     return tune.Tuner(
         trainable,
         param_space=param_space(spec, ctx.points),
@@ -508,12 +509,18 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
             parent.log_artifact(spec.path)
             parent.log_artifact(str(run_dir / "trials.json"))
 
+        # trials log to MLflow through an actor on this (the driver's) node: they may run on any node
+        relay = start_relay(base_cfg.tracking.uri, base_cfg.tracking.experiment) if parent.run_id else None
         ctx = SweepContext(points, spec.proxy, workers_per_trial, use_gpu, threads, parent.run_id, tracking, note,
-                           spec, base, location, base_cfg.experts.store, strict, data_refs)
+                           spec, base, location, base_cfg.experts.store, strict, data_refs=data_refs, relay=relay)
         tuner = _make_tuner(spec, ctx, name, tune_location, max_concurrent, gpus_per_trial, verbose,
                             num_samples or spec.num_samples, restore)
-        with _env("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S):
-            grid = tuner.fit()
+        try:
+            with _env("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S):
+                grid = tuner.fit()
+        finally:
+            if relay is not None:
+                relay.close()
 
         rows, by_index = _collect_rows(grid, ctx)
         best = rows[0] if rows and rows[0].get("final_acc") is not None else None

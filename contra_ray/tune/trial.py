@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -42,7 +43,9 @@ class SweepContext:
     ``base`` (the nested overrides after the file's), ``run_dir`` (the sweep's location, a path or a URI) and
     ``store`` build the config of a trial Tune sampled itself (``random``); ``strict``: such a trial with an
     invalid configuration fails instead of ending as ``INVALID``; ``data_refs``: the data the driver prepared
-    once, per expert store, in Ray's object store (a trial on any node reads them instead of decoding).
+    once, per expert store, in Ray's object store (a trial on any node reads them instead of decoding);
+    ``relay``: the driver's :class:`~contra_ray.tracking_relay.TrackingRelay`, through which the trial (and its
+    Ray Train rank 0) logs to MLflow (``None``: the trial opens the store itself).
     """
 
     points: list[TrialPoint]
@@ -59,6 +62,7 @@ class SweepContext:
     store: str = ""
     strict: bool = False
     data_refs: dict = dataclasses.field(default_factory=dict)  # expert store -> ObjectRef of its PreparedData
+    relay: Any = None
 
 
 def trial_index(trial_id: str) -> int:
@@ -154,7 +158,7 @@ def _distill_with_ray_train(cfg: Config, ctx: SweepContext, run_id: str | None):
     callback = _proxy_callback(cfg.distill.iterations, cfg.distill.eval_every)
     trainer = make_trainer(cfg, ctx.workers_per_trial, ctx.use_gpu, resume=False, callbacks=[callback],
                            setup=ClusterSetup(ctx.data_refs.get(cfg.experts.store)),
-                           tracking_run_id=run_id, num_to_keep=1)
+                           tracking_run_id=run_id, num_to_keep=1, relay=ctx.relay)
     result = trainer.fit()
     if (result.metrics or {}).get("error"):
         raise DistillationDiverged(result.metrics["error"])
@@ -211,7 +215,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     else:
         data = prepare_data(cfg)
     with RunLogger(cfg, point.name, parent_run_id=ctx.parent_run_id, enabled=ctx.tracking, role="trial",
-                   entry_point="contra_ray.tune", note=ctx.note) as logger:
+                   entry_point="contra_ray.tune", note=ctx.note, relay=ctx.relay) as logger:
         logger.log_params({"tune.trial_index": point.index, "tune.searched": json.dumps(list(point.searched)),
                            "tune.trial_id": tune.get_context().get_trial_id(),
                            "tune.workers_per_trial": ctx.workers_per_trial,

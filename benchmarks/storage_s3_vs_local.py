@@ -248,7 +248,7 @@ def main() -> None:
             ("s/iteration - floor (median per round)", res["overhead_local"], res["overhead_s3"])]
     print(f"{'':<42} {'local':>9} {'S3':>9} {'S3/local':>9}")
     for name, local, s3 in rows:
-        ratio = f"{s3 / local:>9.2f}" if local > 0 else f"{'-':>9}"
+        ratio = f"{s3 / local:>9.2f}" if local > 0 and s3 > 0 and "floor)" not in name else f"{'-':>9}"
         print(f"{name:<42} {local:>9.4f} {s3:>9.4f} {ratio}")
     every = preset.distill.checkpoint_every
     if every:

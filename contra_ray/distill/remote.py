@@ -14,12 +14,12 @@ bit-identically on CPU; a changed field that alters the result is refused by nam
 
 Driver (:func:`run_distributed`): prepares the data (fills the on-disk cache the workers read), trains
 missing experts, opens the MLflow run, fits :func:`make_trainer`'s ``TorchTrainer``, then logs the
-artifact and curves. Rank 0 logs per-iteration metrics to that MLflow run and writes
+artifact and curves. Rank 0 logs per-iteration metrics to that MLflow run (through the relay) and writes
 ``<run_dir>/distilled.safetensors``. On a multi-node cluster ``output_dir`` (and ``experts.store``) is a URI
 (``s3://…``, ``gs://…``: Ray Train's ``storage_path`` and the published store and set,
 :mod:`contra_ray.common.storage`) or a folder every node mounts; the data reach the workers through Ray's
 object store (a streamed set through ``data.cache_dir``, then a shared folder); only the driver's node writes
-to MLflow.
+to MLflow (rank 0 logs through the driver's :mod:`contra_ray.tracking_relay`).
 """
 
 from __future__ import annotations

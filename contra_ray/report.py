@@ -360,7 +360,8 @@ def _aggregate_cli(args, client, exp, uri: str) -> int:
         print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
               "uncertainty (docs/EXPERIMENTS.md)")
 
-    plot = Path(args.plot or Path(Config().output_dir) / f"report-{args.experiment}.png")
+    out = Config(output_dir=args.output_dir) if args.output_dir else Config()
+    plot = Path(args.plot or out.run_dir().parent / f"report-{args.experiment}.png")
     plot_aggregate(aggs, diffs, plot, args.experiment, args.metric)
     parents = {r["parent"] for r in rows if r.get(args.metric) is not None}
     parent = args.parent_run or (next(iter(parents)) if len(parents) == 1 else None)
@@ -394,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m contra_ray.report", description=__doc__.split("\n")[0])
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tune-<space name>)")
     p.add_argument("--parent-run", default=None, help="sweep (parent) run id (default: the latest sweep)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///runs/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--output-dir", default=None, help="the sweeps' --output-dir, a path or a URI whose SQLite store "
+                   "is in this node's mirror (default: runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--group-by", default=None,
                    help="comma-separated params (e.g. distill.beta,distill.K,distill.R): aggregate the runs over "
@@ -412,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None,
                    help="with --group-by: PNG path of the bar chart (default: runs/report-<experiment>.png)")
     args = p.parse_args(argv)
-    uri = args.tracking_uri or Config().tracking_uri()
+    base = Config(output_dir=args.output_dir) if args.output_dir else Config()
+    uri = args.tracking_uri or base.tracking_uri()
     try:
         _check_readable_store(uri)
     except ConfigError as e:

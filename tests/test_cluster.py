@@ -367,7 +367,7 @@ def test_tune_sweep_on_both_nodes_logs_every_trial_to_the_driver_sqlite(two_node
               "--set", "threads=1", "--set", f"data.cache_dir={two_nodes.cache}", env=two_nodes.env, cwd=tmp_path,
               timeout=500)
     head, trials = actor_nodes(two_nodes, "ImplicitFunc", "run_trial")
-    assert len(trials) == 2 and set(trials) - {head}, trials  # one trial on each node (1 CPU each)
+    assert len(trials) == 2 and set(trials) - {head}, (trials, tail(out))  # one trial on each node (1 CPU each)
     assert out.returncode == 0, tail(out)
     files = bucket_files(out_dir)
     assert any(f.startswith("sw/") for f in files), files  # the sweep's files in the bucket

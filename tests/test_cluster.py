@@ -207,6 +207,15 @@ def test_distill_to_s3_with_a_worker_on_node_2_equals_the_in_process_run(two_nod
     assert not [f for f in files if ".partial" in f]  # finished experts leave no resume state
     ckpts = {f.split("/")[0] for f in bucket_files(f"{out_dir}/ray_train/w2") if f.startswith("checkpoint_2")}
     assert len(ckpts) == 2, ckpts  # iterations 2 and 4 (num_to_keep=2), in the bucket
+    # rank 0 (on either node) logged every iteration to the driver's SQLite (through the driver's MLflow relay:
+    # until that exists, rank 0 on node 2 fails with "Run with id=... not found" and the run exits 1)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(two_nodes.db(out_dir))
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.run_name == "w2-distill"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [0, 1, 2, 3]
     # the in-process run of the same config, without a cluster, on a local folder, same experts
     env = {k: v for k, v in two_nodes.env.items() if k != "RAY_ADDRESS"}
     ref = cli("contra_ray.distill", *distill_args(two_nodes, "--output-dir", str(tmp_path / "runs"), "--name", "ref",
@@ -368,6 +377,8 @@ def test_tune_sweep_on_both_nodes_logs_every_trial_to_the_driver_sqlite(two_node
               timeout=500)
     head, trials = actor_nodes(two_nodes, "ImplicitFunc", "run_trial")
     assert len(trials) == 2 and set(trials) - {head}, (trials, tail(out))  # one trial on each node (1 CPU each)
+    # a trial on node 2 logs to the driver's SQLite only through the driver's MLflow relay actor; without it,
+    # it fails with "Run with id=... not found" (node 2 has its own, empty mlflow.db) and tune exits 1
     assert out.returncode == 0, tail(out)
     files = bucket_files(out_dir)
     assert any(f.startswith("sw/") for f in files), files  # the sweep's files in the bucket

@@ -230,17 +230,20 @@ def test_torn_checkpoint_is_rejected(tmp_path):
 # ---------------------------------------------------------------------------------------------- ray job submit
 
 @pytest.mark.slow
-def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
-    """`ray job submit -- python -m contra_ray.distill --num-workers 2` against a loopback head node."""
+def test_ray_job_submit_round_trip(tmp_path, monkeypatch, s3_bucket):
+    """README "On a cluster": `ray job submit --working-dir . -- python -m contra_ray.distill --num-workers 2
+    --output-dir s3://...` against a loopback head node and an S3 server; the set is read back from the bucket."""
     from contra_ray.distill.artifact import DistilledSet
 
     make_tree(tmp_path / "ds", counts={"train": 6, "test": 2})
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the job client in this process
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="crjob", dir="/tmp")  # short: Ray's unix socket paths must fit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    mirror = tmp_path / "mirror"  # the job driver's node-local mirror of the bucket (its MLflow SQLite too)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "CONTRA_RAY_MIRROR": str(mirror),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("CONTRA_RAY_MIRROR", str(tmp_path / "reader"))  # this process reads the bucket afresh
     gcs, dash, client, nm, om, agent, agent_grpc, metrics, rt_env = free_ports(9)
     start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard=true",
@@ -249,9 +252,9 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
              "--object-manager-port", str(om), "--dashboard-agent-listen-port", str(agent),
              "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
              "--runtime-env-agent-port", str(rt_env), "--disable-usage-stats"]
-    out = tmp_path / "out"
+    out = f"{s3_bucket}/runs"
     job = [sys.executable, "-m", "contra_ray.distill", "--preset", "tiny_cpu", "--name", "job",
-           "--output-dir", str(out), "--num-workers", "2",
+           "--output-dir", out, "--num-workers", "2",
            "--set", "data.dataset=imagefolder", "--set", f"data.root={tmp_path / 'ds'}",
            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.train_per_class=null",
            "--set", "model.width=4", "--set", "experts.epochs=3", "--set", "experts.dsa=false",
@@ -283,13 +286,18 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
         print(f"job round trip: {time.perf_counter() - t0:.1f} s")
     assert not left
-    artifact = DistilledSet.load(out / "job" / "distilled.safetensors")
+    from contra_ray.common import storage
+
+    artifact = DistilledSet.load(f"{out}/job/distilled.safetensors")
     assert artifact.images.shape == (3, 3, 8, 8) and artifact.meta["iteration"] == 3
-    assert (out / "job" / "distilled_grid.png").is_file()
-    assert "distilled set:" in sub.stdout
+    published = storage.list_files(out)
+    assert {"job/distilled_grid.png", "job/experts/store.json", "job/experts/index.parquet"} <= set(published)
+    assert any(f.startswith("ray_train/job/checkpoint_") and f.endswith("manifest.json") for f in published)
+    assert f"distilled set: {out}/job/distilled.safetensors" in sub.stdout
     from mlflow.tracking import MlflowClient  # rank 0 logged per-iteration metrics into the driver's run
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    db = mirror / "s3" / s3_bucket[len("s3://"):] / "runs" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["distill.iterations"] == "3"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]

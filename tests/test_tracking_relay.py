@@ -137,27 +137,3 @@ space:
   distill.seed: {grid: [0]}
 proxy: {eval_every: 1, epochs: 1, runs: 1}
 """
-
-
-@pytest.mark.slow
-def test_a_trial_with_ray_train_workers_logs_through_the_sweep_relay(ray_local, tmp_path, cache_dir):
-    """`tune --workers-per-trial 1`: the trial and its Ray Train rank 0 log to the sweep driver's store through
-    its relay; every iteration once, the trial's final metrics and files under the sweep's parent run."""
-    from mlflow.tracking import MlflowClient
-
-    from contra_ray.tune.sweep import run_sweep
-    from helpers import assert_shared_vocabulary
-
-    space = tmp_path / "w1.yaml"
-    space.write_text(W1_SPACE)
-    result = run_sweep(space, output_dir=str(tmp_path / "out"), name="w1", workers_per_trial=1, verbose=0,
-                       overrides=[f"data.cache_dir={cache_dir}"])
-    assert [r["status"] for r in result.rows] == ["DONE"]
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    (child,) = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert child.info.status == "FINISHED"
-    assert_shared_vocabulary(client, child, role="trial", entry_point="contra_ray.tune", method="contra",
-                             iterations=3)
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "eval_acc")] == [1, 2]
-    assert {"distilled.safetensors", "distilled_grid.png", "distill_curves.png"} <= \
-        {a.path for a in client.list_artifacts(child.info.run_id)}

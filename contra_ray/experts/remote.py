@@ -132,9 +132,11 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     Resumable: each task saves every finished epoch in ``<store>/expert_XXXX.partial/``
     (:class:`~contra_ray.experts.store.PartialExpert`), so a task that dies (worker killed, node lost) and is
     retried by Ray (``max_retries=cfg.experts.max_retries``), or a rerun of this function after a crash,
-    continues after the expert's last saved epoch with a bit-identical trajectory. Across nodes this needs
-    the store directory on shared storage; otherwise a retried task on another node starts at epoch 0.
-    ``experts.num_experts`` may grow later: only the new ids are trained.
+    continues after the expert's last saved epoch with a bit-identical trajectory. With the store at a URI
+    (``experts.store`` or ``output_dir`` ``s3://…``) the store is fetched first and published after every
+    expert (``index.parquet`` and ``store.json`` last), and each task publishes its ``.partial`` folder after
+    every epoch, so a retry on any node resumes; a local store must be a folder every node mounts (checked
+    before the tasks start). ``experts.num_experts`` may grow later: only the new ids are trained.
 
     Ray is started only if not initialized (``RAY_ADDRESS`` respected; locally
     :func:`contra_ray.common.raycluster.ensure_ray`, local CPUs from ``available_cpus()``) and is left running.

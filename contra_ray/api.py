@@ -196,8 +196,8 @@ class Distilled:
         into the cache), checked to be the data it was made for.
 
         Args:
-            split: ``"test"`` or ``"train"`` (the full split, not the distillation's ``train_per_class`` subset
-                when ``"test"``).
+            split: ``"test"`` (the whole test split) or ``"train"`` (the train images the set was distilled
+                from: the ``data.train_per_class`` subset when the config has one).
             data_root, cache_dir: override the config's ``data.root`` / ``data.cache_dir``.
 
         Returns:

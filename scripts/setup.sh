@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create ./.venv (Python 3.10+) and install contra_ray with its test extras and, where possible, the FFCV
-# extra. Idempotent and quick when everything is installed.
+# Create ./.venv (Python 3.10+) and install contra_ray with its test extras, the Hugging Face extra (hf:
+# the export round trip is tested) and, where possible, the FFCV extra. Idempotent and quick when everything
+# is installed.
 # torch/torchvision are pinned to the builds this workplace serves from disk; on your own machine any
 # torch >= 2.2 works (pip install -e '.[dev]').
 # FFCV (experts.loader=ffcv, python -m contra_ray.data prepare) builds a C extension against libturbojpeg
@@ -12,10 +13,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, torchvision, ray, kornia, mlflow, moto, contra_ray" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, torchvision, ray, kornia, mlflow, moto, datasets, contra_ray" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/pip install -q -e ".[dev]"
+  .venv/bin/pip install -q -e ".[dev,hf]"
 fi
 
 # quick check (no import, ~0.1 s) unless CI requires FFCV, where a broken native library must fail here

@@ -8,15 +8,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "contra_ray"
-STAGES = ("data", "experts", "distill", "evaluate", "analyze", "tune", "common")
-ENTRY_POINTS = ("data", "distill", "evaluate", "analyze", "tune")  # packages run as python -m contra_ray.<name>
+STAGES = ("data", "experts", "distill", "evaluate", "analyze", "tune", "export", "common")
+# packages run as python -m contra_ray.<name>
+ENTRY_POINTS = ("data", "distill", "evaluate", "analyze", "tune", "export")
 #: the core: plain PyTorch, usable without a Ray cluster or a tracking store
 CORE = ("contra_ray.data", "contra_ray.data.prepare", "contra_ray.data.loaders", "contra_ray.experts.training",
         "contra_ray.experts.curriculum", "contra_ray.experts.store", "contra_ray.distill.matching",
         "contra_ray.distill.memory", "contra_ray.distill.loop", "contra_ray.distill.distiller",
         "contra_ray.distill.checkpoint", "contra_ray.distill.artifact", "contra_ray.evaluate.training",
         "contra_ray.models", "contra_ray.augment", "contra_ray.config")
-HEAVY = ("ray", "mlflow", "matplotlib", "ffcv")
+HEAVY = ("ray", "mlflow", "matplotlib", "ffcv", "datasets")
 
 
 def module_name(path: Path) -> str:
@@ -47,7 +48,7 @@ def test_one_package_per_stage_each_entry_point_runnable_with_python_m():
     for stage in ENTRY_POINTS:
         assert (PKG / stage / "__main__.py").is_file(), stage
     flat = sorted(p.stem for p in PKG.glob("*.py"))
-    assert flat == ["__init__", "_compat", "augment", "config", "models", "nas", "pipeline", "plots", "report",
+    assert flat == ["__init__", "_compat", "api", "augment", "config", "models", "nas", "pipeline", "plots", "report",
                     "tracking", "tracking_relay"], flat
 
 
@@ -73,7 +74,7 @@ def test_no_import_cycle_among_modules_function_local_imports_included():
 
 
 def test_heavy_optional_packages_are_imported_inside_functions_only():
-    """ray, mlflow, matplotlib and ffcv load when a function needs them, never when a module is imported."""
+    """ray, mlflow, matplotlib, ffcv and datasets load when a function needs them, never when a module is imported."""
     at_top = []
     for m, p in MODULES.items():
         for n in ast.parse(p.read_text()).body:  # module-level statements only

@@ -11,7 +11,8 @@ import pytest
 from helpers import ROOT
 
 ENTRY_POINTS = [("distill",), ("pipeline",), ("evaluate",), ("tune",), ("report",), ("analyze",), ("nas",),
-                ("data",), ("analyze", "correlation"), ("data", "prepare")]
+                ("data",), ("export",), ("analyze", "correlation"),
+                ("data", "prepare")]
 
 
 @pytest.mark.parametrize("command", ENTRY_POINTS, ids=" ".join)

@@ -12,11 +12,18 @@ from contra_ray.evaluate.sets import (
     format_table,
     test_meta_for,
 )
-from contra_ray.evaluate.training import evaluation_seeds, lr_schedule, random_real_set, summarize, train_and_test
+from contra_ray.evaluate.training import (
+    evaluation_seeds,
+    lr_schedule,
+    random_real_set,
+    summarize,
+    train_and_test,
+    train_module_and_test,
+)
 
 __all__ = ["main", "EvalSet", "check_artifact_matches", "evaluate_sets", "format_cross_architecture", "evaluate_runs",
            "evaluation_seeds", "format_table", "lr_schedule", "random_real_set", "summarize", "test_meta_for",
-           "train_and_test"]
+           "train_and_test", "train_module_and_test"]
 
 
 def __getattr__(name: str):

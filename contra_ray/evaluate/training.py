@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import EvalConfig
@@ -57,6 +58,7 @@ def train_and_test(images: torch.Tensor, targets: torch.Tensor, lr: float, spec:
     one 0.1 decay half way, see :func:`lr_schedule`) with DATM's soft-label cross-entropy
     ``-(targets * log_softmax(logits)).sum(1).mean()``. Shuffling uses the global RNG after
     ``torch.manual_seed(seed)``; DSA uses a private generator on ``device`` seeded with ``seed``.
+    The same as :func:`train_module_and_test` with ``net=lambda: build_model(spec)``.
 
     Args:
         images: float ``[n, C, H, W]`` training images in the preprocessed space.
@@ -78,6 +80,30 @@ def train_and_test(images: torch.Tensor, targets: torch.Tensor, lr: float, spec:
     Raises:
         ValueError: ``images`` and ``targets`` disagree in length, or the test set is empty.
     """
+    return train_module_and_test(lambda: build_model(spec), images, targets, lr, ecfg, test_x, test_y, seed,
+                                 augment=augment, device=device, threads=threads, on_epoch=on_epoch)
+
+
+def train_module_and_test(net: nn.Module | Callable[[], nn.Module], images: torch.Tensor, targets: torch.Tensor,
+                          lr: float, ecfg: EvalConfig, test_x: torch.Tensor, test_y: torch.Tensor, seed: int,
+                          augment: Augment | None = None, device: str = "cpu", threads: int = 0,
+                          on_epoch: EpochHook | None = None) -> float:
+    """Train ``net`` on ``(images, targets)`` with the recipe of :func:`train_and_test`; return its top-1 test
+    accuracy. ``net`` is a module (trained in place, moved to ``device``; left in eval mode) or a function of
+    no argument that builds one, called right after ``torch.manual_seed(seed)`` so its initialization is
+    reproducible (with ``lambda: build_model(spec)`` this is exactly :func:`train_and_test`).
+
+    Args:
+        net: the network, or its builder; its output must be ``[batch, num_classes]`` logits.
+        images, targets, lr, ecfg, test_x, test_y, seed, augment, device, threads, on_epoch: as
+            :func:`train_and_test`.
+
+    Returns:
+        Top-1 accuracy on the test set, a float in [0, 1].
+
+    Raises:
+        ValueError: ``images`` and ``targets`` disagree in length, or the test set is empty.
+    """
     if images.shape[0] != targets.shape[0]:
         raise ValueError(f"images has {images.shape[0]} rows but targets has {targets.shape[0]}")
     if test_x.shape[0] == 0:
@@ -88,7 +114,7 @@ def train_and_test(images: torch.Tensor, targets: torch.Tensor, lr: float, spec:
     try:
         torch.manual_seed(seed)
         dev = torch.device(device)
-        net = build_model(spec).to(dev)
+        net = (net if isinstance(net, nn.Module) else net()).to(dev)
         x_all = images.detach().to(dev, torch.float32)
         t_all = targets.detach().to(dev, torch.float32)
         gen = torch.Generator(device=dev)

@@ -1,0 +1,5 @@
+import sys
+
+from contra_ray.export.cli import main
+
+sys.exit(main())

@@ -25,7 +25,7 @@ from contra_ray.distill.memory import plan_unroll_memory, students_per_worker
 from contra_ray.experts.store import ExpertStore
 from contra_ray.models import ModelSpec, build_model, functional_forward
 
-__all__ = ["Distiller", "DistillationDiverged", "InitReport", "HARD_LABEL_LOGIT"]
+__all__ = ["Distiller", "DistillationDiverged", "InitReport", "HARD_LABEL_LOGIT", "class_consistent_logits"]
 
 HARD_LABEL_LOGIT = 100.0  # hard labels as fixed logits: softmax(100 * one_hot) equals one_hot in float32
 
@@ -151,12 +151,7 @@ class Distiller:
         wrong = ~correct[idx]
         misclassified = {int(c): int(k) for c, k in zip(*torch.unique(train_y[idx][wrong], return_counts=True))}
         if d.soft_labels:
-            label_logits = logits[idx].clone()
-            rows = torch.nonzero(wrong.to(self.device)).flatten()
-            top = label_logits[rows].argmax(1)
-            true_logit, top_logit = label_logits[rows, hard[rows]].clone(), label_logits[rows, top].clone()
-            label_logits[rows, hard[rows]], label_logits[rows, top] = top_logit, true_logit
-            relabeled = len(rows)
+            label_logits, relabeled = class_consistent_logits(logits[idx], hard)
         else:
             label_logits = torch.nn.functional.one_hot(hard, self.num_classes).to(self.dtype) * HARD_LABEL_LOGIT
             relabeled = 0
@@ -289,6 +284,26 @@ class Distiller:
                             label_logits=self.label_logits.detach().float().cpu().clone(),
                             hard_labels=self.hard_labels.cpu().clone(), syn_lr=float(self.syn_lr.detach()),
                             soft=self.d.soft_labels, preprocessor=preprocessor.state_dict(), meta=meta)
+
+
+def class_consistent_logits(logits: torch.Tensor, hard: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """DATM's soft-label initialization from a teacher's logits: a copy of ``logits`` in which every row whose
+    argmax is not its class ``hard[i]`` has its true-class logit and its largest logit swapped, so that every
+    soft label's argmax is its image's class (the rule :class:`Distiller` initializes ``label_logits`` with).
+
+    Args:
+        logits: float ``[n, num_classes]`` teacher logits.
+        hard: int64 ``[n]`` classes in ``[0, num_classes)``, on the device of ``logits``.
+
+    Returns:
+        ``(logits' [n, num_classes], number of rows swapped)``.
+    """
+    out = logits.clone()
+    rows = torch.nonzero(out.argmax(1) != hard).flatten()
+    top = out[rows].argmax(1)
+    true_logit, top_logit = out[rows, hard[rows]].clone(), out[rows, top].clone()
+    out[rows, hard[rows]], out[rows, top] = top_logit, true_logit
+    return out, len(rows)
 
 
 def init_pool(cfg: Config, data: PreparedData, per_class: int | None = None) -> tuple:

@@ -6,6 +6,7 @@ network (:func:`contra_ray.evaluate.sets.evaluate_sets`), optionally beside the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the random-real baseline uses eval.lr, else experts.lr)")
     p.add_argument("--baseline", choices=["none", "random-real"], default="none",
                    help="also evaluate ipc random real images per class (hard labels) (default: none)")
+    p.add_argument("--protocol", choices=["default", "dd-ranking"], default="default",
+                   help="default: the set with its recipe (paper App. D / MTT); dd-ranking: DD-Ranking's fair "
+                        "protocol (Acc of the set and of random real images with hard and with the set's own "
+                        "labels, with and without DSA, beside the experts' full-data accuracy; HLR, IOR, LRS, "
+                        "ARS) on the set's network; needs the expert store the set was distilled from")
     p.add_argument("--data-root", default=None,
                    help="dataset location overriding the artifact config's data.root (default: the config's)")
     p.add_argument("--cache-dir", default=None,
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default=None,
                    help="cpu, cuda or cuda:<i> (default: the config's device if CUDA is available, else cpu)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: the config's, sqlite:///<output_dir>/mlflow.db)")
+                   help="MLflow tracking URI; logs even if the set was distilled with --no-tracking "
+                        "(default: the config's, sqlite:///<output_dir>/mlflow.db, if its tracking is on)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (default: log)")
     p.add_argument("--note", default=None, help="description of the MLflow run (tag mlflow.note.content)")
     p.add_argument("--inline", action="store_true",
@@ -102,7 +109,8 @@ def run_artifact_cli(parser: argparse.ArgumentParser, argv: list[str] | None, ru
 
 def config_for_artifact(art: DistilledSet, args: argparse.Namespace) -> Config:
     """The artifact's own config and evaluation recipe (unvalidated), with the command line's ``--data-root``,
-    ``--cache-dir``, ``--tracking-uri`` and ``--no-tracking``.
+    ``--cache-dir``, ``--tracking-uri`` (which turns tracking on, also for a set whose config has it off) and
+    ``--no-tracking``.
 
     Raises:
         ConfigError: the artifact's meta has no config.
@@ -114,8 +122,8 @@ def config_for_artifact(art: DistilledSet, args: argparse.Namespace) -> Config:
         cfg.data.root = args.data_root
     if args.cache_dir is not None:
         cfg.data.cache_dir = args.cache_dir
-    if args.tracking_uri:
-        cfg.tracking.uri = args.tracking_uri
+    if args.tracking_uri:  # an explicit store logs, also for a set distilled with --no-tracking
+        cfg.tracking.uri, cfg.tracking.enabled = args.tracking_uri, True
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking
     return cfg
 
@@ -147,7 +155,8 @@ INTERRUPTED = ("interrupted: evaluate keeps no partial results; rerunning the sa
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point; returns ``{(method, model): [accs]}``.
+    """Command-line entry point; returns ``{(method, model): [accs]}`` (with ``--protocol dd-ranking``:
+    ``{accuracy key: [accs]}``, ``real_hard`` and the per-run scores, fractions; :mod:`.fair`).
 
     Exits with status 2 and a one-line error (no traceback), as ``contra_ray.distill`` does for invalid
     input: bad flags or a missing/corrupt artifact (preprocessor state included) as an argparse usage
@@ -181,6 +190,8 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
     cfg.validate()
     check_destinations(None, cfg.tracking_uri() if cfg.tracking.enabled else None, cache_dir=cfg.data.cache_dir)
 
+    if args.protocol == "dd-ranking":
+        return _run_fair(args, art, cfg)
     pre, test = test_data_for_artifact(art, cfg, args.artifact)
     test_x = pre(test.images)
     method = art.meta.get("method", "contra")
@@ -213,3 +224,40 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
             print(f"\ncross-architecture (IPC {art.ipc}, {ecfg.runs} runs x {ecfg.epochs} epochs per network)\n"
                   + format_cross_architecture(rows))
     return results
+
+
+def _run_fair(args: argparse.Namespace, art: DistilledSet, cfg: Config) -> dict:
+    """``--protocol dd-ranking`` (:mod:`contra_ray.evaluate.fair`); returns ``{accuracy key: [accs]}`` plus
+    ``real_hard`` and the per-run scores."""
+    from contra_ray.evaluate.fair import (
+        ACCURACIES,
+        fair_metrics,
+        format_fair_table,
+        open_teacher_store,
+        run_fair_protocol,
+    )
+
+    model = art.model_spec().name
+    if args.models and args.models != [model]:
+        raise ConfigError(f"--models={','.join(args.models)}: --protocol dd-ranking compares with Acc(real, hard), "
+                          f"the experts' accuracy, which exists for the set's network only (--models {model})")
+    store = open_teacher_store(art, cfg)  # before any data is loaded: a missing store fails at once
+    pre, test = test_data_for_artifact(art, cfg, args.artifact)
+    train = data.load_split(cfg.data, "train")
+    ecfg = cfg.eval
+    name = f"eval-ddranking-{Path(args.artifact).stem}"
+    method = art.meta.get("method", "contra")
+    with RunLogger(cfg, name, enabled=cfg.tracking.enabled, method=method if method in ("contra", "mtt") else None,
+                   note=args.note) as log:
+        log.log_params({"eval_cli.seed": ecfg.seed, "eval_cli.protocol": args.protocol,
+                        "eval_cli.syn_lr": art.syn_lr})
+        log.set_tags({"path.artifact": str(Path(args.artifact).resolve()), "path.expert_store": str(store.path)})
+        print(f"evaluate: dd-ranking protocol, {len(ACCURACIES)} accuracies x {ecfg.runs} run(s) of "
+              f"{ecfg.epochs} epochs of {model} on {cfg.device}", flush=True)
+        r = run_fair_protocol(art, cfg, store, train, pre, pre(test.images), test.labels, model=model,
+                              device=cfg.device, threads=cfg.threads, use_ray=not args.inline)
+        log.log_metrics(fair_metrics(r), step=int(art.meta.get("iteration", 0)))
+        log.log_dict({"accs": r.accs, "real_hard": r.real_hard, "scores": dataclasses.asdict(r.scores),
+                      "teacher": r.teacher, "store": r.store}, "ddranking_results.json")
+        print(format_fair_table(r), flush=True)
+    return {**r.accs, "real_hard": r.real_hard, **dataclasses.asdict(r.scores)}

@@ -117,6 +117,55 @@ def test_teacher_reproduces_the_distillers_soft_label_initialization():
     assert not torch.allclose(other, dist.label_logits.detach(), atol=1e-3)  # another expert is another teacher
 
 
+@pytest.mark.parametrize("soft", [True, False])
+def test_protocol_trains_every_set_once_per_dsa_with_the_teachers_labels(monkeypatch, soft):
+    """Which sets are trained with and without DSA, the random set's teacher labels, the pairing of runs; the
+    training itself is replaced (evaluate_sets is the same code path as the default protocol)."""
+    import types
+
+    import torch.nn.functional as F
+
+    from contra_ray.evaluate import fair
+
+    calls, trained = [], {}
+    base = {"syn_hard": 0.30, "syn_own": 0.50, "random_own": 0.40, "random_hard": 0.20}
+
+    def fake_evaluate_sets(sets, models, spec, ecfg, test_x, test_y, **kw):
+        calls.append(([es.method for es in sets], ecfg.dsa))
+        trained.update({es.method: es for es in sets})
+        return [], {(es.method, models[0]): [base[es.method] + 0.01 * ecfg.dsa, base[es.method]] for es in sets}
+
+    monkeypatch.setattr(fair, "evaluate_sets", fake_evaluate_sets)
+    cfg = load_config("tiny_cpu", ["eval.runs=2", "distill.max_start_epoch=3"])
+    g = torch.Generator().manual_seed(2)
+    train = types.SimpleNamespace(images=torch.randint(0, 256, (18, 3, 8, 8), dtype=torch.uint8, generator=g),
+                                  labels=torch.arange(3).repeat_interleave(6))
+    art = DistilledSet(images=torch.randn(6, 3, 8, 8, generator=g), label_logits=torch.randn(6, 3, generator=g),
+                       hard_labels=torch.arange(3).repeat_interleave(2), syn_lr=0.01, soft=soft, preprocessor={},
+                       meta={"model": SPEC.to_dict(), "ipc": 2, "expert_ids": [1, 0]})
+    store = _Store()
+    store.path, store.index = "/store", {"test_acc": [[math.nan, 0.5], [math.nan, 0.7], [0.1, math.nan]]}
+    r = fair.run_fair_protocol(art, cfg, store, train, lambda x: x.float() / 255, None, None, model="convnet",
+                               use_ray=False)
+    assert r.real_hard == pytest.approx(0.6) and r.real_experts == 2  # final accuracies only, NaN skipped
+    if soft:
+        assert calls == [(["syn_hard", "syn_own", "random_own", "random_hard"], True),
+                         (["syn_own", "random_own"], False)]
+        assert r.teacher == (1, 3)
+        rnd = trained["random_own"]
+        assert torch.equal(rnd.images, trained["random_hard"].images)  # the same random real images
+        classes = trained["random_hard"].targets.argmax(1)
+        want = F.softmax(teacher_logits(store.params(1, 3), SPEC, rnd.images, classes), 1)
+        assert torch.allclose(rnd.targets, want) and torch.equal(trained["syn_own"].targets, art.targets())
+        assert r.scores.ior == pytest.approx([0.10, 0.10]) and r.accs["syn_own_nodsa"] == [0.50, 0.50]
+    else:  # a hard-label set: its own labels are the hard ones; no teacher
+        assert calls == [(["syn_hard", "random_hard"], True), (["syn_hard", "random_hard"], False)]
+        assert r.teacher is None and r.accs["syn_own_dsa"] == r.accs["syn_hard"] == [0.31, 0.30]
+        assert r.scores.ior == pytest.approx([0.10, 0.10]) and r.accs["random_own_nodsa"] == [0.20, 0.20]
+    assert r.scores.hlr == pytest.approx([0.6 - 0.31, 0.6 - 0.30])
+    assert fair.format_fair_table(r).count("\n") == 15 and fair.fair_metrics(r)["ddr_acc/real_hard"] == 60.0
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 

@@ -213,8 +213,12 @@ def save_accuracy_bars(rows: list[dict], path: str | os.PathLike, title: str) ->
 def log_results(rows: list[dict], logger, title: str, folder: str | os.PathLike | None = None) -> None:
     """``results.md`` (:func:`results_markdown`) and ``results.png`` (:func:`save_accuracy_bars`) written to
     ``folder`` (``None``: a temporary folder, removed after) and logged as artifacts of ``logger``'s run, so a
-    run's final accuracies read as a table and a chart instead of single points on the metric charts."""
+    run's final accuracies read as a table and a chart instead of single points on the metric charts; with
+    neither a folder nor a run (tracking disabled) nothing is written."""
     import tempfile
+
+    if folder is None and getattr(logger, "run_id", None) is None:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(folder) if folder is not None else Path(tmp)

@@ -568,6 +568,7 @@ class RunLogger:
 
         Raises:
             mlflow.exceptions.MlflowException: the store refuses the run.
+            ValueError: a logger with a relay (not the driver's).
         """
         if self.run_id is None:
             return None
@@ -583,10 +584,9 @@ class RunLogger:
             tags["mlflow.source.git.commit"] = sha
         name = f"expert-{expert_id:04d}"
         if self.relay is not None:
-            child = self.relay.create_run(self.cfg.tracking.experiment, name, {**tags, "mlflow.runName": name})
-        else:
-            exp_id = self._client.get_run(self.run_id).info.experiment_id
-            child = self._client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+            raise ValueError("RunLogger.log_expert: call it on the driver's logger, not through a relay")
+        exp_id = self._client.get_run(self.run_id).info.experiment_id
+        child = self._client.create_run(exp_id, tags=tags, run_name=name).info.run_id
         ts = int(time.time() * 1000)
         metrics = [Metric("expert_test_acc", 100 * float(a), ts, e) for e, a in enumerate(test_acc, 1)
                    if not math.isnan(float(a))]

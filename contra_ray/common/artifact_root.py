@@ -68,7 +68,7 @@ def relocate_artifacts(db: str | Path) -> dict[str, str]:
                 old = loc.rstrip("/")
                 con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (root, exp_id))
                 for table, column in rewrites:
-                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                    con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
                                 f"WHERE experiment_id = ? AND substr({column}, 1, ?) = ?",
                                 (root, len(old) + 1, exp_id, len(old) + 1, old + "/"))
         return {loc: root for _, loc in moved}

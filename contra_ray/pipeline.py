@@ -35,7 +35,7 @@ from contra_ray.evaluate.sets import EvalSet, evaluate_sets, format_table, summa
 from contra_ray.evaluate.training import random_real_set
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.experts.store import ExpertStoreError
-from contra_ray.plots import log_set_visuals
+from contra_ray.plots import log_results, log_set_visuals
 from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, init_tracking, main_model
 
 # readable names of data.dataset for the results table's title
@@ -105,7 +105,7 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
     with RunLogger(cfg, f"{cfg.name}-pipeline", enabled=cfg.tracking.enabled, note=note) as logger:
         t0 = time.time()
         try:
-            store = ensure_experts(cfg, data)
+            store = ensure_experts(cfg, data, on_trained=logger.log_expert)  # a child run per trained expert
         except (ConfigError, ExpertStoreError) as e:
             return cli_error(e)
         stage("experts", t0)
@@ -147,6 +147,8 @@ def run_pipeline(cfg, baseline: bool = True, note: str | None = None, resume: bo
                                 json.dumps({"rows": rows, "results": results, "timings_s": timings,
                                             "total_s": total, "artifact": str(out)}, indent=2))
         logger.log_artifact(str(res_path))
+        log_results(rows, logger, f"{cfg.name}: {evaluation_title(cfg, len(data.test_x))}, IPC {cfg.distill.ipc}",
+                    cfg.run_dir())  # results.md, results.png
     return 0
 
 

@@ -157,3 +157,73 @@ def _xy(series: Any) -> tuple[list, list]:
     if isinstance(series, tuple) and len(series) == 2:
         return list(series[0]), list(series[1])
     return list(range(len(series))), list(series)
+
+
+def results_markdown(rows: list[dict], title: str) -> str:
+    """Markdown table of final accuracies: a ``# title`` line, then one row per (method, model) with
+    method (its :data:`contra_ray.evaluate.sets.METHOD_LABELS` name), model, IPC, runs, mean and std (%,
+    2 decimals). ``rows``: :func:`contra_ray.evaluate.sets.evaluate_sets`'s (keys ``method, model, ipc, runs,
+    mean, std``)."""
+    from contra_ray.evaluate.sets import METHOD_LABELS
+
+    lines = [f"# {title}", "", "| method | model | IPC | runs | acc (%) | std (%) |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['model']} | {r['ipc']} | {r['runs']} | "
+              f"{r['mean']:.2f} | {r['std']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_accuracy_bars(rows: list[dict], path: str | os.PathLike, title: str) -> dict[tuple[str, str], float]:
+    """Grouped bar chart of final accuracies (one group per model, one bar per method, e.g. random real
+    beside the distilled set; error bars = std over runs; the mean printed on each bar), saved atomically.
+
+    Args:
+        rows: as :func:`results_markdown` (accuracies in %).
+
+    Returns:
+        ``{(method, model): bar height}`` as drawn.
+    """
+    from contra_ray.evaluate.sets import METHOD_LABELS
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["model"]): r for r in rows}
+    width = 0.8 / max(1, len(methods))
+    fig = _agg_figure(max(480, 120 + 110 * len(models) * len(methods)), 420)
+    ax = fig.subplots()
+    drawn: dict[tuple[str, str], float] = {}
+    for j, method in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i, m in enumerate(models) if (method, m) in by]
+        got = [by[(method, m)] for m in models if (method, m) in by]
+        bars = ax.bar(xs, [r["mean"] for r in got], width, yerr=[r["std"] for r in got], capsize=3,
+                      label=METHOD_LABELS.get(method, method))
+        ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+        drawn.update({(method, r["model"]): float(b.get_height()) for r, b in zip(got, bars)})
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, min(100.0, 1.15 * max([r["mean"] + r["std"] for r in rows], default=1.0)) or 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return drawn
+
+
+def log_results(rows: list[dict], logger, title: str, folder: str | os.PathLike | None = None) -> None:
+    """``results.md`` (:func:`results_markdown`) and ``results.png`` (:func:`save_accuracy_bars`) written to
+    ``folder`` (``None``: a temporary folder, removed after) and logged as artifacts of ``logger``'s run, so a
+    run's final accuracies read as a table and a chart instead of single points on the metric charts; with
+    neither a folder nor a run (tracking disabled) nothing is written."""
+    import tempfile
+
+    if folder is None and getattr(logger, "run_id", None) is None:
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(folder) if folder is not None else Path(tmp)
+        table = atomic_write(out / "results.md", results_markdown(rows, title))
+        chart = out / "results.png"
+        save_accuracy_bars(rows, chart, title)
+        logger.log_artifact(str(table))
+        logger.log_artifact(str(chart))

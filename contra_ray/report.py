@@ -20,6 +20,11 @@ recipe). ``--metric`` aggregates another per-run metric the same way (``s_per_it
 A bar chart with the seed standard deviations (and, with a baseline, the
 differences with their intervals) is written atomically to ``--plot`` and logged to the parent run when
 there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
+
+After moving or copying a ``runs/`` folder (a cluster's to a laptop): ``python -m contra_ray.report --relocate
+--tracking-uri sqlite:///runs/mlflow.db`` points its artifact locations at ``runs/mlartifacts``
+(:func:`contra_ray.common.artifact_root.relocate_artifacts`; every contra_ray command that opens the store
+does it too), so ``mlflow ui`` shows the artifacts.
 """
 
 from __future__ import annotations
@@ -322,11 +327,12 @@ def plot_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None, path: str
 
 def run_rows(client, experiment_id: str, parent_run_id: str | None = None) -> list[dict]:
     """One flat dict per run (params, ``final_acc``-style metrics, ``name``, ``run_id``, ``parent``): the
-    children of ``parent_run_id``, or every run of the experiment except sweep parents."""
+    children of ``parent_run_id``, or every run of the experiment; never sweep parents nor experts' runs
+    (:meth:`contra_ray.tracking.RunLogger.log_expert`)."""
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     rows = []
     for run in client.search_runs([experiment_id], query, max_results=50000):
-        if run.data.tags.get("contra_ray.role") == "sweep":
+        if run.data.tags.get("contra_ray.role") in ("sweep", "expert"):
             continue
         rows.append({**run.data.params, **run.data.metrics, "name": run.info.run_name, "run_id": run.info.run_id,
                      "parent": run.data.tags.get("mlflow.parentRunId")})
@@ -393,7 +399,11 @@ def _check_readable_store(uri: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m contra_ray.report", description=__doc__.split("\n")[0])
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tune-<space name>)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment of the sweep (tune-<space name>); "
+                   "required unless --relocate")
+    p.add_argument("--relocate", action="store_true",
+                   help="only point a moved SQLite store's artifact locations at <its folder>/mlartifacts (run it "
+                        "after copying runs/ elsewhere, before mlflow ui) and exit")
     p.add_argument("--parent-run", default=None, help="sweep (parent) run id (default: the latest sweep)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db)")
     p.add_argument("--output-dir", default=None, help="the sweeps' --output-dir, a path or a URI whose SQLite store "
@@ -415,12 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None,
                    help="with --group-by: PNG path of the bar chart (default: runs/report-<experiment>.png)")
     args = p.parse_args(argv)
+    if not args.experiment and not args.relocate:
+        p.error("the following arguments are required: --experiment")
     base = Config(output_dir=args.output_dir) if args.output_dir else Config()
     uri = args.tracking_uri or base.tracking_uri()
     try:
         _check_readable_store(uri)
+        if args.relocate and sqlite_path(uri) is None:
+            raise ConfigError(f"--tracking-uri={uri!r}: --relocate rewrites a SQLite store (sqlite:///PATH)")
     except ConfigError as e:
         return cli_error(e)
+    if args.relocate:
+        from contra_ray.common.artifact_root import relocate_artifacts
+
+        moved = relocate_artifacts(sqlite_path(uri))
+        for old, new in moved.items():
+            print(f"artifacts: {old} -> {new}")
+        print(f"{len(moved)} experiment(s) relocated in {sqlite_path(uri)}")
+        return 0
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:

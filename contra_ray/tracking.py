@@ -7,7 +7,8 @@ opening of a store (:func:`tracking_client`, :func:`init_tracking`) holds an exc
 ``<db>.lock`` beside a SQLite database (:func:`store_lock`), so processes started together on a fresh
 database never race through MLflow's schema migrations (``duplicate column name``) or the experiment's
 creation. For SQLite stores new experiments keep their artifacts next to the database
-(``<db dir>/mlartifacts``) instead of ``./mlruns`` in the current directory.
+(``<db dir>/mlartifacts``) instead of ``./mlruns`` in the current directory, and opening a moved store points
+its locations there again (:mod:`contra_ray.common.artifact_root`).
 :func:`check_destinations` is what every CLI calls before any work: the output directory is writable
 and the tracking store reachable within a few seconds.
 
@@ -39,12 +40,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from contra_ray.common import storage
+from contra_ray.common.artifact_root import artifact_root, relocate_artifacts
 from contra_ray.common.fileio import ensure_writable_dir
 from contra_ray.config import ConfigError, flatten_dotted
 
 __all__ = ["init_tracking", "tracking_client", "store_lock", "check_destinations", "flatten_params", "RunLogger",
            "METRICS", "PATH_FIELDS", "METHODS", "PLATEAU_TOLERANCE", "main_model", "accuracy_metrics", "method_of",
-           "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH", "sqlite_path"]
+           "source_version", "run_tags", "iteration_metrics", "MAX_PARAM_VALUE_LENGTH", "sqlite_path",
+           "caller_entry_point"]
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_PER_BATCH = 100  # params (and metrics, conservatively) per log_batch call
@@ -107,7 +110,10 @@ def tracking_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     with store_lock(uri):
-        return MlflowClient(tracking_uri=uri)  # opens the store eagerly (MLflow caches it per process)
+        client = MlflowClient(tracking_uri=uri)  # opens the store eagerly (MLflow caches it per process)
+        if (db := sqlite_path(uri)) is not None:
+            relocate_artifacts(db)  # a moved store's artifact locations follow it
+        return client
 
 
 def init_tracking(uri: str, experiment: str) -> str:
@@ -116,9 +122,10 @@ def init_tracking(uri: str, experiment: str) -> str:
     For ``sqlite:///PATH`` URIs the parent directory is created and the database (schema included) is
     created here, in the calling process, under :func:`store_lock` (the store's creation, migration and
     the experiment's creation), so any number of processes may call this at once on a fresh database;
-    new experiments get the artifact location ``<PATH's directory>/mlartifacts``. Experiments are tagged
-    ``mlflow.experimentKind = custom_model_development`` (MLflow 3's UI then opens them on their runs, in
-    its "Model training" view, instead of the GenAI traces view).
+    new experiments get the artifact location ``<PATH's directory>/mlartifacts``, and those of a store that
+    was moved (its folder copied from a cluster) are pointed there again (also by :func:`tracking_client`).
+    Experiments are tagged ``mlflow.experimentKind = custom_model_development`` (MLflow 3's UI then opens
+    them on their runs, in its "Model training" view, instead of the GenAI traces view).
 
     Raises:
         mlflow.exceptions.MlflowException: the store cannot be opened or the experiment is deleted.
@@ -132,10 +139,12 @@ def init_tracking(uri: str, experiment: str) -> str:
     artifact_location = None
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        artifact_location = (db.parent.resolve() / "mlartifacts").as_uri()
+        artifact_location = artifact_root(db)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):
         client = MlflowClient(tracking_uri=uri)  # opening a SQLite store creates and migrates the database
+        if db is not None:
+            relocate_artifacts(db)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             try:
@@ -295,6 +304,8 @@ METRICS = {
     "final_acc/<model>": "the same mean for every evaluated model (final_acc_std/<model>: its std)",
     "random_real_acc": "random real images of the same IPC (hard labels), main model: mean (%) over eval.runs "
                        "(random_real_acc_std; random_real_acc/<model>, random_real_acc_std/<model>)",
+    "expert_test_acc": "an expert's test accuracy (%) after epoch `step` (1..experts.epochs; epochs it was "
+                       "evaluated on, experts.eval_every), in the expert's child run of the run that trained it",
     "s_per_iter": "median wall-clock seconds per distillation iteration (logging included, periodic "
                   "evaluations excluded); logged when the run ends",
     "iters_to_plateau": "first iteration whose eval_acc is within PLATEAU_TOLERANCE (0.5) points of the run's "
@@ -308,6 +319,24 @@ METHODS = ("contra", "mtt", "random_real")
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: open the experiment in its "Model training" view
 _ROLES = {"contra_ray.pipeline": "pipeline", "contra_ray.distill": "distill", "contra_ray.evaluate": "evaluate",
           "contra_ray.tune": "trial"}
+
+
+def caller_entry_point(caller_globals: Mapping[str, Any]) -> str:
+    """The stage package of the module whose globals are ``caller_globals`` (``contra_ray.distill.cli`` ->
+    ``contra_ray.distill``, ``contra_ray.pipeline`` -> itself); a module run as ``python -m NAME`` (its
+    ``__name__`` is ``__main__``) is named by its ``__spec__`` (``NAME``), a script by its file's place in the
+    package; ``contra_ray`` when neither names a ``contra_ray`` module (a notebook, a test)."""
+    name = str(caller_globals.get("__name__", ""))
+    if name == "__main__":
+        spec = caller_globals.get("__spec__")
+        name = getattr(spec, "name", None) or ""
+        if not name and caller_globals.get("__file__"):
+            with contextlib.suppress(ValueError):
+                rel = Path(caller_globals["__file__"]).resolve().relative_to(Path(__file__).resolve().parents[1])
+                name = ".".join(rel.with_suffix("").parts)
+    if not name.startswith("contra_ray."):
+        return "contra_ray"
+    return ".".join(name.split(".")[:2])
 
 
 def main_model(cfg: Any) -> str:
@@ -446,9 +475,11 @@ class RunLogger:
     active run in the relay). Metric steps already logged to the run are dropped (see the relay).
 
     ``entry_point`` (tag ``mlflow.source.name``) defaults to the ``contra_ray`` module that creates the
-    logger (``contra_ray.distill.remote`` counts as ``contra_ray.distill``); ``role`` (tag ``contra_ray.role``)
+    logger (:func:`caller_entry_point`: ``contra_ray.distill.remote`` counts as ``contra_ray.distill``, and
+    ``python -m contra_ray.pipeline`` as ``contra_ray.pipeline``); ``role`` (tag ``contra_ray.role``)
     defaults from it (pipeline, distill, evaluate, trial for ``contra_ray.tune``, else the module's last
-    name); ``method`` and ``note``: see :func:`run_tags`.
+    name: analyze, nas); ``method`` and ``note``: see :func:`run_tags`. :meth:`log_expert` adds one child
+    run per trained expert.
 
     Attributes:
         run_id: MLflow run id once entered (``None`` when disabled).
@@ -468,9 +499,7 @@ class RunLogger:
         self.nested = nested
         self.parent_run_id = parent_run_id
         self.enabled = bool(enabled and cfg.tracking.enabled)
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        # the stage package of the caller (contra_ray.distill.cli -> contra_ray.distill)
-        module = entry_point or (".".join(caller.split(".")[:2]) if caller.startswith("contra_ray.") else "contra_ray")
+        module = entry_point or caller_entry_point(sys._getframe(1).f_globals)
         self.entry_point = module
         self.role = role or _ROLES.get(module, module.rsplit(".", 1)[-1])
         self.method, self.note = method, note
@@ -530,6 +559,43 @@ class RunLogger:
         else:
             self._client.set_terminated(self.run_id, status)
 
+    def log_expert(self, expert_id: int, seed: int, test_acc: list[float]) -> str | None:
+        """A finished child run ``expert-XXXX`` of this run for an expert it trained: ``expert_test_acc`` (%)
+        at step = epoch (1-based) for each evaluated epoch (``test_acc``: fractions in [0, 1], NaN = not
+        evaluated, as :func:`contra_ray.experts.train_expert` returns them), tags ``contra_ray.role=expert``,
+        ``expert_id``, ``seed``, params ``experts.*``. One run per expert under one metric name, so the UI charts
+        every expert's curve on one axis. Returns its run id (``None`` when disabled). Call it in the driver.
+
+        Raises:
+            mlflow.exceptions.MlflowException: the store refuses the run.
+            ValueError: a logger with a relay (not the driver's).
+        """
+        if self.run_id is None:
+            return None
+        import math
+
+        from mlflow.entities import Metric, Param
+
+        version, sha = source_version()
+        tags = {"contra_ray.role": "expert", "expert_id": str(expert_id), "seed": str(seed),
+                "mlflow.source.name": self.entry_point, "mlflow.source.type": "LOCAL", "git_commit": version,
+                "dataset": str(self.cfg.data.dataset), "mlflow.parentRunId": self.run_id}
+        if sha:
+            tags["mlflow.source.git.commit"] = sha
+        name = f"expert-{expert_id:04d}"
+        if self.relay is not None:
+            raise ValueError("RunLogger.log_expert: call it on the driver's logger, not through a relay")
+        exp_id = self._client.get_run(self.run_id).info.experiment_id
+        child = self._client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+        ts = int(time.time() * 1000)
+        metrics = [Metric("expert_test_acc", 100 * float(a), ts, e) for e, a in enumerate(test_acc, 1)
+                   if not math.isnan(float(a))]
+        params = [Param(k, v) for k, v in flatten_params({"experts": self.cfg.to_dict()["experts"]}).items()
+                  if k not in PATH_FIELDS]
+        self._client.log_batch(child, metrics=metrics, params=params)
+        self._client.set_terminated(child, "FINISHED")
+        return child
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (nested dicts are flattened with :func:`flatten_params`). MLflow params are
         immutable: re-logging a key with a different value raises ``MlflowException``."""
@@ -579,8 +645,3 @@ class RunLogger:
         if self.run_id is None:
             return
         self._client.log_figure(self.run_id, fig, name)
-
-
-# ---------------------------------------------------------------------------------------------- pictures
-
-

@@ -159,6 +159,27 @@ def assert_shared_vocabulary(client, run, *, role: str, entry_point: str, method
         assert metrics["s_per_iter"] > 0
 
 
+def assert_expert_runs(client, parent, store, ids: list[int]) -> None:
+    """The experts ``ids`` that the run ``parent`` trained read back as its child runs ``expert-XXXX`` (role
+    expert, its entry point, FINISHED), each with ``expert_test_acc`` = the store's test accuracies in percent at
+    the epochs evaluated (1-based; NaN epochs left out) and the store's seed."""
+    import math
+
+    import pytest
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == [f"expert-{i:04d}" for i in ids]
+    index = store.index.set_index("expert_id")
+    for child in children:
+        tags, i = child.data.tags, int(child.data.tags["expert_id"])
+        assert tags["contra_ray.role"] == "expert" and child.info.status == "FINISHED"
+        assert tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+        assert tags["seed"] == str(index.loc[i, "seed"]) and child.data.params["experts.epochs"] == str(store.epochs)
+        history = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "expert_test_acc"))
+        want = [(e, pytest.approx(100 * a)) for e, a in enumerate(index.loc[i, "test_acc"], 1) if not math.isnan(a)]
+        assert history and history == want
+
+
 ENTRY_MODULES = ("contra_ray.pipeline", "contra_ray.distill.cli", "contra_ray.distill.remote", "contra_ray.analyze.cli",
                  "contra_ray.evaluate.cli", "contra_ray.tune.sweep", "contra_ray.tune.trial", "contra_ray.nas")
 

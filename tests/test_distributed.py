@@ -28,8 +28,10 @@ from contra_ray.distill.remote import (
     worker_share,
     write_checkpoint,
 )
+from contra_ray.experts.store import ExpertStore
 from contra_ray.models import ModelSpec
 from helpers import (
+    assert_expert_runs,
     assert_shared_vocabulary,
     fake_expert_store,
     free_ports,
@@ -186,9 +188,11 @@ def test_num_workers_run_logs_the_shared_vocabulary(ray_local, tmp_path):
                                    "distill": {"batch_syn": None, "iterations": 3, "lr_img": 1, "lr_lr": 1e-8}})
     assert run_distributed(cfg, num_workers=2) == 0
     client = MlflowClient(tracking_uri=cfg.tracking_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id],
+                                "tags.`contra_ray.role` = 'distill'")
     assert_shared_vocabulary(client, run, role="distill", entry_point="contra_ray.distill", method="contra",
                              final=False, iterations=3)
+    assert_expert_runs(client, run, ExpertStore.open(cfg.expert_store()), [0, 1])  # the driver logged them
     assert "loss/sampled" in run.data.metrics  # rank 0 keeps the '/' names, as in one process
     assert {"distilled_grid.png", "distill_curves.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -298,7 +302,8 @@ def test_ray_job_submit_round_trip(tmp_path, monkeypatch, s3_bucket):
 
     db = mirror / "s3" / s3_bucket[len("s3://"):] / "runs" / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id],
+                                "tags.`contra_ray.role` = 'distill'")  # its experts' runs are its children
     assert run.info.status == "FINISHED" and run.data.params["distill.iterations"] == "3"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
 

@@ -238,6 +238,9 @@ def test_cli_end_to_end_with_tracking(tmp_path, fake_modules, capsys):
     assert {(r["method"], r["model"], r["norm"]) for r in saved_rows} == {("contra", "convnet", "instancenorm"),
                                                                          ("random_real", "convnet", "instancenorm")}
     assert run.data.tags["path.data.root"] == "/somewhere/else" and run.data.tags["path.artifact"] == str(p)
+    table = Path(client.download_artifacts(run.info.run_id, "results.md")).read_text().splitlines()
+    assert table[4] == "| ConTra | convnet | 8 | 2 | 100.00 | 0.00 |"  # the final accuracies as a table
+    assert Path(client.download_artifacts(run.info.run_id, "results.png")).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((Path(client.download_artifacts(run.info.run_id, "eval_results.json"))).read_text())
     assert saved["accs"]["contra/convnet"] == [1.0, 1.0]
 

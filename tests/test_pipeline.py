@@ -5,8 +5,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +17,8 @@ from contra_ray.config import load_config
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.cli import main as distill_main
 from contra_ray.experts.store import ExpertStore
-from contra_ray.pipeline import evaluation_title, run_pipeline
-from helpers import CIFAR_TARBALL, ROOT, assert_shared_vocabulary
+from contra_ray.pipeline import evaluation_title
+from helpers import CIFAR_TARBALL, ROOT, assert_expert_runs, assert_shared_vocabulary
 
 pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(),
                                 reason=f"real CIFAR-10 tarball not found at {CIFAR_TARBALL}")
@@ -24,11 +26,15 @@ pytestmark = pytest.mark.skipif(not CIFAR_TARBALL.exists(),
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, cache_dir):
+    """The README main job in miniature, run as the README runs it: ``python -m contra_ray.pipeline``."""
     out = tmp_path_factory.mktemp("runs")
-    cfg = load_config("tiny_cpu", [f"output_dir={out}", f"data.cache_dir={cache_dir}", "experts.curriculum=true",
-                                   "experts.curriculum_gamma=2", "distill.checkpoint_every=2"])
-    assert run_pipeline(cfg) == 0
-    return cfg
+    sets = [f"output_dir={out}", f"data.cache_dir={cache_dir}", "experts.curriculum=true",
+            "experts.curriculum_gamma=2", "distill.checkpoint_every=2"]
+    proc = subprocess.run([sys.executable, "-m", "contra_ray.pipeline", "--preset", "tiny_cpu",
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=out, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_config("tiny_cpu", sets)
 
 
 def test_pipeline_outputs(pipeline_run):
@@ -59,11 +65,11 @@ def test_mlflow_run_logged(pipeline_run):
     cfg = pipeline_run
     client = MlflowClient(cfg.tracking_uri())
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    (run,) = client.search_runs([exp.experiment_id], "tags.`contra_ray.role` = 'pipeline'")
+    # under python -m the module is __main__: still tagged with its stage, as the README's table says
     assert_shared_vocabulary(client, run, role="pipeline", entry_point="contra_ray.pipeline", method="contra",
                              iterations=cfg.distill.iterations)
+    assert_expert_runs(client, run, ExpertStore.open(cfg.expert_store()), [0, 1])
     m = run.data.metrics
     res = json.loads((cfg.run_dir() / "results.json").read_text())["results"]
     assert m["final_acc"] == pytest.approx(res["contra/convnet"]["mean"])
@@ -71,7 +77,16 @@ def test_mlflow_run_logged(pipeline_run):
     assert run.data.params["distill.K"] == str(cfg.distill.K) and m["total_minutes"] > 0
     assert "loss/sampled" in m  # β > 0: the sampled segment's Eq. 2 loss, under its own section
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"distilled.safetensors", "distilled_grid.png", "distill_curves.png", "results.json"} <= arts
+    assert {"distilled.safetensors", "distilled_grid.png", "distill_curves.png", "results.json", "results.md",
+            "results.png"} <= arts
+    table = Path(client.download_artifacts(run.info.run_id, "results.md")).read_text().splitlines()
+    assert table[0].startswith("# tiny_cpu: CIFAR-10 evaluation")
+    assert table[4:] == [f"| {label} | convnet | 1 | {cfg.eval.runs} | {res[key]['mean']:.2f} | {res[key]['std']:.2f} |"
+                         for label, key in (("random real", "random_real/convnet"), ("ConTra", "contra/convnet"))]
+    from PIL import Image
+
+    with Image.open(client.download_artifacts(run.info.run_id, "results.png")) as im:
+        assert im.size[0] >= 480 and im.size[1] == 420
 
 
 def test_grid_picture_has_one_row_per_class(pipeline_run):
@@ -101,6 +116,29 @@ def test_distill_cli_resumes_and_continues(pipeline_run, capsys):
     assert_shared_vocabulary(client, run, role="distill", entry_point="contra_ray.distill", method="contra",
                              final=False)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4, 5]  # resumed at 4
+
+
+def test_distill_under_python_m_logs_the_experts_it_trains(pipeline_run, tmp_path):
+    """``python -m contra_ray.distill`` growing a copy of the pipeline's store by one expert: its run is tagged
+    distill (the stage, not ``contra_ray``) and holds the new expert's child run, as the pipeline's holds its two."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = pipeline_run
+    store = tmp_path / "experts"
+    shutil.copytree(cfg.expert_store(), store)
+    sets = [f"output_dir={tmp_path}", f"data.cache_dir={cfg.data.cache_dir}", "experts.curriculum=true",
+            "experts.curriculum_gamma=2", "experts.num_experts=3"]
+    proc = subprocess.run([sys.executable, "-m", "contra_ray.distill", "--preset", "tiny_cpu", "--name", "grow",
+                           "--experts", str(store), "--iterations", "2", *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("contra_ray").experiment_id],
+                                "tags.`contra_ray.role` = 'distill'")
+    assert_shared_vocabulary(client, run, role="distill", entry_point="contra_ray.distill", method="contra",
+                             final=False, iterations=2)
+    assert_expert_runs(client, run, ExpertStore.open(store), [2])
 
 
 def test_distill_cli_bad_input_exits_2(tmp_path, capsys):

@@ -183,6 +183,59 @@ def test_run_tags_params_and_iteration_metrics(cfg, tmp_path):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" view
 
 
+def test_every_entry_module_run_with_python_m_tags_its_stage(cfg):
+    """A RunLogger created by a module run as ``python -m NAME`` (its ``__name__`` is ``__main__``, its
+    ``__spec__`` names it; runpy gives exactly these globals) is tagged with NAME's stage, read back from the
+    store; so is one created by the module imported under its own name, by a script path, or from outside."""
+    import importlib.util
+
+    from mlflow.tracking import MlflowClient
+
+    expected = {"contra_ray.pipeline": "pipeline", "contra_ray.nas": "nas", "contra_ray.distill.cli": "distill",
+                "contra_ray.distill.remote": "distill", "contra_ray.distill.__main__": "distill",
+                "contra_ray.evaluate.cli": "evaluate", "contra_ray.analyze.cli": "analyze",
+                "contra_ray.tune.sweep": "trial"}  # the sweep and its trials name role and entry point themselves
+    callers = {m: {"__name__": "__main__", "__spec__": importlib.util.find_spec(m)} for m in expected}
+    callers["imported pipeline"] = {"__name__": "contra_ray.pipeline"}
+    callers["script"] = {"__name__": "__main__", "__spec__": None, "__file__": str(ROOT / "contra_ray" / "nas.py")}
+    callers["notebook"] = {"__name__": "__main__", "__spec__": None}
+    client, got = MlflowClient(cfg.tracking_uri()), {}
+    for caller, g in callers.items():
+        exec("with RunLogger(cfg, caller) as log:\n    run_id = log.run_id", {**g, "RunLogger": RunLogger,
+                                                                             "cfg": cfg, "caller": caller}, g)
+        tags = client.get_run(g["run_id"]).data.tags
+        got[caller] = (tags["mlflow.source.name"], tags["contra_ray.role"])
+    want = {m: (".".join(m.split(".")[:2]), role) for m, role in expected.items()}
+    assert got == {**want, "imported pipeline": ("contra_ray.pipeline", "pipeline"),
+                   "script": ("contra_ray.nas", "nas"), "notebook": ("contra_ray", "contra_ray")}
+
+
+def test_moved_runs_folder_keeps_its_artifacts(cfg, tmp_path, capsys):
+    """MLflow records absolute artifact locations: after moving the runs folder a plain client lists nothing;
+    ``report --relocate`` (or any contra_ray opening of the store) points them at the new folder again."""
+    from mlflow.tracking import MlflowClient
+
+    from contra_ray.report import main as report_main
+    from contra_ray.tracking import tracking_client
+
+    (tmp_path / "note.txt").write_text("kept")
+    with RunLogger(cfg, "r") as log:
+        log.log_artifact(tmp_path / "note.txt", "notes")
+    moved = tmp_path / "laptop" / "runs"
+    moved.parent.mkdir()
+    os.rename(cfg.output_dir, moved)
+    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    assert MlflowClient(uri).list_artifacts(log.run_id, "notes") == []  # broken, as MLflow leaves it
+    assert report_main(["--relocate", "--tracking-uri", uri]) == 0
+    assert f"{(Path(cfg.output_dir) / 'mlartifacts').as_uri()} -> {(moved / 'mlartifacts').as_uri()}" in \
+        capsys.readouterr().out
+    read = lambda client: Path(client.download_artifacts(log.run_id, "notes/note.txt", str(tmp_path))).read_text()  # noqa: E731
+    assert read(MlflowClient(uri)) == "kept"
+    os.rename(moved, tmp_path / "again")  # moved once more: contra_ray's own opening of the store relocates it
+    assert read(tracking_client(f"sqlite:///{tmp_path / 'again' / 'mlflow.db'}")) == "kept"
+    assert MlflowClient(uri).get_run(log.run_id).info.artifact_uri.startswith((tmp_path / "again").as_uri())
+
+
 # ------------------------------------------------------------------------------------ concurrent first use
 
 _FIRST_USE = """

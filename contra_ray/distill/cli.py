@@ -234,16 +234,20 @@ def _run(cfg: Config, args: argparse.Namespace) -> int:
         return run_distributed(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
                                resume=not args.no_resume, train_missing=not args.no_train_experts, note=args.note)
 
+    trained: list[tuple] = []  # (expert_id, seed, test_acc) of the experts trained here: child runs below
     try:
         data = prepare_data(cfg)
         plan = check_memory(cfg, data)
-        store = ensure_experts(cfg, data, train_missing=not args.no_train_experts)
+        store = ensure_experts(cfg, data, train_missing=not args.no_train_experts,
+                               on_trained=lambda *e: trained.append(e))
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
     if cfg.tracking.enabled:
         init_tracking(cfg.tracking_uri(), cfg.tracking.experiment)
     try:
         with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=args.note) as logger:
+            for expert in trained:
+                logger.log_expert(*expert)
             artifact, history = run_distillation(cfg, data, store, logger, resume=not args.no_resume,
                                                  announced_mode=plan.mode)
             out = cfg.run_dir() / "distilled.safetensors"

@@ -430,7 +430,8 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
         check_locations_on_nodes(shared)
         data = prepare_data(cfg)
         plan = check_memory(cfg, data, workers=num_workers)
-        ensure_experts(cfg, data, train_missing=train_missing)
+        trained: list[tuple] = []  # (expert_id, seed, test_acc): child runs of the distill run below
+        ensure_experts(cfg, data, train_missing=train_missing, on_trained=lambda *e: trained.append(e))
         setup = ClusterSetup(None if streamed else ray.put(data))
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
@@ -440,6 +441,8 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
         relay = start_relay(cfg.tracking_uri(), cfg.tracking.experiment)  # rank 0 logs through it
     try:
         with RunLogger(cfg, f"{cfg.name}-distill", enabled=cfg.tracking.enabled, note=note) as logger:
+            for expert in trained:
+                logger.log_expert(*expert)
             try:
                 run = fit_distributed(cfg, num_workers, use_gpu, resume, setup=setup, max_failures=max_failures,
                                       tracking_run_id=logger.run_id, announced_mode=plan.mode, relay=relay)

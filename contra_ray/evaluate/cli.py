@@ -28,6 +28,7 @@ from contra_ray.evaluate.sets import (
 )
 from contra_ray.evaluate.training import random_real_set
 from contra_ray.models import MODEL_NAMES
+from contra_ray.plots import log_results
 from contra_ray.tracking import RunLogger, accuracy_metrics, check_destinations, main_model
 
 __all__ = ["build_parser", "config_for_artifact", "main", "run_artifact_cli", "test_data_for_artifact"]
@@ -218,6 +219,7 @@ def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
                         step=int(art.meta.get("iteration", 0)))
         log.log_dict({"rows": rows, "accs": {f"{m}/{model}": a for (m, model), a in results.items()}},
                      "eval_results.json")
+        log_results(rows, log, f"{name}: IPC {art.ipc}, {ecfg.runs} run(s) x {ecfg.epochs} epochs")
         table = format_table(rows)
         print(table)
         if len(ecfg.models) > 1:  # the cross-architecture row of paper Table 2

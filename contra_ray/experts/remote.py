@@ -118,7 +118,8 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
                   test_y: torch.Tensor, spec: ModelSpec, store_meta: dict, preprocessor_state: dict[str, torch.Tensor],
                   augment_factory: Callable[[], Augment] | None = None,
                   order_factory: Callable[[int], SampleOrder] | None = None,
-                  epoch_hook: Callable[[int, int], None] | None = None) -> ExpertStore:
+                  epoch_hook: Callable[[int, int], None] | None = None,
+                  on_trained: Callable[[int, int, list[float]], None] | None = None) -> ExpertStore:
     """Train ``cfg.experts.num_experts`` experts in parallel as Ray tasks into ``cfg.expert_store()``.
 
     Each expert ``i`` (ids ``0..num_experts-1``) is :func:`train_expert` with seed
@@ -154,6 +155,9 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
             Required when ``cfg.experts.curriculum`` (e.g. ``lambda i: CurriculumOrder(rank, λ, γ)``).
         epoch_hook: ``(expert_id, epoch) -> None`` called inside each task after every saved epoch
             (fault injection in tests; must be picklable).
+        on_trained: ``(expert_id, seed, test_acc) -> None`` called in the driver after each expert is saved
+            (``test_acc``: one fraction per epoch, NaN where not evaluated), e.g.
+            :meth:`contra_ray.tracking.RunLogger.log_expert`; the tasks never open the tracking store.
 
     Returns:
         The opened :class:`ExpertStore` with all experts.
@@ -247,6 +251,8 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
                 continue
             store.add(expert_id, derive_seed(x.seed, "expert", expert_id), traj, acc)
             publish(expert_id)
+            if on_trained is not None:
+                on_trained(expert_id, derive_seed(x.seed, "expert", expert_id), list(acc))
             bar.update(1)
             bar.set_postfix(last=expert_id, test_acc=f"{acc[-1]:.4f}")
     finally:
@@ -296,9 +302,10 @@ def curriculum_rank(cfg: Config, data: PreparedData) -> torch.Tensor:
     return rank
 
 
-def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
+def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True,
+                   on_trained: Callable[[int, int, list[float]], None] | None = None):
     """Open the expert store named by the config, training the missing experts (Ray, in parallel) if
-    ``train_missing``; then check it fits the distillation config.
+    ``train_missing``; then check it fits the distillation config. ``on_trained``: see :func:`train_experts`.
 
     Raises:
         ExpertStoreError: store missing (and ``train_missing`` false) or built for another model,
@@ -322,7 +329,7 @@ def ensure_experts(cfg: Config, data: PreparedData, train_missing: bool = True):
                                                           cfg.experts.curriculum_gamma)
             store = train_experts(cfg, data.train_x, data.train.labels, data.test_x, data.test.labels, data.spec,
                                   store_meta(cfg, data), data.preprocessor.state_dict(),
-                                  order_factory=order_factory)
+                                  order_factory=order_factory, on_trained=on_trained)
     else:
         if storage.is_uri(cfg.expert_store_location()):
             storage.pull(cfg.expert_store_location(), path, exclude=["*.partial"])

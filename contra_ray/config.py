@@ -234,14 +234,14 @@ class Config:
         for field, path in locations:
             if not path:
                 continue
-            if field in ("output_dir", "experts.store"):
+            if field in ("output_dir", "experts.store") or not URI_SCHEME.match(str(path)):
                 try:
                     storage.check_location(field, path)
                 except storage.StorageError as e:
                     raise ConfigError(str(e)) from None
                 if storage.is_uri(path):
                     continue
-            elif URI_SCHEME.match(str(path)):
+            else:
                 bad(field, path, "a URI is not supported for this field: give a local path (on a multi-node "
                                  "cluster the driver prepares the data once and workers receive it through Ray's "
                                  "object store; a streamed data set needs a folder every node mounts)")

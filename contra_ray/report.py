@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only point a moved SQLite store's artifact locations at <its folder>/mlartifacts (run it "
                         "after copying runs/ elsewhere, before mlflow ui) and exit")
     p.add_argument("--parent-run", default=None, help="sweep (parent) run id (default: the latest sweep)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db; "
+                   "for an s3://... output dir, in this node's mirror of it)")
     p.add_argument("--output-dir", default=None, help="the sweeps' --output-dir, a path or a URI whose SQLite store "
                    "is in this node's mirror (default: runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")

@@ -17,7 +17,22 @@ def test_unknown_scheme_is_refused_by_name_before_any_work(tmp_path):
         load_config("tiny_cpu", {"experts": {"store": "s3:///x"}})
     with pytest.raises(ConfigError, match=r"data.cache_dir='s3://b/c': a URI is not supported for this field"):
         load_config("tiny_cpu", {"data": {"cache_dir": "s3://b/c"}})
+    with pytest.raises(ConfigError, match=r"output_dir='s3:/b/runs': looks like a URI with a slash missing .* "
+                                          r"did you mean s3://b/runs\?"):
+        load_config("tiny_cpu", {"output_dir": "s3:/b/runs"})
+    with pytest.raises(ConfigError, match=r"data.cache_dir='gs:b': .* did you mean gs://b\?"):
+        load_config("tiny_cpu", {"data": {"cache_dir": "gs:b"}})
+    assert load_config("tiny_cpu", {"output_dir": str(tmp_path / "a:b")}).output_dir.endswith("a:b")  # a real name
     assert not Path("s3:").exists() and not Path("foo:").exists()
+
+
+def test_gcs_without_credentials_fails_in_bounded_time_naming_the_location(monkeypatch):
+    monkeypatch.setenv("CONTRA_RAY_GCS_RETRY_S", "2")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)  # no credentials, no network: retries
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match=r"gs://contra-no-such-bucket/x"):
+        storage.exists("gs://contra-no-such-bucket/x")
+    assert time.monotonic() - t0 < 60
 
 
 def test_uri_output_dir_maps_to_a_node_local_mirror(monkeypatch, tmp_path):

@@ -41,7 +41,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="override any config field, e.g. --set eval.runs=3 (repeatable)")
     p.add_argument("--name", help="run name (output subdirectory; default from the preset)")
     p.add_argument("--output-dir", help="root of run directories (default: runs)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<output-dir>/mlflow.db; for an "
+                   "s3://... output dir, in this node's mirror of it: pass a server URL on a cluster)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 

@@ -31,12 +31,22 @@ __all__ = ["URI_SCHEME", "SCHEMES", "StorageError", "is_uri", "check_location", 
            "ray_storage"]
 
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_LOOKS_LIKE_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")  # first path component "s3:" (not "C:")
 # what pyarrow.fs.FileSystem.from_uri opens (file:// is a local path written as a URI)
 SCHEMES = {"s3": "Amazon S3 or an S3-compatible server (AWS_ENDPOINT_URL)", "gs": "Google Cloud Storage",
            "gcs": "Google Cloud Storage", "hdfs": "HDFS", "viewfs": "HDFS (viewfs)", "abfs": "Azure Data Lake",
            "abfss": "Azure Data Lake", "file": "a local path"}
 _MIRROR_ENV = "CONTRA_RAY_MIRROR"
 _FILESYSTEMS: dict[tuple, object] = {}
+
+
+
+def _errors() -> tuple[type, ...]:
+    """What a storage call may raise: OSError and any pyarrow error (a GCS credential error is an
+    ``ArrowException``, not an OSError); pyarrow is imported only when a location is used."""
+    import pyarrow.lib
+
+    return (OSError, pyarrow.lib.ArrowException)
 _CHUNK = 8 << 20
 
 
@@ -58,10 +68,17 @@ def check_location(field: str, location: str | os.PathLike) -> None:
     """Refuse a URI whose scheme the layer cannot open, naming ``field``, the value and the schemes it opens.
 
     Raises:
-        StorageError: unknown scheme, or a URI without a bucket/host (``s3:///x``).
+        StorageError: unknown scheme, a URI without a bucket/host (``s3:///x``), or a path whose first part
+            looks like a scheme with a slash missing (``s3:/bucket/x``, ``gs:bucket``).
     """
     loc = str(location)
     if not is_uri(loc):
+        head = loc.split("/", 1)[0]
+        known = head.split(":", 1)[0].lower() in SCHEMES and ":" in head
+        if _LOOKS_LIKE_SCHEME.match(head) or known:  # s3:/bucket, gs:bucket: a URI with a slash missing
+            scheme, rest = head.split(":", 1)[0], loc.split(":", 1)[1].lstrip("/")
+            raise StorageError(f"{field}={loc!r}: looks like a URI with a slash missing (a local folder named "
+                               f"{head!r} would be created); did you mean {scheme}://{rest}?")
         return
     scheme = _scheme(loc)
     if scheme not in SCHEMES:
@@ -75,7 +92,8 @@ def filesystem(location: str | os.PathLike):
     """``(pyarrow.fs.FileSystem, path)`` for a location (a local path: the local file system, absolute path).
 
     S3: ``endpoint_override`` from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (an S3-compatible
-    server), so the file system pickles with it to Ray workers.
+    server), so the file system pickles with it to Ray workers. GCS: requests retry for at most
+    ``$CONTRA_RAY_GCS_RETRY_S`` seconds (default 60; without credentials the client would retry for minutes).
 
     Raises:
         StorageError: unknown scheme (see :func:`check_location`) or a file system pyarrow cannot open.
@@ -97,6 +115,12 @@ def filesystem(location: str | os.PathLike):
                     kwargs["region"] = region
                 _FILESYSTEMS[key] = pafs.S3FileSystem(**kwargs)
             return _FILESYSTEMS[key], loc[len("s3://"):].split("?", 1)[0].rstrip("/")
+        if _scheme(loc) in ("gs", "gcs"):  # bounded retries: without credentials the client retries ~forever
+            import datetime
+
+            limit = float(os.environ.get("CONTRA_RAY_GCS_RETRY_S", "60"))
+            path = loc.split("://", 1)[1].split("?", 1)[0].rstrip("/")
+            return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=limit)), path
         return pafs.FileSystem.from_uri(loc)
     except (OSError, ValueError, TypeError) as e:  # pyarrow.lib.ArrowInvalid is a ValueError
         raise StorageError(f"{loc}: cannot open its file system ({' '.join(str(e).split())})") from e
@@ -121,7 +145,7 @@ def exists(location: str | os.PathLike) -> bool:
     fs, path = filesystem(location)
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as e:
+    except _errors() as e:
         raise _wrap(str(location), e) from e
 
 
@@ -133,7 +157,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: no such file") from None
-    except OSError as e:
+    except _errors() as e:
         if "not exist" in str(e) or "NoSuchKey" in str(e) or "not found" in str(e).lower():
             raise FileNotFoundError(f"{location}: no such file") from None
         raise _wrap(str(location), e) from e
@@ -150,7 +174,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     try:
         with fs.open_output_stream(path) as f:
             f.write(data)
-    except OSError as e:
+    except _errors() as e:
         raise _wrap(str(location), e) from e
 
 
@@ -162,7 +186,7 @@ def list_files(location: str | os.PathLike) -> dict[str, int]:
     root = root.rstrip("/")
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
+    except _errors() as e:
         raise _wrap(str(location), e) from e
     return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
@@ -244,7 +268,7 @@ def push(local_dir: str | os.PathLike, location: str | os.PathLike, *, files: It
                 _copy(_local_fs(), str(local / name), fs, f"{root.rstrip('/')}/{name}")
             record[name] = {"local": stamp}
             done.append(name)
-    except OSError as e:
+    except _errors() as e:
         raise _wrap(join(location, name), e) from e
     finally:
         if done:
@@ -265,7 +289,7 @@ def _remote_files(location: str | os.PathLike) -> dict[str, list]:
     root = root.rstrip("/")
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as e:
+    except _errors() as e:
         raise _wrap(str(location), e) from e
     return {i.path[len(root) + 1:]: [i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File}
 
@@ -311,7 +335,7 @@ def pull(location: str | os.PathLike, local_dir: str | os.PathLike, *, files: It
             try:
                 _copy(fs, f"{root.rstrip('/')}/{name}", _local_fs(), str(tmp))
                 os.replace(tmp, dest)
-            except OSError as e:
+            except _errors() as e:
                 raise _wrap(join(location, name), e) from e
             finally:
                 tmp.unlink(missing_ok=True)
@@ -336,7 +360,7 @@ def delete(location: str | os.PathLike, *, missing_ok: bool = True) -> None:
             fs.delete_file(path)
         elif not missing_ok:
             raise FileNotFoundError(f"{location}: no such file or folder")
-    except OSError as e:
+    except _errors() as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise _wrap(str(location), e) from e

@@ -140,7 +140,8 @@ def check_finished_run(cfg: Config, continues: bool) -> None:
         diff.append(f"distill.iterations={int(done)} in the finished set, {cfg.distill.iterations} now (no "
                     "checkpoint to continue from: the run would start over)")
     if diff:
-        raise ConfigError(f"run {cfg.name!r} has finished with another configuration ({path}): " + "; ".join(diff)
+        where = storage.join(cfg.run_location(), path.name)
+        raise ConfigError(f"run {cfg.name!r} has finished with another configuration ({where}): " + "; ".join(diff)
                           + f"; {way_out}")
 
 
@@ -171,8 +172,8 @@ def interrupted_message(cfg: Config) -> str:
     """What a user reads after Ctrl-C: where the run stands and what rerunning the same command does."""
     every = cfg.distill.checkpoint_every
     if every and (checkpoint_dirs(cfg.run_dir() / "checkpoints") or checkpoint_dirs(ray_train_dir(cfg))):
-        return (f"interrupted: {cfg.run_dir()} keeps the newest checkpoint (every distill.checkpoint_every={every} "
-                "iterations); rerun the same command to resume from it")
+        return (f"interrupted: {cfg.run_location()} keeps the newest checkpoint (every "
+                f"distill.checkpoint_every={every} iterations); rerun the same command to resume from it")
     experts = experts_interrupted_message(cfg)
     if experts is not None:
         return experts

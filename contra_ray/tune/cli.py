@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs and torch threads of a W=0 trial / of each Train worker (default: config threads or 1)")
     p.add_argument("--gpus-per-trial", type=non_negative_float, default=None,
                    help="GPUs of a W=0 trial (default: 1 with --use-gpu, else 0)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db; "
+                   "for an s3://... output dir, in this node's mirror of it)")
     p.add_argument("--output-dir", default=None, help="root of run directories (default: the preset's, runs)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: tune-<space name>)")
     p.add_argument("--name", default=None, help="sweep name (default: <space name>-<timestamp>)")

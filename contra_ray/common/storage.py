@@ -180,15 +180,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
 
 def list_files(location: str | os.PathLike) -> dict[str, int]:
     """``{relative path: size in bytes}`` of every file under the folder ``location`` (empty if none)."""
-    import pyarrow.fs as pafs
-
-    fs, root = filesystem(location)
-    root = root.rstrip("/")
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except _errors() as e:
-        raise _wrap(str(location), e) from e
-    return {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    return {name: size for name, (size, _) in _remote_files(location).items()}
 
 
 def _copy(src_fs, src: str, dst_fs, dst: str) -> None:
@@ -283,6 +275,7 @@ def _local_fs():
 
 
 def _remote_files(location: str | os.PathLike) -> dict[str, list]:
+    """``{relative path: [size, mtime_ns]}`` of every file under the folder ``location``."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem(location)

@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 
 #: ``scheme://...``: a URI, not a local path (``s3://bucket/runs`` must never become a folder ``./s3:/bucket``)
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: location fields that accept a URI (contra_ray.common.storage); the others must be local paths
+URI_FIELDS = ("output_dir", "experts.store", "data.shared_cache")
 
 
 def ray_job_working_dir(cwd: str | None = None) -> Path | None:
@@ -67,6 +69,10 @@ class DataConfig:
     in_memory: bool | None = None
     zca_samples: int | None = None  # fit ZCA on this many train images (seeded sample); None = all of them
     decode_threads: int = 0  # threads decoding JPEGs into the cache (0 = the CPUs this process may use)
+    # where a streamed set's decoded folders are published for the other nodes, which read them through their
+    # own cache_dir (a URI or a folder every node mounts); None = <output_dir>/data-cache when output_dir is a
+    # URI, else none (then cache_dir itself must be a folder every node mounts on a multi-node cluster)
+    shared_cache: str | None = None
 
 
 @dataclasses.dataclass
@@ -200,6 +206,14 @@ class Config:
         """Where the expert store lives: ``experts.store`` or ``<run location>/experts`` (a path or a URI)."""
         return str(self.experts.store) if self.experts.store else storage.join(self.run_location(), "experts")
 
+    def data_cache_location(self) -> str | None:
+        """Where a streamed set's decoded folders are published for other nodes (:func:`contra_ray.data.imagenet.
+        share_streamed`): ``data.shared_cache``, else ``<output_dir>/data-cache`` when ``output_dir`` is a URI,
+        else ``None`` (nothing published: ``data.cache_dir`` is read directly)."""
+        if self.data.shared_cache:
+            return str(self.data.shared_cache)
+        return storage.join(self.output_dir, "data-cache") if storage.is_uri(self.output_dir) else None
+
     def tracking_uri(self) -> str:
         """``tracking.uri``, else SQLite in the output folder (a URI's mirror on the driver's node)."""
         if self.tracking.uri:
@@ -229,12 +243,12 @@ class Config:
             bad("output_dir", self.output_dir, "must not be empty (the root of the run directories)")
         locations = (("output_dir", self.output_dir), ("data.cache_dir", self.data.cache_dir),
                      ("experts.store", self.experts.store), ("data.root", self.data.root),
-                     ("experts.ffcv_dir", self.experts.ffcv_dir))
+                     ("experts.ffcv_dir", self.experts.ffcv_dir), ("data.shared_cache", self.data.shared_cache))
         job_dir = ray_job_working_dir()
         for field, path in locations:
             if not path:
                 continue
-            if field in ("output_dir", "experts.store") or not URI_SCHEME.match(str(path)):
+            if field in URI_FIELDS or not URI_SCHEME.match(str(path)):
                 try:
                     storage.check_location(field, path)
                 except storage.StorageError as e:
@@ -244,7 +258,7 @@ class Config:
             else:
                 bad(field, path, "a URI is not supported for this field: give a local path (on a multi-node "
                                  "cluster the driver prepares the data once and workers receive it through Ray's "
-                                 "object store; a streamed data set needs a folder every node mounts)")
+                                 "object store; a streamed data set through data.shared_cache, which may be a URI)")
             if job_dir is not None and not os.path.isabs(os.path.expanduser(str(path))):
                 bad(field, path, f"a relative path inside a Ray job with a working dir resolves into Ray's "
                                  f"temporary unpack folder {job_dir}, deleted with the job; give an absolute path "

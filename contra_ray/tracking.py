@@ -314,7 +314,7 @@ METRICS = {
 PLATEAU_TOLERANCE = 0.5  # accuracy points, see iters_to_plateau
 #: Config fields that are paths: tags ``path.<field>``, never params (they differ between machines and
 #: sweeps, and would show as "differences" in the UI's run comparison).
-PATH_FIELDS = ("output_dir", "data.cache_dir", "data.root", "experts.store", "tracking.uri")
+PATH_FIELDS = ("output_dir", "data.cache_dir", "data.shared_cache", "data.root", "experts.store", "tracking.uri")
 METHODS = ("contra", "mtt", "random_real")
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: open the experiment in its "Model training" view
 _ROLES = {"contra_ray.pipeline": "pipeline", "contra_ray.distill": "distill", "contra_ray.evaluate": "evaluate",

@@ -20,15 +20,17 @@ import fnmatch
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from contra_ray.common.fileio import atomic_write, wait_lock
 
 __all__ = ["URI_SCHEME", "SCHEMES", "StorageError", "is_uri", "check_location", "filesystem", "join", "exists",
            "read_bytes", "write_bytes", "list_files", "push", "pull", "delete", "local_mirror", "pulled",
-           "ray_storage"]
+           "read_through", "ray_storage"]
 
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOOKS_LIKE_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")  # first path component "s3:" (not "C:")
@@ -387,6 +389,61 @@ def pulled(location: str | os.PathLike, what: str) -> Iterator[Path]:
     with wait_lock(mirror.parent / f".{mirror.name}.pull.lock", f"fetching {what}"):
         pull(location, mirror)
     yield mirror
+
+
+def read_through(location: str | os.PathLike, local: str | os.PathLike, *, complete: Callable[[Path], bool],
+                 verify: Callable[[Path], None], what: str, files: Iterable[str] | None = None) -> Path:
+    """A node-local read-through cache: the folder ``local`` filled once per node from the folder ``location``.
+
+    If ``complete(local)`` holds, ``local`` is returned at once (no lock, nothing read remotely). Otherwise,
+    holding ``<parent>/.<name>.fill.lock`` (so two processes on one node fetch once; the second finds the work
+    done): the files (all, or only ``files``) are fetched into a temporary sibling ``.<name>.fill-*``, ``verify``
+    checks that copy (e.g. recomputes a content hash; it raises ``ValueError`` on a mismatch), and the copy is
+    renamed to ``local`` (a folder already there, incomplete, is moved aside and deleted). A crash leaves no
+    half ``local``: only a ``.<name>.fill-*`` sibling, which the next fill deletes under the lock.
+
+    Args:
+        complete: whether a folder holds a complete, verified copy (e.g. a marker file written last, with the
+            expected content hash); called on ``local`` before and after taking the lock, and on the fetched copy.
+        what: the data in words, for the waiting message and errors.
+
+    Returns:
+        ``local`` (a ``Path``).
+
+    Raises:
+        StorageError: ``location`` is not readable, or holds no complete copy (names it).
+        ValueError: ``verify`` failed (the message names ``location``); nothing is left behind.
+    """
+    local = Path(local)
+    if complete(local):
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with wait_lock(local.parent / f".{local.name}.fill.lock", f"fetching {what}"):
+        if complete(local):
+            return local
+        for debris in local.parent.glob(f".{local.name}.fill-*"):  # left by a fill that crashed
+            shutil.rmtree(debris, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.fill-", dir=local.parent))
+        try:
+            print(f"fetching {what} from {location} into {local}", flush=True)
+            pull(location, tmp, files=files)
+            if not complete(tmp):
+                raise StorageError(f"{location}: no complete copy of {what} there (files: "
+                                   f"{', '.join(sorted(_local_files(tmp))) or 'none'})")
+            try:
+                verify(tmp)
+            except ValueError as e:
+                raise ValueError(f"{what} fetched from {location} fails its check: {e}") from None
+            (tmp / _RECORD).unlink(missing_ok=True)
+            if local.exists():
+                stale = Path(tempfile.mkdtemp(prefix=f".{local.name}.fill-stale-", dir=local.parent))
+                os.replace(local, stale / local.name)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, local)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return local
 
 
 def ray_storage(location: str | os.PathLike) -> tuple[str, object | None]:

@@ -10,7 +10,8 @@ preprocessed view.
   the process's resident memory never holds more than those rows (the page cache is the kernel's; a
   memory map would pull neighbouring pages of random rows into this process's resident set).
   It pickles as its path and row selection, so a Ray task reads the same file (one machine or shared
-  storage).
+  storage); with a ``fill`` (e.g. :class:`contra_ray.data.imagenet.DecodedReadThrough`), a process that
+  unpickles it first fills its node's copy of the file from the storage location the driver published it to.
 * :class:`PreprocessedImages` is ``preprocessor(images)`` for a :class:`DiskImages`, evaluated per
   request: ``x[idx]`` -> float32 rows in the model's input space, ``x.split(n)`` -> chunks. Calling a
   :class:`contra_ray.data.Preprocessor` on a :class:`DiskImages` returns one, which is how the stages
@@ -22,10 +23,11 @@ Plain NumPy / PyTorch, no Ray.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -104,13 +106,20 @@ class DiskImages:
     Args:
         path: the ``.npy`` file (uint8, 4-D, C order), e.g. written by :func:`write_npy`.
         rows: optional int64 row numbers into the file: this object is then those rows, in that order.
+        fill: optional picklable callable that makes ``path`` present and complete on this node (a
+            read-through cache fill, see :func:`contra_ray.common.storage.read_through`); called once per
+            process that unpickled this object, before its first read. The file must exist where the
+            object is created.
 
     Raises:
         ValueError: the file is not a 4-D uint8 C-order ``.npy`` (names it).
     """
 
-    def __init__(self, path: str | os.PathLike, rows: np.ndarray | None = None):
+    def __init__(self, path: str | os.PathLike, rows: np.ndarray | None = None,
+                 fill: Callable[[], object] | None = None):
         self.path = str(path)
+        self.fill = fill
+        self._ready = True  # the file is here (read below); an unpickled copy calls fill first
         with open(self.path, "rb") as f:
             try:
                 version = np.lib.format.read_magic(f)
@@ -149,17 +158,30 @@ class DiskImages:
     def __repr__(self) -> str:
         return f"DiskImages({self.path!r}, shape={tuple(self.shape)})"
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ready = state.get("fill") is None
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            self.fill()
+            self._ready = True
+
     def take(self, idx) -> "DiskImages":
         """The rows ``idx`` (int64 tensor / array, any order) as another lazy :class:`DiskImages`."""
         sel = _as_index(idx, len(self))
         if isinstance(sel, slice):
             sel = np.arange(len(self))[sel]
         sel = np.atleast_1d(sel)
-        return DiskImages(self.path, sel if self.rows is None else self.rows[sel])
+        out = copy.copy(self)  # the same file, header and fill: nothing read here
+        out.rows = sel.astype(np.int64) if self.rows is None else self.rows[sel]
+        out.shape = torch.Size((len(out.rows), *self.shape[1:]))
+        return out
 
     def _read(self, file_rows: np.ndarray | slice) -> np.ndarray:
         """Rows of the file, by ``pread`` into the output (no memory map: random rows never pull their
         neighbours' pages into this process's resident memory); consecutive rows in one read each."""
+        self._ensure()
         if isinstance(file_rows, slice):
             file_rows = np.arange(self._file_rows)[file_rows]
         out = np.empty((len(file_rows), *self.shape[1:]), dtype=np.uint8)

@@ -19,6 +19,12 @@ Both are decoded once (PIL, ``convert("RGB")``, 8-bit modes only: the rules of
 ``meta.json`` written last), keyed by every file's path, size and mtime, the resolution and the decoder
 version. The images are then served from that file (:class:`contra_ray.data.disk_images.DiskImages`, never
 more than a batch in memory) or, with ``data.in_memory``, loaded whole.
+
+On a cluster whose nodes share no folder, the driver publishes each decoded folder once to a storage location
+(:func:`share_streamed`; ``data.shared_cache``, default ``<output_dir>/data-cache`` for a URI ``output_dir``):
+``<location>/decoded/<folder>/``, ``meta.json`` last. A worker that unpickles the set's
+:class:`~contra_ray.data.disk_images.DiskImages` fills its node's ``data.cache_dir`` copy from there before its
+first read (:class:`DecodedReadThrough`: under a lock, the content hash recomputed, renamed into place).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import collections
 import concurrent.futures
 import ctypes
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,6 +45,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+from contra_ray.common import storage
 from contra_ray.common.fileio import atomic_write
 from contra_ray.common.raycluster import available_cpus
 from contra_ray.data.cache import files_key
@@ -45,7 +53,8 @@ from contra_ray.data.disk_images import DiskImages, write_npy
 from contra_ray.data.image_files import NOT_8BIT, decode_images, differences, list_split, undecodable
 
 __all__ = ["Listing", "tiny_imagenet_listing", "imagefolder_listing", "read_class_names", "load_imagenet_split",
-           "IMAGENET_DEFAULT_RESOLUTION", "decode_resized"]
+           "IMAGENET_DEFAULT_RESOLUTION", "decode_resized", "decoded_hash", "publish_decoded",
+           "DecodedReadThrough", "share_streamed"]
 
 IMAGENET_DEFAULT_RESOLUTION = 64
 _CACHE_VERSION = "npy-v1"  # bump when the decoded layout or the resizing changes
@@ -337,3 +346,117 @@ def effective_resolution(cfg) -> int | None:
 def in_memory(cfg) -> bool:
     """``data.in_memory``, defaulting to streamed (False) for ``imagenet`` and in memory otherwise."""
     return bool(cfg.in_memory) if cfg.in_memory is not None else cfg.dataset != "imagenet"
+
+
+# ---------------------------------------------------------------------- clusters without a shared folder
+
+def decoded_hash(folder: str | os.PathLike) -> str:
+    """The content hash of a decoded folder, recomputed from its files: first 16 hex digits of sha256 over the
+    image bytes of ``images.npy`` (after its header) then ``labels.npy`` as int64, as :func:`decoded_cache`
+    records it in ``meta.json`` (``content_hash``); read in 8 MiB blocks.
+
+    Raises:
+        ValueError: ``images.npy`` is not a 4-D uint8 ``.npy`` or is shorter than its header says.
+    """
+    folder = Path(folder)
+    d = DiskImages(folder / "images.npy")
+    h = hashlib.sha256()
+    want = d.numel()
+    with open(d.path, "rb") as f:
+        f.seek(d._offset)
+        got = 0
+        while block := f.read(8 << 20):
+            h.update(block)
+            got += len(block)
+    if got != want:
+        raise ValueError(f"{d.path}: {got} image bytes, its header says {want} (truncated)")
+    h.update(np.ascontiguousarray(np.load(folder / "labels.npy"), dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def publish_decoded(folder: str | os.PathLike, location: str) -> str:
+    """Publish the decoded folder to ``<location>/decoded/<folder name>`` (``meta.json`` last), unless a copy with
+    the same ``content_hash`` is there already; returns that location.
+
+    Raises:
+        StorageError: the location is not writable (names it).
+        ValueError: ``folder`` has no ``meta.json`` (not a complete decoded folder).
+    """
+    folder = Path(folder)
+    meta = _meta(folder)
+    if meta is None:
+        raise ValueError(f"{folder}: no meta.json, not a complete decoded cache folder")
+    dest = storage.join(location, "decoded", folder.name)
+    meta_loc = storage.join(dest, "meta.json")
+    if storage.exists(meta_loc):
+        try:
+            if json.loads(storage.read_bytes(meta_loc)).get("content_hash") == meta["content_hash"]:
+                return dest
+        except ValueError:
+            pass
+    print(f"publishing the decoded set {folder.name} to {dest} (nodes read it through their data.cache_dir)",
+          flush=True)
+    storage.push(folder, dest, files=["images.npy", "labels.npy", "meta.json"], last=["meta.json"])
+    return dest
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedReadThrough:
+    """The ``fill`` of a streamed set's :class:`~contra_ray.data.disk_images.DiskImages` on a cluster: makes
+    ``folder`` (this node's ``data.cache_dir`` copy) a complete decoded folder with ``content_hash``, fetched from
+    ``source`` (where :func:`publish_decoded` put it) by :func:`contra_ray.common.storage.read_through` when
+    missing or different: once per node, under a lock, the hash recomputed (:func:`decoded_hash`) before the copy
+    is renamed into place.
+
+    Raises (when called):
+        StorageError: ``source`` unreadable or incomplete; ValueError: the fetched copy's hash differs.
+    """
+
+    source: str
+    folder: str
+    content_hash: str
+
+    def _complete(self, folder: Path) -> bool:
+        meta = _meta(folder)
+        return (meta is not None and meta.get("content_hash") == self.content_hash
+                and (folder / "images.npy").is_file() and (folder / "labels.npy").is_file())
+
+    def _verify(self, folder: Path) -> None:
+        got = decoded_hash(folder)
+        if got != self.content_hash:
+            raise ValueError(f"content hash {got}, expected {self.content_hash}")
+
+    def __call__(self) -> Path:
+        return storage.read_through(self.source, self.folder, complete=self._complete, verify=self._verify,
+                                    what=f"the decoded set {Path(self.folder).name}",
+                                    files=["images.npy", "labels.npy", "meta.json"])
+
+
+def share_streamed(image_sets, location: str) -> int:
+    """Publish the decoded folders behind the streamed images of ``image_sets`` (``ImageSet``s,
+    :class:`DiskImages` or preprocessed views; in-memory ones are skipped) to ``location``
+    (:func:`publish_decoded`) and give each :class:`DiskImages` the :class:`DecodedReadThrough` that fills a
+    node's copy from there; returns how many folders were published or found there.
+
+    Raises:
+        StorageError: the location is not writable.
+    """
+    seen: dict[str, DecodedReadThrough] = {}
+    for x in image_sets:
+        x = getattr(x, "images", x)  # ImageSet -> images; PreprocessedImages -> DiskImages
+        x = getattr(x, "images", x)
+        if not isinstance(x, DiskImages):
+            continue
+        folder = str(Path(x.path).parent)
+        if folder not in seen:
+            source = publish_decoded(folder, location)
+            seen[folder] = DecodedReadThrough(source, folder, _meta(Path(folder))["content_hash"])
+        x.fill = seen[folder]
+    return len(seen)

@@ -18,7 +18,8 @@ artifact and curves. Rank 0 logs per-iteration metrics to that MLflow run (throu
 ``<run_dir>/distilled.safetensors``. On a multi-node cluster ``output_dir`` (and ``experts.store``) is a URI
 (``s3://…``, ``gs://…``: Ray Train's ``storage_path`` and the published store and set,
 :mod:`contra_ray.common.storage`) or a folder every node mounts; the data reach the workers through Ray's
-object store (a streamed set through ``data.cache_dir``, then a shared folder); only the driver's node writes
+object store (a streamed set as handles that fill each node's ``data.cache_dir`` from ``data.shared_cache``,
+:mod:`contra_ray.data.imagenet`); only the driver's node writes
 to MLflow (rank 0 logs through the driver's :mod:`contra_ray.tracking_relay`).
 """
 
@@ -40,8 +41,7 @@ from contra_ray.common import storage
 from contra_ray.common.cli import cli_error
 from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.config import Config, ConfigError, config_from_dict
-from contra_ray.data.imagenet import in_memory
-from contra_ray.data.prepare import PreparedData, prepare_data
+from contra_ray.data.prepare import PreparedData, prepare_data, streamed_locations
 from contra_ray.distill.artifact import DistilledSet
 from contra_ray.distill.checkpoint import (
     CheckpointError,
@@ -110,7 +110,7 @@ class PreparedSetup:
 @dataclasses.dataclass
 class ClusterSetup:
     """The default setup of :func:`run_distributed`: the data the driver prepared, from Ray's object store
-    (``data_ref``; ``None``: a streamed set, read through the on-disk cache the driver filled), and the expert
+    (``data_ref``; ``None``: prepared again on the worker), and the expert
     store fetched from its location into this node's mirror (once per node, under a lock)."""
 
     data_ref: Any = None
@@ -294,6 +294,8 @@ def _with_absolute_paths(cfg: Config) -> Config:
     if not storage.is_uri(cfg.output_dir):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    if cfg.data.shared_cache and not storage.is_uri(cfg.data.shared_cache):
+        cfg.data.shared_cache = str(Path(cfg.data.shared_cache).expanduser().resolve())
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.experts.store and not storage.is_uri(cfg.experts.store):
@@ -420,19 +422,18 @@ def run_distributed(cfg: Config, num_workers: int, use_gpu: bool = False, resume
         print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)
     try:
         # every node must reach the locations the workers read and write (a node-local folder fails here, not
-        # later); the data reach the workers through Ray's object store, except a streamed set (the cache)
+        # later); the data reach the workers through Ray's object store (a streamed set as handles that fill
+        # each node's data.cache_dir from data.shared_cache, or read a shared data.cache_dir)
         store_location = cfg.expert_store_location()
         shared = {"output_dir": cfg.output_dir,
-                  "experts.store": store_location if storage.is_uri(store_location) else cfg.expert_store().parent}
-        streamed = not in_memory(cfg.data)
-        if streamed:
-            shared["data.cache_dir"] = cfg.data.cache_dir
+                  "experts.store": store_location if storage.is_uri(store_location) else cfg.expert_store().parent,
+                  **streamed_locations(cfg)}
         check_locations_on_nodes(shared)
         data = prepare_data(cfg)
         plan = check_memory(cfg, data, workers=num_workers)
         trained: list[tuple] = []  # (expert_id, seed, test_acc): child runs of the distill run below
         ensure_experts(cfg, data, train_missing=train_missing, on_trained=lambda *e: trained.append(e))
-        setup = ClusterSetup(None if streamed else ray.put(data))
+        setup = ClusterSetup(ray.put(data))
     except (ConfigError, ExpertStoreError, FileNotFoundError, ValueError) as e:
         return cli_error(e)
     relay = None

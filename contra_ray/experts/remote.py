@@ -19,8 +19,9 @@ from contra_ray.common.fileio import atomic_write, wait_lock
 from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ExpertConfig
+from contra_ray.data.disk_images import is_lazy
 from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
-from contra_ray.data.prepare import PreparedData
+from contra_ray.data.prepare import PreparedData, streamed_locations
 from contra_ray.data.preprocess import Preprocessor
 from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, difficulty_from_first_correct
 from contra_ray.experts.store import ExpertStore, ExpertStoreError, partial_dir, reference_expert_id
@@ -219,6 +220,8 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     shared = {"experts.store": location if storage.is_uri(location) else path.parent}
     if loader_factory is not None:  # every task reads the .beton: a folder every node mounts
         shared["experts.ffcv_dir"] = x.ffcv_dir
+    elif is_lazy(train_x):  # a streamed set: tasks fill their node's cache from data.shared_cache, or share it
+        shared.update(streamed_locations(cfg))
     check_locations_on_nodes(shared)
     cpus = ray.cluster_resources().get("CPU", 0.0)
     if x.cpus_per_expert > cpus:

@@ -16,8 +16,8 @@ from contra_ray.tune.space import SweepSpec, merge_nested, searched_fields, shor
 __all__ = ["EXPERT_KEY_IGNORED", "expert_key", "expert_store_resolver", "expert_fields"]
 
 #: Settings that do not change what an expert store holds (paths, resources, how often experts are tested).
-EXPERT_KEY_IGNORED = ("data.cache_dir", "data.download", "experts.store", "experts.cpus_per_expert",
-                      "experts.gpus_per_expert", "experts.eval_every")
+EXPERT_KEY_IGNORED = ("data.cache_dir", "data.shared_cache", "data.download", "experts.store",
+                      "experts.cpus_per_expert", "experts.gpus_per_expert", "experts.eval_every")
 
 
 def expert_key(config: dict) -> str:

@@ -22,8 +22,7 @@ from contra_ray.common import storage
 from contra_ray.common.fileio import atomic_write, run_lock
 from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.config import Config, check_run_name, config_from_dict, flatten_dotted, parse_overrides, set_dotted
-from contra_ray.data.imagenet import in_memory
-from contra_ray.data.prepare import prepare_data
+from contra_ray.data.prepare import prepare_data, streamed_locations
 from contra_ray.distill.checkpoint import resume_mismatches
 from contra_ray.experts.remote import ensure_experts
 from contra_ray.tracking import RunLogger, check_destinations, init_tracking, tracking_client
@@ -86,6 +85,8 @@ def _absolute(cfg: Config) -> None:
     if not storage.is_uri(cfg.output_dir):
         cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     cfg.data.cache_dir = str(Path(cfg.data.cache_dir).expanduser().resolve())
+    if cfg.data.shared_cache and not storage.is_uri(cfg.data.shared_cache):
+        cfg.data.shared_cache = str(Path(cfg.data.shared_cache).expanduser().resolve())
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     location = cfg.expert_store_location()
@@ -324,7 +325,7 @@ def run_sweep(space_path: str | os.PathLike, *, num_samples: int | None = None, 
 # fields a sweep rerun may change without changing its results: locations, resources, execution strategy,
 # and the distill evaluation settings the trials replace by the space's proxy
 SWEEP_MAY_CHANGE = {
-    "data": {"cache_dir", "root", "download", "decode_threads"},
+    "data": {"cache_dir", "root", "download", "decode_threads", "shared_cache"},
     "experts": {"store", "cpus_per_expert", "gpus_per_expert", "eval_every", "max_retries"},
     "distill": {"checkpoint_every", "eval_every", "eval_runs_periodic", "unroll_memory", "student_execution"},
     "eval": {"cpus_per_run", "gpus_per_run", "test_batch_size"},
@@ -419,13 +420,12 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
 
     location = storage.join(base_cfg.output_dir, name)
     # every node must reach the sweep's locations (trials run anywhere); the data reach them through Ray's
-    # object store, a streamed set through data.cache_dir, which must then be shared too
-    streamed = not in_memory(base_cfg.data)
+    # object store (a streamed set as handles that fill each node's data.cache_dir from data.shared_cache, or
+    # read a shared data.cache_dir)
     store_location = base_cfg.experts.store
     shared = {"output_dir": base_cfg.output_dir if storage.is_uri(base_cfg.output_dir) else run_dir.parent,
-              "experts.store": store_location if storage.is_uri(store_location) else Path(store_location).parent}
-    if streamed:
-        shared["data.cache_dir"] = base_cfg.data.cache_dir
+              "experts.store": store_location if storage.is_uri(store_location) else Path(store_location).parent,
+              **streamed_locations(base_cfg)}
     check_locations_on_nodes(shared)
     store_of = expert_store_resolver(spec, base, base_cfg.experts.store)
     data_refs: dict[str, object] = {}
@@ -439,8 +439,7 @@ def _run_owned(spec: SweepSpec, base: dict, base_cfg: Config, name: str, run_dir
             print(f"[tune] data and experts for {spec.preset} (store {path})", flush=True)
             data = prepare_data(scfg)
             prepared[path] = (data, ensure_experts(scfg, data, train_missing=True))
-            if not streamed:  # trials get the prepared data from the object store, not by decoding per node
-                data_refs[path] = ray.put(data)
+            data_refs[path] = ray.put(data)  # trials get the prepared data from the object store
         return prepared[path]
 
     setup(base_cfg)

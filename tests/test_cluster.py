@@ -410,3 +410,73 @@ def test_pipeline_on_the_cluster_publishes_to_the_bucket(two_nodes, tmp_path):
     runs = MlflowClient(two_nodes.db(out_dir)).search_runs(
         [e.experiment_id for e in MlflowClient(two_nodes.db(out_dir)).search_experiments()])
     assert any(r.info.status == "FINISHED" and "final_acc" in r.data.metrics for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------- streamed data
+
+STREAMED_PRESET = """
+name: streamed
+device: cpu
+data: {dataset: imagenet, root: %(root)s, resolution: 8, zca: false}
+model: {name: convnet, width: 4}
+experts: {num_experts: 2, epochs: 2, batch_size: 20, dsa: false, eval_every: 0}
+distill: {ipc: 1, beta: 0.5, K: 1, R: 1, syn_steps: 2, expert_epochs: 1, min_start_epoch: 0, max_start_epoch: 1,
+          batch_syn: 10, iterations: 2, checkpoint_every: 0}
+"""
+
+NODE2_CACHE = """
+import json, os, ray
+ray.init()
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+node2 = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" not in n["Resources"]][0]
+
+@ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(node2, soft=False))
+def look(cache, root):
+    from contra_ray.data.imagenet import decoded_hash
+    base = os.path.join(cache, "decoded")
+    out = {"root_visible": os.path.exists(root), "entries": sorted(os.listdir(base)) if os.path.isdir(base) else []}
+    out["hashes"] = {n: [decoded_hash(os.path.join(base, n)), json.load(open(os.path.join(base, n, "meta.json")))
+                         ["content_hash"]] for n in out["entries"] if not n.startswith(".")}
+    return out
+
+print("NODE2", json.dumps(ray.get(look.remote(%(cache)r, %(root)r))))
+"""
+
+
+def test_streamed_imagenet_reaches_node_2_through_the_bucket_not_a_shared_cache(two_nodes, tmp_path):
+    """ImageNet streamed from the decoded cache (data.in_memory false) with data.root and data.cache_dir on the
+    head only: the driver decodes once and publishes to <output_dir>/data-cache; experts and the Train worker on
+    node 2 fill node 2's own data.cache_dir from the bucket (content hash checked), leaving no temporaries."""
+    from PIL import Image
+
+    root = two_nodes.hidden / "imagenet"  # node 2 sees an empty tmpfs here: it cannot decode the JPEGs itself
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 1)):
+        for c in range(10):
+            (root / split / f"n{c:08d}").mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=rng).numpy()
+                Image.fromarray(pixels).save(root / split / f"n{c:08d}" / f"{i}.JPEG")
+    preset = tmp_path / "streamed.yaml"
+    preset.write_text(STREAMED_PRESET % {"root": root})
+    out_dir = f"{two_nodes.bucket}/streamed"
+    out = cli("contra_ray.distill", "--preset", str(preset), "--num-workers", "2", "--output-dir", out_dir,
+              "--no-tracking", "--set", "threads=1", "--set", f"data.cache_dir={two_nodes.cache}",
+              env=two_nodes.env, cwd=tmp_path)
+    assert out.returncode == 0, tail(out)
+    head, workers = actor_nodes(two_nodes, "RayTrainWorker")
+    assert set(workers[-2:]) - {head}, workers  # a worker of this run on node 2
+    published = {f.split("/")[1] for f in bucket_files(f"{out_dir}/data-cache") if f.startswith("decoded/")}
+    assert len(published) == 2 and all(re.fullmatch(r"imagenet-[0-9a-f]{16}-(train|test)", p) for p in published)
+    for name in published:
+        assert sorted(bucket_files(f"{out_dir}/data-cache/decoded/{name}")) == ["images.npy", "labels.npy",
+                                                                                 "meta.json"]
+    look = run_python(NODE2_CACHE % {"cache": two_nodes.cache, "root": str(root)}, two_nodes.env)
+    assert look.returncode == 0, tail(look)
+    seen = json.loads(next(ln for ln in look.stdout.splitlines() if ln.startswith("NODE2 "))[6:])
+    assert not seen["root_visible"]
+    fills = [n for n in seen["entries"] if n.startswith(".")]
+    assert all(n.endswith(".fill.lock") for n in fills), seen  # locks only: no .fill-* temporaries
+    assert {n for n in seen["entries"] if not n.startswith(".")} <= published and seen["hashes"], seen
+    assert all(got == want for got, want in seen["hashes"].values()), seen  # node 2's copies verify
+    assert "distilled set: " + f"{out_dir}/streamed/distilled.safetensors" in out.stdout

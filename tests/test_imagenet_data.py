@@ -2,6 +2,7 @@
 streamed cache (DiskImages / PreprocessedImages) and ZCA on a seeded sample."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,94 @@ def test_zca_on_a_seeded_sample_of_a_streamed_set(tmp_path):
     with pytest.raises(ValueError, match="data.zca_samples=None.*streamed"):
         fit_preprocessor(train, DataConfig(dataset="tiny-imagenet", root=str(root), cache_dir=str(tmp_path / "c"),
                                            in_memory=False, zca=True))
+
+
+# ---------------------------------------------------------------------- read-through on nodes sharing no folder
+
+
+def test_streamed_set_read_through_from_object_storage(tmp_path, s3_bucket, monkeypatch):
+    """The driver publishes a streamed set's decoded folder (prepare_data with a URI output_dir); a process on
+    a node without that folder (here: the folder moved away) fills it from the bucket before its first read,
+    verified by content hash, once; a corrupt remote copy fails by name and leaves nothing behind."""
+    import shutil
+    import threading
+
+    from contra_ray.common import storage
+    from contra_ray.config import config_from_dict
+    from contra_ray.data.imagenet import DecodedReadThrough, decoded_hash
+    from contra_ray.data.prepare import prepare_data, streamed_locations
+
+    root = make_imagefolder(tmp_path / "in", ["n01", "n02", "n03"], (4, 1))
+    cfg = config_from_dict({"name": "rt", "output_dir": f"{s3_bucket}/runs", "model": {"width": 2},
+                            "data": {"dataset": "imagenet", "root": str(root), "resolution": 8, "zca": False,
+                                     "cache_dir": str(tmp_path / "cache"), "train_per_class": 2}})
+    assert cfg.data_cache_location() == f"{s3_bucket}/runs/data-cache"
+    assert streamed_locations(cfg) == {"data.shared_cache": f"{s3_bucket}/runs/data-cache"}
+    data = prepare_data(cfg)
+    disk = data.train_x.images
+    fill = disk.fill
+    assert isinstance(fill, DecodedReadThrough) and fill.source.startswith(f"{s3_bucket}/runs/data-cache/decoded/")
+    folder = Path(disk.path).parent
+    assert fill.folder == str(folder) and fill.content_hash == decoded_hash(folder)
+    assert sorted(storage.list_files(fill.source)) == ["images.npy", "labels.npy", "meta.json"]
+    assert data.test_x.images.fill is not None and data.test_x.images.fill.folder != fill.folder
+    rows = data.train_x[:]  # the 6 train-subset rows, preprocessed, read on the driver
+    blob = pickle.dumps(data)  # what ray.put sends: handles, not pixels
+
+    # another node: the folder is not there
+    shutil.move(folder, tmp_path / "elsewhere")
+    pulls = []
+    real_pull = storage.pull
+    monkeypatch.setattr(storage, "pull", lambda *a, **k: pulls.append(a[0]) or real_pull(*a, **k))
+    copies = [pickle.loads(blob) for _ in range(3)]
+    got = []
+    threads = [threading.Thread(target=lambda c=c: got.append(c.train_x[:])) for c in copies]  # 3 readers at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 3 and all(torch.equal(g, rows) for g in got)
+    assert pulls == [fill.source]  # fetched once for the three readers (the others waited on the lock)
+    assert decoded_hash(folder) == fill.content_hash
+    assert not list(folder.parent.glob(f".{folder.name}.fill-*"))  # no temporary left
+    assert torch.equal(pickle.loads(blob).train_x[:], rows) and len(pulls) == 1  # complete: nothing fetched
+
+    # a crash mid-fill left a temporary; the bucket's copy is corrupt (same size, other bytes)
+    shutil.rmtree(folder)
+    (folder.parent / f".{folder.name}.fill-crashed").mkdir()
+    bad = bytearray((tmp_path / "elsewhere" / "images.npy").read_bytes())
+    bad[-1] ^= 0xFF
+    storage.write_bytes(storage.join(fill.source, "images.npy"), bytes(bad))
+    with pytest.raises(ValueError, match=f"fetched from {fill.source} fails its check: content hash [0-9a-f]{{16}}, "
+                                         f"expected {fill.content_hash}"):
+        pickle.loads(blob).train_x[:2]
+    assert not folder.exists() and not list(folder.parent.glob(f".{folder.name}.fill-*"))
+
+    # an incomplete remote copy (no meta.json: its publication was cut off) is named, not trusted
+    storage.delete(storage.join(fill.source, "meta.json"))
+    with pytest.raises(storage.StorageError, match="no complete copy"):
+        DecodedReadThrough(fill.source, str(folder), fill.content_hash)()
+    assert not folder.exists()
+
+
+def test_publish_decoded_skips_a_copy_already_there_and_locations_are_checked(tmp_path, s3_bucket):
+    from contra_ray.common import storage
+    from contra_ray.config import config_from_dict
+    from contra_ray.data.imagenet import publish_decoded
+    from contra_ray.data.prepare import streamed_locations
+
+    root = make_imagefolder(tmp_path / "in", ["n01", "n02"], (2, 1))
+    train = load_split(DataConfig(dataset="imagenet", root=str(root), cache_dir=str(tmp_path / "c"), zca=False,
+                                  resolution=8), "train")
+    folder = Path(train.images.path).parent
+    dest = publish_decoded(folder, s3_bucket)
+    stamp = storage._remote_files(dest)
+    assert publish_decoded(folder, s3_bucket) == dest and storage._remote_files(dest) == stamp  # not re-uploaded
+    with pytest.raises(ConfigError, match="data.shared_cache='foo://x'"):
+        config_from_dict({"data": {"shared_cache": "foo://x"}})
+    with pytest.raises(ConfigError, match="data.cache_dir='s3://b/c': a URI is not supported"):
+        config_from_dict({"data": {"cache_dir": "s3://b/c"}})
+    local = config_from_dict({"output_dir": str(tmp_path / "runs"), "data": {"dataset": "imagenet", "root": str(root)}})
+    assert local.data_cache_location() is None
+    assert streamed_locations(local) == {"data.cache_dir": local.data.cache_dir}  # then it must be shared
+    assert streamed_locations(config_from_dict({"output_dir": f"{s3_bucket}/r"})) == {}  # in memory: object store

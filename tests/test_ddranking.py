@@ -251,7 +251,12 @@ def test_cli_dd_ranking_without_the_expert_store_names_it(distilled, tmp_path, c
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"error: experts.store='{tmp_path / 'elsewhere' / 'tiny_cpu' / 'experts'}': --protocol dd-ranking needs" \
-           in err and "does not exist" in err and "Traceback" not in err
+           in err and "does not exist" in err and "--experts PATH_OR_URI" in err and "Traceback" not in err
+    store = distilled.parent / "experts"  # --experts points at the store wherever it is now
+    got = main(["--artifact", str(moved), "--protocol", "dd-ranking", "--no-tracking", "--inline", "--runs", "1",
+                "--epochs", "1", "--experts", str(store)])
+    assert len(got["syn_hard"]) == 1 and len(got["random_own_nodsa"]) == 1
+    assert f"teacher: expert 0 at epoch 2 of {store}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["--artifact", str(distilled), "--protocol", "dd-ranking", "--models", "resnet18", "--no-tracking"])
     assert e.value.code == 2 and "--models=resnet18: --protocol dd-ranking" in capsys.readouterr().err

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset location overriding the artifact config's data.root (default: the config's)")
     p.add_argument("--cache-dir", default=None,
                    help="cache directory overriding data.cache_dir (default: the config's)")
+    p.add_argument("--experts", default=None,
+                   help="with --protocol dd-ranking: the expert store the set was distilled from, a path or a URI, "
+                        "overriding the artifact config's experts.store (default: the config's, <output_dir>/"
+                        "<name>/experts, relative to this folder when the run's output_dir was)")
     p.add_argument("--device", type=_device, default=None,
                    help="cpu, cuda or cuda:<i> (default: the config's device if CUDA is available, else cpu)")
     p.add_argument("--tracking-uri", default=None,
@@ -110,8 +114,8 @@ def run_artifact_cli(parser: argparse.ArgumentParser, argv: list[str] | None, ru
 
 def config_for_artifact(art: DistilledSet, args: argparse.Namespace) -> Config:
     """The artifact's own config and evaluation recipe (unvalidated), with the command line's ``--data-root``,
-    ``--cache-dir``, ``--tracking-uri`` (which turns tracking on, also for a set whose config has it off) and
-    ``--no-tracking``.
+    ``--cache-dir``, ``--experts`` (``experts.store``), ``--tracking-uri`` (which turns tracking on, also for a
+    set whose config has it off) and ``--no-tracking``.
 
     Raises:
         ConfigError: the artifact's meta has no config.
@@ -123,6 +127,8 @@ def config_for_artifact(art: DistilledSet, args: argparse.Namespace) -> Config:
         cfg.data.root = args.data_root
     if args.cache_dir is not None:
         cfg.data.cache_dir = args.cache_dir
+    if getattr(args, "experts", None) is not None:
+        cfg.experts.store = args.experts
     if args.tracking_uri:  # an explicit store logs, also for a set distilled with --no-tracking
         cfg.tracking.uri, cfg.tracking.enabled = args.tracking_uri, True
     cfg.tracking.enabled = cfg.tracking.enabled and not args.no_tracking

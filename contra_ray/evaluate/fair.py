@@ -72,7 +72,8 @@ def open_teacher_store(art: DistilledSet, cfg: Config) -> ExpertStore:
                                d.max_start_epoch, art.meta.get("preprocessor_fingerprint"),
                                needed_by="distill.max_start_epoch (the soft labels' teacher)")
     except (ExpertStoreError, storage.StorageError) as e:
-        raise ConfigError(f"experts.store={location!r}: {why}; it is unavailable: {e}") from None
+        raise ConfigError(f"experts.store={location!r}: {why}; it is unavailable: {e} (pass the store with "
+                          "--experts PATH_OR_URI)") from None
     return store
 
 

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 #: ``scheme://...``: a URI, not a local path (``s3://bucket/runs`` must never become a folder ``./s3:/bucket``)
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: location fields that accept a URI (contra_ray.common.storage); the others must be local paths
-URI_FIELDS = ("output_dir", "experts.store", "data.shared_cache")
+URI_FIELDS = ("output_dir", "experts.store", "data.shared_cache", "experts.ffcv_dir")
 
 
 def ray_job_working_dir(cwd: str | None = None) -> Path | None:
@@ -104,7 +104,7 @@ class ExpertConfig:
     # ffcv (the .beton in ffcv_dir written by python -m contra_ray.data prepare) | auto (memory when the
     # preprocessed float32 train set fits memory_budget_gb, else ffcv)
     loader: str = "memory"
-    ffcv_dir: str | None = None
+    ffcv_dir: str | None = None  # local (a cluster: shared mount) or a URI (nodes fill sha256-verified copies)
     ffcv_mode: str = "raw"  # which .beton: raw (exact pixels) | jpeg (lossy)
     memory_budget_gb: float = 8.0
 

@@ -17,6 +17,9 @@ def test_unknown_scheme_is_refused_by_name_before_any_work(tmp_path):
         load_config("tiny_cpu", {"experts": {"store": "s3:///x"}})
     with pytest.raises(ConfigError, match=r"data.cache_dir='s3://b/c': a URI is not supported for this field"):
         load_config("tiny_cpu", {"data": {"cache_dir": "s3://b/c"}})
+    with pytest.raises(ConfigError, match=r"experts.ffcv_dir='foo://x': unknown storage scheme 'foo://'"):
+        load_config("tiny_cpu", {"experts": {"ffcv_dir": "foo://x"}})
+    assert load_config("tiny_cpu", {"experts": {"ffcv_dir": "s3://bucket/x"}}).experts.ffcv_dir == "s3://bucket/x"
     with pytest.raises(ConfigError, match=r"output_dir='s3:/b/runs': looks like a URI with a slash missing .* "
                                           r"did you mean s3://b/runs\?"):
         load_config("tiny_cpu", {"output_dir": "s3:/b/runs"})

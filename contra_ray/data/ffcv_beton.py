@@ -5,8 +5,15 @@ that serves exactly the sample order :func:`contra_ray.experts.train_expert` ask
   the pixels are the ones every other path sees) as ``<out>/<name>.beton`` with fields ``image``
   (``RGBImageField``, ``raw``: exact pixels, or ``jpeg``: smaller, lossy), ``label`` and ``index`` (the
   row number), and records beside it ``<name>.beton.json``: format, dataset id, content hash,
-  resolution, mode, number of samples, image shape, classes, FFCV version. ``python -m contra_ray.data
-  prepare`` is its CLI.
+  resolution, mode, number of samples, image shape, classes, FFCV version and the ``.beton``'s ``sha256``.
+  ``python -m contra_ray.data prepare`` is its CLI; its ``--out`` may be a URI (``s3://``, ``gs://``,
+  :mod:`contra_ray.common.storage`): the files are written into this node's :func:`beton_cache` folder and
+  published there (:func:`publish_beton`: the ``.json`` last, so a ``.beton`` is never seen without it).
+* ``experts.ffcv_dir`` a URI: each node reads a node-local copy, a read-through cache (:class:`BetonReadThrough`,
+  :func:`contra_ray.common.storage.read_through`): ``<mirror of ffcv_dir>/<name>.beton.d/`` holding the
+  ``.beton`` and its ``.json``, filled once per node under a lock, the ``sha256`` recomputed before the copy is
+  renamed into place (a crash leaves only a ``.<name>.beton.d.fill-*`` folder, deleted by the next fill);
+  one folder per ``.beton``, so filling one never touches another. A local ``ffcv_dir`` is read in place.
 * :func:`check_beton` refuses a ``.beton`` written for another data set, content or resolution,
   naming the path and both values.
 * :class:`FFCVBatchLoader`: FFCV ``Loader`` s with ``indices=`` the epoch's indices and
@@ -35,10 +42,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from contra_ray.common.fileio import atomic_write
+from contra_ray.common import storage
+from contra_ray.common.fileio import atomic_write, sha256_file
 
 __all__ = ["BETON_FORMAT", "MODES", "beton_name", "write_beton", "read_beton_meta", "check_beton", "check_beton_for",
-           "FFCVBatchLoader", "FFCVLoaderFactory", "call_with_timeout", "ffcv_available"]
+           "is_remote", "beton_cache", "publish_beton", "BetonReadThrough", "open_beton", "FFCVBatchLoader",
+           "FFCVLoaderFactory", "call_with_timeout", "ffcv_available"]
 
 BETON_FORMAT = "contra_ray.beton/1"
 MODES = ("raw", "jpeg")
@@ -97,7 +106,8 @@ def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers
         num_workers: FFCV writer processes (forked: call from the main thread).
 
     Returns:
-        The ``.beton`` path. The JSON (written last, atomically) is ``<path>.json``.
+        The ``.beton`` path. The JSON (written last, atomically; a JSON already there is deleted before the new
+        ``.beton`` takes its place) is ``<path>.json``, with ``sha256``: the hex sha256 of the ``.beton``'s bytes.
 
     Raises:
         ValueError: unknown mode. ImportError: FFCV is not installed.
@@ -126,6 +136,7 @@ def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:  # in this thread: the writer forks its workers, which numba's TBB layer only allows from the main thread
         DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_Rows())
+        Path(str(path) + ".json").unlink(missing_ok=True)  # never a new .beton beside the old one's JSON
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -133,7 +144,8 @@ def write_beton(data, out_dir: str | os.PathLike, mode: str = "raw", num_workers
     meta = {"format": BETON_FORMAT, "dataset_id": data.dataset_id, "content_hash": data.content_hash,
             "resolution": int(data.images.shape[-1]), "mode": mode, "num_samples": len(labels),
             "image_shape": [int(s) for s in data.images.shape[1:]], "classes": list(data.classes),
-            "ffcv_version": getattr(ffcv, "__version__", "?"), "jpeg_quality": jpeg_quality if mode == "jpeg" else None}
+            "ffcv_version": getattr(ffcv, "__version__", "?"), "jpeg_quality": jpeg_quality if mode == "jpeg" else None,
+            "sha256": sha256_file(path)}
     atomic_write(str(path) + ".json", json.dumps(meta, indent=1))
     return path
 
@@ -173,7 +185,14 @@ def check_beton(path: str | os.PathLike, *, dataset_id: str, content_hash: str, 
         FileNotFoundError: no such ``.beton`` or JSON (names the path).
         ValueError: the first mismatch, naming the path, the field and both values.
     """
-    meta = read_beton_meta(path)
+    return check_beton_meta(read_beton_meta(path), path, dataset_id=dataset_id, content_hash=content_hash,
+                            resolution=resolution, num_samples=num_samples)
+
+
+def check_beton_meta(meta: dict, path: str | os.PathLike, *, dataset_id: str, content_hash: str, resolution: int,
+                     num_samples: int) -> dict:
+    """:func:`check_beton` on a ``.beton``'s meta already read (``path``, a local path or a URI, is named in the
+    error); returns ``meta``. Raises: ValueError, the first mismatch."""
     want = {"dataset_id": dataset_id, "resolution": int(resolution), "num_samples": int(num_samples),
             "content_hash": content_hash}
     for key, value in want.items():
@@ -187,6 +206,111 @@ def check_beton_for(path: str | os.PathLike, data) -> dict:
     """:func:`check_beton` against an :class:`~contra_ray.data.ImageSet`."""
     return check_beton(path, dataset_id=data.dataset_id, content_hash=data.content_hash,
                        resolution=int(data.images.shape[-1]), num_samples=len(data.labels))
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """Whether ``location`` (``--out`` / ``experts.ffcv_dir``) is object storage, read through node-local copies:
+    a URI other than ``file://`` (a local path written as a URI, used in place)."""
+    return storage.is_uri(location) and not str(location).lower().startswith("file://")
+
+
+def beton_cache(location: str, name: str) -> Path:
+    """This node's folder for the ``.beton`` ``name`` of the URI ``location`` (an ``experts.ffcv_dir``):
+    ``<storage.local_mirror(location)>/<name>.d/``, holding ``<name>`` and ``<name>.json``."""
+    return storage.local_mirror(location) / f"{name}.d"
+
+
+def publish_beton(path: str | os.PathLike, location: str) -> str:
+    """Publish a ``.beton`` written by :func:`write_beton` and its JSON to the folder ``location`` (a URI), the
+    JSON last: the JSON already there is deleted first, so a reader never pairs the new ``.beton`` with it.
+
+    Returns:
+        The ``.beton``'s URI. Raises: StorageError, ``location`` not writable (names the file).
+    """
+    path = Path(path)
+    side = path.name + ".json"
+    storage.delete(storage.join(location, side))
+    storage.push(path.parent, location, files=[path.name, side], last=[side])
+    return storage.join(location, path.name)
+
+
+class BetonReadThrough:
+    """This node's copy of the ``.beton`` ``name`` published under the URI ``source`` (an ``experts.ffcv_dir``),
+    filled when missing or stale by :func:`contra_ray.common.storage.read_through` into :func:`beton_cache`:
+    once per node, under a lock, the ``.beton``'s sha256 recomputed and compared with its JSON's before the copy
+    is renamed into place. Picklable (Ray tasks call it on their own node).
+
+    Args:
+        source: the folder URI; name: the ``.beton`` file name; sha256: the hash the driver read in the
+            published JSON (a copy recording another one is fetched again).
+
+    Returns (when called):
+        The local ``.beton`` path.
+
+    Raises (when called):
+        StorageError: ``source`` unreadable or without this ``.beton`` and a JSON recording ``sha256``.
+        ValueError: the fetched ``.beton``'s sha256 differs from its JSON's (both named); nothing is left.
+    """
+
+    def __init__(self, source: str, name: str, sha256: str):
+        self.source, self.name, self.sha256 = str(source), name, sha256
+
+    def _recorded(self, folder: Path) -> str | None:
+        try:
+            return json.loads((folder / f"{self.name}.json").read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _complete(self, folder: Path) -> bool:
+        return self._recorded(folder) == self.sha256 and (folder / self.name).is_file()
+
+    def _verify(self, folder: Path) -> None:
+        got, want = sha256_file(folder / self.name), self._recorded(folder)
+        if got != want:
+            raise ValueError(f"{self.name} has sha256 {got}, its {self.name}.json records sha256 {want}")
+
+    def __call__(self) -> Path:
+        folder = storage.read_through(self.source, beton_cache(self.source, self.name), complete=self._complete,
+                                      verify=self._verify, what=f"the FFCV file {self.name}",
+                                      files=[self.name, f"{self.name}.json"])
+        return folder / self.name
+
+
+def open_beton(ffcv_dir: str, name: str, **want) -> tuple[Path, BetonReadThrough | None]:
+    """The ``.beton`` ``name`` of ``experts.ffcv_dir``, checked with :func:`check_beton` (``want``: its keyword
+    arguments). A local folder (or ``file://``): the file in place and no fill. A URI: its published JSON is read
+    and checked first (nothing large is fetched for a ``.beton`` of another data set), then this node's copy is
+    filled (:class:`BetonReadThrough`, returned for the tasks of other nodes) and checked.
+
+    Raises:
+        FileNotFoundError: no such ``.beton`` or JSON (names the path or URI).
+        ValueError: a mismatch (:func:`check_beton`); under a URI, a JSON without ``sha256`` (written before
+            copies were verified: rerun ``python -m contra_ray.data prepare``); a fetched copy failing its hash.
+        StorageError: the URI is not readable.
+    """
+    if not is_remote(ffcv_dir):
+        path = (storage.local_mirror(ffcv_dir) if storage.is_uri(ffcv_dir) else Path(ffcv_dir).expanduser()) / name
+        check_beton(path, **want)
+        return path, None
+    remote = storage.join(ffcv_dir, name)
+    try:
+        meta = json.loads(storage.read_bytes(remote + ".json"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"FFCV file {remote} does not exist (no {name}.json there); write it with "
+                                f"python -m contra_ray.data prepare --out {ffcv_dir}") from None
+    except ValueError as e:
+        raise ValueError(f"{remote}.json: unreadable ({e})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("format") != BETON_FORMAT:
+        raise ValueError(f"{remote}.json: format {meta.get('format')!r}, expected {BETON_FORMAT!r}")
+    if not meta.get("sha256"):
+        raise ValueError(f"FFCV file {remote}: its {name}.json records no sha256 (written before node-local copies "
+                         f"were verified by content hash); rerun python -m contra_ray.data prepare --out {ffcv_dir}")
+    check_beton_meta(meta, remote, **want)
+    fill = BetonReadThrough(ffcv_dir, name, meta["sha256"])
+    path = fill()
+    check_beton(path, **want)
+    return path, fill
 
 
 class FFCVBatchLoader:
@@ -269,12 +393,18 @@ class FFCVLoaderFactory:
     """Picklable recipe for an :class:`FFCVBatchLoader`, built inside each expert task with its CPU share.
 
     Args: ``path`` (checked ``.beton``), ``preprocessor`` (the run's ``Preprocessor``), ``batch_size``,
-    ``timeout_s``.
+    ``timeout_s``, ``fill``: for an ``experts.ffcv_dir`` URI, the :class:`BetonReadThrough` (it carries the
+    source location) called in the task before the ``Loader`` is built, which reads the ``.beton`` it returns
+    (that node's copy) instead of ``path`` (the driver's).
+
+    Raises (when called): see :class:`BetonReadThrough`.
     """
 
-    def __init__(self, path: str | os.PathLike, preprocessor, batch_size: int, timeout_s: float = LOADER_TIMEOUT_S):
+    def __init__(self, path: str | os.PathLike, preprocessor, batch_size: int, timeout_s: float = LOADER_TIMEOUT_S,
+                 fill: Callable[[], Path] | None = None):
         self.path, self.preprocessor = str(path), preprocessor
-        self.batch_size, self.timeout_s = int(batch_size), float(timeout_s)
+        self.batch_size, self.timeout_s, self.fill = int(batch_size), float(timeout_s), fill
 
     def __call__(self, device: str | torch.device, num_workers: int) -> FFCVBatchLoader:
-        return FFCVBatchLoader(self.path, self.preprocessor, self.batch_size, device, num_workers, self.timeout_s)
+        path = self.fill() if self.fill is not None else self.path
+        return FFCVBatchLoader(path, self.preprocessor, self.batch_size, device, num_workers, self.timeout_s)

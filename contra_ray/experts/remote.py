@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,7 +19,7 @@ from contra_ray.common.raycluster import check_locations_on_nodes, ensure_ray
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ExpertConfig
 from contra_ray.data.disk_images import is_lazy
-from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, check_beton, ffcv_available
+from contra_ray.data.ffcv_beton import FFCVLoaderFactory, beton_name, ffcv_available, open_beton
 from contra_ray.data.prepare import PreparedData, streamed_locations
 from contra_ray.data.preprocess import Preprocessor
 from contra_ray.experts.curriculum import CurriculumOrder, SampleOrder, difficulty_from_first_correct
@@ -98,9 +97,9 @@ def choose_loader(cfg: ExpertConfig, train_x) -> str:
 
 def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, spec: ModelSpec,
                   preprocessor_state: dict):
-    """The checked ``.beton`` of this train set as an :class:`~contra_ray.data.ffcv_beton.FFCVLoaderFactory`."""
-
-
+    """The checked ``.beton`` of this train set as an :class:`~contra_ray.data.ffcv_beton.FFCVLoaderFactory`;
+    with ``experts.ffcv_dir`` a URI, this node's copy is filled first and the factory carries the fill that each
+    task runs on its own node (:func:`~contra_ray.data.ffcv_beton.open_beton`)."""
     if not cfg.ffcv_dir:
         raise ValueError("experts.ffcv_dir=None: the FFCV loader needs the folder of the .beton files "
                          "(python -m contra_ray.data prepare --out DIR)")
@@ -108,11 +107,10 @@ def _ffcv_factory(cfg: ExpertConfig, store_meta: dict, train_y: torch.Tensor, sp
         raise ValueError(f"experts.loader={cfg.loader!r} chose FFCV but `import ffcv` fails; pip install '.[ffcv]' "
                          "(needs libturbojpeg0-dev and libopencv-dev, see scripts/setup.sh) or set "
                          "experts.loader=memory")
-    path = Path(cfg.ffcv_dir).expanduser() / beton_name(store_meta["dataset_id"], cfg.ffcv_mode)
-    check_beton(path, dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
-                resolution=spec.image_size, num_samples=len(train_y))
-
-    return FFCVLoaderFactory(path, Preprocessor.from_state_dict(preprocessor_state), cfg.batch_size)
+    path, fill = open_beton(cfg.ffcv_dir, beton_name(store_meta["dataset_id"], cfg.ffcv_mode),
+                            dataset_id=store_meta["dataset_id"], content_hash=store_meta["content_hash"],
+                            resolution=spec.image_size, num_samples=len(train_y))
+    return FFCVLoaderFactory(path, Preprocessor.from_state_dict(preprocessor_state), cfg.batch_size, fill=fill)
 
 
 def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
@@ -218,8 +216,8 @@ def train_experts(cfg: Config, train_x: torch.Tensor, train_y: torch.Tensor, tes
     started = ensure_ray()
     # expert tasks keep their resume state (expert_XXXX.partial/) in the store: every node must reach it
     shared = {"experts.store": location if storage.is_uri(location) else path.parent}
-    if loader_factory is not None:  # every task reads the .beton: a folder every node mounts
-        shared["experts.ffcv_dir"] = x.ffcv_dir
+    if loader_factory is not None:  # every task reads the .beton: a folder every node mounts, or a URI each
+        shared["experts.ffcv_dir"] = x.ffcv_dir  # node reaches (its tasks fill the node's copy from there)
     elif is_lazy(train_x):  # a streamed set: tasks fill their node's cache from data.shared_cache, or share it
         shared.update(streamed_locations(cfg))
     check_locations_on_nodes(shared)

@@ -19,6 +19,7 @@ import yaml
 
 from contra_ray.common import storage
 from contra_ray.common.fileio import YAMLFileError, load_yaml
+from contra_ray.common.locations import check_location_fields, ray_job_working_dir
 from contra_ray.models import MODEL_NAMES, ModelSpec, is_distillable
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -34,17 +35,6 @@ class ConfigError(ValueError):
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: location fields that accept a URI (contra_ray.common.storage); the others must be local paths
 URI_FIELDS = ("output_dir", "experts.store", "data.shared_cache", "experts.ffcv_dir")
-
-
-def ray_job_working_dir(cwd: str | None = None) -> Path | None:
-    """The folder Ray unpacked a job's ``--working-dir`` into, when this process runs in one (its working
-    directory lies under ``.../runtime_resources/working_dir_files/``); else ``None``. Relative paths there
-    resolve into a temporary folder that is deleted with the job."""
-    parts = Path(cwd or os.getcwd()).resolve().parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 2] == ("runtime_resources", "working_dir_files"):
-            return Path(*parts[:i + 3]) if i + 2 < len(parts) else Path(*parts[:i + 2])
-    return None
 
 
 def default_cache_dir() -> str:
@@ -245,27 +235,10 @@ class Config:
                      ("experts.store", self.experts.store), ("data.root", self.data.root),
                      ("experts.ffcv_dir", self.experts.ffcv_dir), ("data.shared_cache", self.data.shared_cache))
         job_dir = ray_job_working_dir()
-        for field, path in locations:
-            if not path:
-                continue
-            if field in URI_FIELDS or not URI_SCHEME.match(str(path)):
-                try:
-                    storage.check_location(field, path)
-                except storage.StorageError as e:
-                    raise ConfigError(str(e)) from None
-                if storage.is_uri(path):
-                    continue
-            else:
-                bad(field, path, "a URI is not supported for this field: give a local path (on a multi-node "
-                                 "cluster the driver prepares the data once and workers receive it through Ray's "
-                                 "object store; a streamed data set through data.shared_cache, which may be a URI)")
-            if job_dir is not None and not os.path.isabs(os.path.expanduser(str(path))):
-                bad(field, path, f"a relative path inside a Ray job with a working dir resolves into Ray's "
-                                 f"temporary unpack folder {job_dir}, deleted with the job; give an absolute path "
-                                 "(on a cluster, a folder every node mounts)")
-            if field != "data.root" and os.path.exists(os.path.expanduser(str(path))) \
-                    and not os.path.isdir(os.path.expanduser(str(path))):
-                bad(field, path, "is a file, expected a directory")
+        try:
+            check_location_fields(locations, URI_FIELDS, job_dir)
+        except storage.StorageError as e:
+            raise ConfigError(str(e)) from None
         if job_dir is not None and self.data.dataset == "cifar10-jpeg" and not self.data.root \
                 and not os.environ.get("CONTRA_RAY_SHARED"):
             bad("data.root", self.data.root, f"the default location of the CIFAR-10 tarball (<repo>/../shared) lies "

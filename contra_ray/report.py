@@ -16,7 +16,12 @@ per-seed means, and the number of seeds (:func:`aggregate_by_seed`). With ``--ba
 compared with the runs matching the baseline params, paired by seed: mean difference, its standard
 deviation over pairs (``ddof=1``) and a 95 % Student-t interval ``mean ± t(0.975, n-1) * sd / sqrt(n)``
 (:func:`paired_differences`; ``--within distill.soft_labels`` pairs each group with the baseline of its own
-recipe). ``--metric`` aggregates another per-run metric the same way (``s_per_iter``, ``iters_to_plateau``).
+recipe). ``--metric`` aggregates other per-run metrics the same way, one table each (comma-separated:
+``s_per_iter``, ``iters_to_plateau``, the fair protocol's ``ddr_acc/<key>`` and ``ddr/<score>``, and the curve
+measures derived from each run's logged history, :data:`contra_ray.common.curves.HISTORY_METRICS`:
+``loss_osc``, ``syn_lr_osc``, ``syn_lr_path``). With exactly two groups a line compares their spread over
+seeds (:func:`spread_test`, an F-test of equal variances). ``--tracking-uri`` may be given more than once: the
+runs of the experiment in every store are pooled (e.g. a set distilled elsewhere and evaluated here).
 A bar chart with the seed standard deviations (and, with a baseline, the
 differences with their intervals) is written atomically to ``--plot`` and logged to the parent run when
 there is one. Why the seeds and not the evaluation runs: docs/EXPERIMENTS.md.
@@ -38,11 +43,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from contra_ray.common.cli import cli_error
+from contra_ray.common.curves import HISTORY_METRICS
 from contra_ray.config import Config, ConfigError
 from contra_ray.tracking import check_destinations, sqlite_path, tracking_client
 
 __all__ = ["sweep_rows", "format_report", "parse_baseline", "t_quantile_975", "aggregate_by_seed",
-           "paired_differences", "format_aggregate", "plot_aggregate", "main"]
+           "paired_differences", "spread_test", "format_aggregate", "plot_aggregate", "main"]
 
 
 def _latest_sweep(client, experiment_id: str):
@@ -253,6 +259,34 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _digits(metric: str) -> int:
+    """Decimals shown: 2 for accuracies and times (percent, seconds), 4 for fractions and ratios."""
+    return 2 if "acc" in metric or metric.startswith("s_per") or metric == "iters_to_plateau" else 4
+
+
+def spread_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Do two groups differ in their spread over seeds? Two-sided F-test of equal variances: ``F = s_a^2 / s_b^2``
+    (``ddof=1``) against F(n_a - 1, n_b - 1), ``p = 2 min(P(F' <= F), P(F' >= F))`` (``scipy.stats.f``). It
+    assumes normally distributed per-seed values, and with 3 seeds per group it detects only very large ratios
+    (F(2, 2) needs a ratio above 39 for p < 0.05).
+
+    Returns:
+        ``{"F", "df": (n_a - 1, n_b - 1), "p"}``; ``F`` and ``p`` are ``None`` when a group has fewer than 2
+        values or ``s_b = 0``.
+    """
+    from scipy.stats import f as f_dist
+
+    df = (len(a) - 1, len(b) - 1)
+    if min(df) < 1:
+        return {"F": None, "df": df, "p": None}
+    va, vb = _mean_std(list(a))[1] ** 2, _mean_std(list(b))[1] ** 2
+    if vb == 0:
+        return {"F": None, "df": df, "p": None}
+    F = va / vb
+    cdf = float(f_dist.cdf(F, *df))
+    return {"F": F, "df": df, "p": min(1.0, 2 * min(cdf, 1 - cdf))}
+
+
 def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
                      baseline: Mapping[str, Any] | None = None, metric: str = "final_acc") -> str:
     """Table: group, seeds, runs, mean ± std over seeds; with ``diffs`` also Δ vs baseline and its 95 % CI."""
@@ -261,15 +295,17 @@ def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
     if diffs is not None:
         head += ["pairs", "Δ vs baseline", "95% CI (t)"]
     body = []
+    k = _digits(metric)
     for a in aggs:
-        row = [a["label"], str(a["n_seeds"]), str(a["n_runs"]), f"{a['mean']:.2f} ± {_fmt(a['std'])}"]
+        row = [a["label"], str(a["n_seeds"]), str(a["n_runs"]), f"{a['mean']:.{k}f} ± {_fmt(a['std'], k)}"]
         if diffs is not None:
             d = by_label.get(a["label"])
             if d is None:
                 row += ["", "baseline", ""]
             else:
-                ci = f"[{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}]" if d["ci_low"] is not None else "-"
-                row += [str(d["n_pairs"]), f"{_fmt(d['mean'], 2)} ± {_fmt(d['std'])}" if d["n_pairs"] else "-", ci]
+                ci = f"[{_fmt(d['ci_low'], k)}, {_fmt(d['ci_high'], k)}]" if d["ci_low"] is not None else "-"
+                row += [str(d["n_pairs"]), f"{_fmt(d['mean'], k)} ± {_fmt(d['std'], k)}" if d["n_pairs"] else "-",
+                        ci]
         body.append(row)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -325,57 +361,91 @@ def plot_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None, path: str
     return path
 
 
-def run_rows(client, experiment_id: str, parent_run_id: str | None = None) -> list[dict]:
+def run_rows(client, experiment_id: str, parent_run_id: str | None = None,
+             derive: Sequence[str] = ()) -> list[dict]:
     """One flat dict per run (params, ``final_acc``-style metrics, ``name``, ``run_id``, ``parent``): the
     children of ``parent_run_id``, or every run of the experiment; never sweep parents nor experts' runs
-    (:meth:`contra_ray.tracking.RunLogger.log_expert`)."""
+    (:meth:`contra_ray.tracking.RunLogger.log_expert`). ``derive``: names of
+    :data:`~contra_ray.common.curves.HISTORY_METRICS` computed from each run's logged history (runs without
+    that history get none)."""
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else ""
     rows = []
     for run in client.search_runs([experiment_id], query, max_results=50000):
         if run.data.tags.get("contra_ray.role") in ("sweep", "expert"):
             continue
-        rows.append({**run.data.params, **run.data.metrics, "name": run.info.run_name, "run_id": run.info.run_id,
-                     "parent": run.data.tags.get("mlflow.parentRunId")})
+        row = {**run.data.params, **run.data.metrics, "name": run.info.run_name, "run_id": run.info.run_id,
+               "parent": run.data.tags.get("mlflow.parentRunId")}
+        histories: dict[str, list[float]] = {}
+        for name in derive:
+            series, fn = HISTORY_METRICS[name]
+            if series not in histories:
+                steps = sorted(client.get_metric_history(run.info.run_id, series), key=lambda m: (m.step, m.timestamp))
+                histories[series] = list({m.step: m.value for m in steps}.values())  # a replayed step: its last
+            if histories[series]:
+                row[name] = fn(histories[series])
+        rows.append(row)
     return rows
 
 
-def _aggregate_cli(args, client, exp, uri: str) -> int:
+def _aggregate_cli(args, stores: Sequence[tuple[str, Any, Any]]) -> int:
+    """``--group-by``: one table per ``--metric`` over the runs of the experiment in every store
+    (``(uri, client, experiment)``)."""
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
     try:
         baseline = parse_baseline(args.baseline) if args.baseline else None
-    except ValueError as e:
-        return cli_error(e)
-    rows = run_rows(client, exp.experiment_id, args.parent_run)
-    try:
-        aggs = aggregate_by_seed(rows, group_by, args.metric, args.seed_key)
         within = [w.strip() for w in (args.within or "").split(",") if w.strip()]
         if within and not baseline:
             raise ValueError("--within needs --baseline")
-        diffs = paired_differences(rows, group_by, baseline, args.metric, args.seed_key, within) if baseline else None
+        if not metrics:
+            raise ValueError(f"--metric={args.metric!r}: name at least one metric")
     except ValueError as e:
         return cli_error(e)
-    if not aggs:
-        return cli_error(f"no run in {args.experiment!r} has a {args.metric} metric")
+    derive = [m for m in metrics if m in HISTORY_METRICS]
+    rows = [r for _, client, exp in stores for r in run_rows(client, exp.experiment_id, args.parent_run, derive)]
+    tables = []
+    for metric in metrics:
+        try:
+            aggs = aggregate_by_seed(rows, group_by, metric, args.seed_key)
+            diffs = paired_differences(rows, group_by, baseline, metric, args.seed_key, within) if baseline else None
+        except ValueError as e:
+            return cli_error(e)
+        if not aggs:
+            return cli_error(f"no run in {args.experiment!r} has a {metric} metric")
+        spread = None
+        if len(aggs) == 2:
+            spread = spread_test(list(aggs[0]["seeds"].values()), list(aggs[1]["seeds"].values()))
+        tables.append((metric, aggs, diffs, spread))
     if args.json:
-        print(json.dumps({"groups": aggs, "differences": diffs}, indent=2, default=str))
+        print(json.dumps({m: {"groups": a, "differences": d, "spread": sp} for m, a, d, sp in tables}
+                         if len(tables) > 1 else {"groups": tables[0][1], "differences": tables[0][2],
+                                                  "spread": tables[0][3]}, indent=2, default=str))
         return 0
-    print(f"{args.experiment}: {sum(a['n_runs'] for a in aggs)} run(s) in {len(aggs)} group(s) of "
-          f"{', '.join(group_by)}")
-    print(format_aggregate(aggs, diffs, baseline, args.metric))
-    if min(a["n_seeds"] for a in aggs) < 3:
-        print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
-              "uncertainty (docs/EXPERIMENTS.md)")
-
     out = Config(output_dir=args.output_dir) if args.output_dir else Config()
-    plot = Path(args.plot or out.run_dir().parent / f"report-{args.experiment}.png")
-    plot_aggregate(aggs, diffs, plot, args.experiment, args.metric)
-    parents = {r["parent"] for r in rows if r.get(args.metric) is not None}
+    parents = {r["parent"] for r in rows if any(r.get(m) is not None for m in metrics)}
     parent = args.parent_run or (next(iter(parents)) if len(parents) == 1 else None)
-    if parent:
-        client.log_artifact(parent, str(plot), "report")
-        print(f"plot: {plot} (logged to parent run {parent} under report/)")
-    else:
-        print(f"plot: {plot}")
+    for metric, aggs, diffs, spread in tables:
+        print(f"{args.experiment}: {sum(a['n_runs'] for a in aggs)} run(s) in {len(aggs)} group(s) of "
+              f"{', '.join(group_by)}" + (f"; {metric}" if len(tables) > 1 else ""))
+        print(format_aggregate(aggs, diffs, baseline, metric))
+        if spread is not None and spread["F"] is not None:
+            k = _digits(metric)
+            print(f"spread over seeds: std {_fmt(aggs[0]['std'], k)} ({aggs[0]['label']}) vs "
+                  f"{_fmt(aggs[1]['std'], k)} ({aggs[1]['label']}): F({spread['df'][0]}, {spread['df'][1]}) = "
+                  f"{spread['F']:.3g}, two-sided p = {spread['p']:.3g} (F-test of equal variances)")
+        if min(a["n_seeds"] for a in aggs) < 3:
+            print("note: some groups have fewer than 3 distillation seeds; their spread is not a reliable "
+                  "uncertainty (docs/EXPERIMENTS.md)")
+        name = f"report-{args.experiment}" + (f"-{metric.replace('/', '_')}" if len(tables) > 1 else "")
+        plot = Path(args.plot or out.run_dir().parent / f"{name}.png")
+        if args.plot and len(tables) > 1:
+            plot = plot.with_name(f"{plot.stem}-{metric.replace('/', '_')}{plot.suffix}")
+        plot_aggregate(aggs, diffs, plot, args.experiment, metric)
+        if parent:
+            stores[0][1].log_artifact(parent, str(plot), "report")
+            print(f"plot: {plot} (logged to parent run {parent} under report/)\n")
+        else:
+            print(f"plot: {plot}\n")
     return 0
 
 
@@ -405,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only point a moved SQLite store's artifact locations at <its folder>/mlartifacts (run it "
                         "after copying runs/ elsewhere, before mlflow ui) and exit")
     p.add_argument("--parent-run", default=None, help="sweep (parent) run id (default: the latest sweep)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<output-dir>/mlflow.db; "
-                   "for an s3://... output dir, in this node's mirror of it)")
+    p.add_argument("--tracking-uri", action="append", default=None,
+                   help="MLflow store (default: sqlite:///<output-dir>/mlflow.db; for an s3://... output dir, in this "
+                        "node's mirror of it); with --group-by repeatable: the experiment's runs in every store are "
+                        "pooled")
     p.add_argument("--output-dir", default=None, help="the sweeps' --output-dir, a path or a URI whose SQLite store "
                    "is in this node's mirror (default: runs)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -420,7 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --baseline: comma-separated --group-by params; each group is compared with the "
                         "baseline runs that share its values of them, e.g. distill.soft_labels (default: none)")
     p.add_argument("--metric", default="final_acc",
-                   help="per-run metric to aggregate, e.g. s_per_iter or iters_to_plateau (default: final_acc)")
+                   help="with --group-by: comma-separated per-run metrics to aggregate, one table each, e.g. "
+                        "s_per_iter, ddr/lrs, ddr_acc/syn_hard, or loss_osc, syn_lr_osc, syn_lr_path (derived from "
+                        "each run's logged history) (default: final_acc)")
     p.add_argument("--seed-key", default="distill.seed", help="param holding the distillation seed "
                    "(default: distill.seed)")
     p.add_argument("--plot", default=None,
@@ -429,9 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.experiment and not args.relocate:
         p.error("the following arguments are required: --experiment")
     base = Config(output_dir=args.output_dir) if args.output_dir else Config()
-    uri = args.tracking_uri or base.tracking_uri()
+    uris = args.tracking_uri or [base.tracking_uri()]
+    uri = uris[0]
     try:
-        _check_readable_store(uri)
+        if len(uris) > 1 and not args.group_by:
+            raise ConfigError(f"--tracking-uri given {len(uris)} times: pooling stores needs --group-by")
+        for u in uris:
+            _check_readable_store(u)
         if args.relocate and sqlite_path(uri) is None:
             raise ConfigError(f"--tracking-uri={uri!r}: --relocate rewrites a SQLite store (sqlite:///PATH)")
     except ConfigError as e:
@@ -444,10 +522,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"artifacts: {old} -> {new}")
         print(f"{len(moved)} experiment(s) relocated in {sqlite_path(uri)}")
         return 0
-    client = tracking_client(uri)
-    exp = client.get_experiment_by_name(args.experiment)
-    if exp is None:
-        return cli_error(f"--experiment {args.experiment!r}: no such experiment in {uri}")
+    stores = []
+    for u in uris:
+        c = tracking_client(u)
+        e = c.get_experiment_by_name(args.experiment)
+        if e is None:
+            return cli_error(f"--experiment {args.experiment!r}: no such experiment in {u}")
+        stores.append((u, c, e))
+    _, client, exp = stores[0]
     if args.group_by:
         if args.parent_run:
             from mlflow.exceptions import MlflowException
@@ -456,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.get_run(args.parent_run)
             except MlflowException:
                 return cli_error(f"--parent-run {args.parent_run!r}: no such run in {uri}")
-        return _aggregate_cli(args, client, exp, uri)
+        return _aggregate_cli(args, stores)
     if args.baseline:
         print("error: --baseline needs --group-by", file=sys.stderr)
         return 2

@@ -168,3 +168,77 @@ def test_cli_unreadable_store_is_one_line_exit_2_in_seconds(tmp_path, capsys):
     assert main(["--experiment", "x", "--tracking-uri", uri]) == 2  # check_destinations' one GET, no MLflow retries
     err = capsys.readouterr().err
     assert f"tracking.uri='{uri}': tracking store not reachable" in err and "Traceback" not in err
+
+
+def test_curve_measures_hand_values():
+    from contra_ray.common.curves import path_ratio, relative_oscillation
+
+    assert relative_oscillation([2.0] * 15) == 0.0 and math.isnan(relative_oscillation([1.0] * 10))
+    # 1, 2, 1, 2, ...: every 11-window averages 16/11 or 17/11, each value sits 6/11 away from it
+    assert relative_oscillation([1.0, 2.0] * 10) == pytest.approx((6 / 11) / ((16 / 11 + 17 / 11) / 2))
+    trend = [0.5 * t for t in range(30)]  # a straight line has no oscillation around its moving average
+    assert relative_oscillation(trend) == pytest.approx(0.0, abs=1e-12)
+    assert relative_oscillation([3, 4, 3, 4, 3, 4, 3, 4, 3, 4, 3], window=3) == pytest.approx(
+        math.sqrt(((4 - 10 / 3) ** 2 * 5 + (3 - 11 / 3) ** 2 * 4) / 9)
+        / ((10 / 3 * 5 + 11 / 3 * 4) / 9))
+    assert path_ratio([0, 1, 2, 3]) == 1.0 and path_ratio([0, 2, 1, 3]) == pytest.approx(5 / 3)
+    assert math.isnan(path_ratio([1, 2, 1])) and math.isnan(path_ratio([1]))
+    with pytest.raises(ValueError, match="window=4"):
+        relative_oscillation([1.0] * 9, window=4)
+
+
+def test_spread_test_closed_form():
+    # F(2, 2) has CDF x / (1 + x): variances 1 and 4 -> F = 0.25, P(F' <= 0.25) = 0.2, two-sided p = 0.4
+    r = report.spread_test([1.0, 2.0, 3.0], [1.0, 3.0, 5.0])
+    assert r["F"] == pytest.approx(0.25) and r["df"] == (2, 2) and r["p"] == pytest.approx(0.4)
+    r = report.spread_test([1.0, 3.0, 5.0], [1.0, 2.0, 3.0])
+    assert r["F"] == pytest.approx(4.0) and r["p"] == pytest.approx(2 * (1 - 4 / 5))
+    assert report.spread_test([1.0], [1.0, 2.0])["p"] is None
+
+
+def test_cli_pools_stores_several_metrics_and_history_measures(tmp_path, capsys):
+    """Runs of one experiment in two stores (a set distilled elsewhere, evaluated here) pooled by --group-by;
+    one table per --metric, the history measures derived from the logged loss/syn_lr, the spread line."""
+    from mlflow.tracking import MlflowClient
+
+    from contra_ray.common.curves import relative_oscillation
+    from contra_ray.tracking import init_tracking
+
+    uris = [f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"]
+    losses = {}
+    for i, uri in enumerate(uris):
+        exp_id = init_tracking(uri, "contra_ray")
+        client = MlflowClient(uri)
+        for K, seed in ((3, 0), (0, 0), (3, 1), (0, 1), (3, 2), (0, 2)):
+            if (K == 3 and seed == 0) != (i == 1):  # store b holds only the K=3 seed-0 run
+                continue
+            run = client.create_run(exp_id, run_name=f"K{K}-s{seed}").info.run_id
+            client.log_param(run, "distill.K", K)
+            client.log_param(run, "distill.seed", seed)
+            client.log_metric(run, "ddr/lrs", 0.2 + 0.01 * K + 0.001 * seed)
+            loss = [1.0 + (0.1 if K == 0 else 0.02) * (-1) ** t * (1 + seed) for t in range(20)]
+            losses[(K, seed)] = loss
+            for t, v in enumerate(loss):
+                client.log_metric(run, "loss", v, step=t)
+                client.log_metric(run, "syn_lr", 0.01 + 0.001 * t * (-1) ** (t * K), step=t)
+            client.set_terminated(run)
+    args = ["--experiment", "contra_ray", "--tracking-uri", uris[0], "--tracking-uri", uris[1], "--group-by",
+            "distill.K", "--baseline", "distill.K=0", "--metric", "ddr/lrs,loss_osc,syn_lr_path",
+            "--plot", str(tmp_path / "r.png")]
+    assert report.main(args) == 0
+    out = capsys.readouterr().out
+    assert "contra_ray: 6 run(s) in 2 group(s) of distill.K; ddr/lrs" in out  # 5 in a.db + 1 in b.db
+    lrs = [ln for ln in out.splitlines() if ln.startswith("K=3")][0]
+    assert "0.2310 ± 0.0010" in lrs and "0.0300 ± 0.0000" in lrs  # Δ = 0.03 on every seed
+    osc = {k: relative_oscillation(v) for k, v in losses.items()}
+    want = sum(osc[(3, s)] - osc[(0, s)] for s in range(3)) / 3
+    line = [ln for ln in out.splitlines() if ln.startswith("K=3")][1]
+    assert f"{want:.4f} ±" in line
+    assert "loss_osc mean ± std over seeds" in out and "syn_lr_path mean ± std over seeds" in out
+    k0 = [ln for ln in out.splitlines() if ln.startswith("K=0")]
+    assert k0[2].split()[3:6] == ["1.0000", "±", "0.0000"]  # K=0's syn_lr rises monotonically: path ratio 1
+    # equal spreads of lrs (F = 1, p = 1); no F for syn_lr_path, whose values do not vary over seeds
+    assert out.count("spread over seeds:") == 2 and "F(2, 2) = 1, two-sided p = 1 " in out
+    assert all((tmp_path / f"r-{m}.png").is_file() for m in ("ddr_lrs", "loss_osc", "syn_lr_path"))
+    assert report.main(["--experiment", "contra_ray", "--tracking-uri", uris[0], "--tracking-uri", uris[1]]) == 2
+    assert "pooling stores needs --group-by" in capsys.readouterr().err

@@ -4,8 +4,9 @@ without shared storage): the second node runs in its own mount namespace with an
 CPU per node, so two workers, experts or trials take one CPU on each node. An S3-compatible server (moto) on
 127.0.0.1 is the storage both nodes reach. The real command lines run against it (subprocesses): distill
 ``--num-workers 2`` to ``s3://`` equal to the in-process run, a killed worker and a killed expert task resuming
-from the bucket, ``evaluate --artifact s3://...``, a 2-trial Tune sweep on both nodes, the pipeline, and the
-pre-flight check refusing a node-local folder before any work."""
+from the bucket, ``evaluate --artifact s3://...``, a 2-trial Tune sweep on both nodes, the pipeline on a streamed
+ImageNet whose decoded cache node 2 fills from the bucket, and the pre-flight check refusing a node-local folder
+before any work."""
 
 import dataclasses
 import json
@@ -350,7 +351,7 @@ def test_evaluate_reads_the_artifact_from_the_bucket(two_nodes, s3_distill, tmp_
     assert 0 <= float(rows[0][4]) <= 100
 
 
-# ---------------------------------------------------------------------------------------------- Tune and pipeline
+# ---------------------------------------------------------------------------------------------- Tune
 
 SPACE = """
 preset: tiny_cpu
@@ -397,22 +398,7 @@ def test_tune_sweep_on_both_nodes_logs_every_trial_to_the_driver_sqlite(two_node
     assert sum("0.5" in ln or "0.0" in ln for ln in rep.stdout.splitlines()) >= 2, rep.stdout
 
 
-def test_pipeline_on_the_cluster_publishes_to_the_bucket(two_nodes, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    out_dir = f"{two_nodes.bucket}/pipe"
-    out = cli("contra_ray.pipeline", "--preset", "tiny_cpu", "--output-dir", out_dir, "--name", "p",
-              "--skip-baseline", "--set", "threads=1", "--set", f"data.cache_dir={two_nodes.cache}",
-              "--set", "eval.runs=1", "--set", "eval.epochs=2", env=two_nodes.env, cwd=tmp_path)
-    assert out.returncode == 0, tail(out)
-    files = bucket_files(f"{out_dir}/p")
-    assert {"distilled.safetensors", "results.json", "experts/store.json"} <= set(files), files
-    runs = MlflowClient(two_nodes.db(out_dir)).search_runs(
-        [e.experiment_id for e in MlflowClient(two_nodes.db(out_dir)).search_experiments()])
-    assert any(r.info.status == "FINISHED" and "final_acc" in r.data.metrics for r in runs)
-
-
-# ---------------------------------------------------------------------------------------------- streamed data
+# ---------------------------------------------------------------------------------------------- pipeline, streamed data
 
 STREAMED_PRESET = """
 name: streamed
@@ -422,6 +408,7 @@ model: {name: convnet, width: 4}
 experts: {num_experts: 2, epochs: 2, batch_size: 20, dsa: false, eval_every: 0}
 distill: {ipc: 1, beta: 0.5, K: 1, R: 1, syn_steps: 2, expert_epochs: 1, min_start_epoch: 0, max_start_epoch: 1,
           batch_syn: 10, iterations: 2, checkpoint_every: 0}
+eval: {runs: 2, epochs: 2}
 """
 
 NODE2_CACHE = """
@@ -443,10 +430,12 @@ print("NODE2", json.dumps(ray.get(look.remote(%(cache)r, %(root)r))))
 """
 
 
-def test_streamed_imagenet_reaches_node_2_through_the_bucket_not_a_shared_cache(two_nodes, tmp_path):
-    """ImageNet streamed from the decoded cache (data.in_memory false) with data.root and data.cache_dir on the
-    head only: the driver decodes once and publishes to <output_dir>/data-cache; experts and the Train worker on
-    node 2 fill node 2's own data.cache_dir from the bucket (content hash checked), leaving no temporaries."""
+def test_pipeline_with_streamed_imagenet_publishes_to_the_bucket_and_node_2_reads_through(two_nodes, tmp_path):
+    """The pipeline to s3:// with ImageNet streamed from the decoded cache (data.in_memory false), data.root and
+    data.cache_dir on the head only: the driver decodes once and publishes to <output_dir>/data-cache; the expert
+    task on node 2 fills node 2's own data.cache_dir from the bucket (content hash checked), leaving no
+    temporaries; the set, results.json and the store land in the bucket and the run in the driver's SQLite."""
+    from mlflow.tracking import MlflowClient
     from PIL import Image
 
     root = two_nodes.hidden / "imagenet"  # node 2 sees an empty tmpfs here: it cannot decode the JPEGs itself
@@ -459,13 +448,16 @@ def test_streamed_imagenet_reaches_node_2_through_the_bucket_not_a_shared_cache(
                 Image.fromarray(pixels).save(root / split / f"n{c:08d}" / f"{i}.JPEG")
     preset = tmp_path / "streamed.yaml"
     preset.write_text(STREAMED_PRESET % {"root": root})
-    out_dir = f"{two_nodes.bucket}/streamed"
-    out = cli("contra_ray.distill", "--preset", str(preset), "--num-workers", "2", "--output-dir", out_dir,
-              "--no-tracking", "--set", "threads=1", "--set", f"data.cache_dir={two_nodes.cache}",
+    out_dir = f"{two_nodes.bucket}/pipe"
+    out = cli("contra_ray.pipeline", "--preset", str(preset), "--output-dir", out_dir, "--name", "p",
+              "--skip-baseline", "--set", "threads=1", "--set", f"data.cache_dir={two_nodes.cache}",
               env=two_nodes.env, cwd=tmp_path)
     assert out.returncode == 0, tail(out)
-    head, workers = actor_nodes(two_nodes, "RayTrainWorker")
-    assert set(workers[-2:]) - {head}, workers  # a worker of this run on node 2
+    files = bucket_files(f"{out_dir}/p")
+    assert {"distilled.safetensors", "results.json", "experts/store.json"} <= set(files), files
+    runs = MlflowClient(two_nodes.db(out_dir)).search_runs(
+        [e.experiment_id for e in MlflowClient(two_nodes.db(out_dir)).search_experiments()])
+    assert any(r.info.status == "FINISHED" and "final_acc" in r.data.metrics for r in runs)
     published = {f.split("/")[1] for f in bucket_files(f"{out_dir}/data-cache") if f.startswith("decoded/")}
     assert len(published) == 2 and all(re.fullmatch(r"imagenet-[0-9a-f]{16}-(train|test)", p) for p in published)
     for name in published:
@@ -479,4 +471,3 @@ def test_streamed_imagenet_reaches_node_2_through_the_bucket_not_a_shared_cache(
     assert all(n.endswith(".fill.lock") for n in fills), seen  # locks only: no .fill-* temporaries
     assert {n for n in seen["entries"] if not n.startswith(".")} <= published and seen["hashes"], seen
     assert all(got == want for got, want in seen["hashes"].values()), seen  # node 2's copies verify
-    assert "distilled set: " + f"{out_dir}/streamed/distilled.safetensors" in out.stdout

@@ -272,6 +272,8 @@ def test_publish_decoded_skips_a_copy_already_there_and_locations_are_checked(tm
     dest = publish_decoded(folder, s3_bucket)
     stamp = storage._remote_files(dest)
     assert publish_decoded(folder, s3_bucket) == dest and storage._remote_files(dest) == stamp  # not re-uploaded
+    other = publish_decoded(folder, f"{s3_bucket}/other")  # a second location gets every file too
+    assert sorted(storage.list_files(other)) == ["images.npy", "labels.npy", "meta.json"]
     with pytest.raises(ConfigError, match="data.shared_cache='foo://x'"):
         config_from_dict({"data": {"shared_cache": "foo://x"}})
     with pytest.raises(ConfigError, match="data.cache_dir='s3://b/c': a URI is not supported"):

@@ -403,6 +403,8 @@ def publish_decoded(folder: str | os.PathLike, location: str) -> str:
             pass
     print(f"publishing the decoded set {folder.name} to {dest} (nodes read it through their data.cache_dir)",
           flush=True)
+    # every file goes up: the push record of a cache folder (not a mirror of dest) may describe another location
+    (folder / ".contra_ray-sync.json").unlink(missing_ok=True)
     storage.push(folder, dest, files=["images.npy", "labels.npy", "meta.json"], last=["meta.json"])
     return dest
 

@@ -16,6 +16,7 @@ from contra_ray.common.argtypes import positive_float, positive_int
 from contra_ray.common.cli import cli_entry, cli_error, interrupted
 from contra_ray.common.seeds import derive_seed
 from contra_ray.config import Config, ConfigError, config_from_dict
+from contra_ray.data.imagenet import share_streamed
 from contra_ray.distill.artifact import ArtifactError, ArtifactMismatchError, DistilledSet
 from contra_ray.evaluate.sets import (
     EvalSet,
@@ -138,16 +139,23 @@ def config_for_artifact(art: DistilledSet, args: argparse.Namespace) -> Config:
 def test_data_for_artifact(art: DistilledSet, cfg: Config, path: str) -> tuple[data.Preprocessor, data.ImageSet]:
     """The artifact's preprocessor and the real test split of ``cfg.data``, checked to fit each other.
 
+    A streamed test split is published to :meth:`Config.data_cache_location` when there is one, so evaluation
+    tasks on other nodes read it through their own cache (:func:`contra_ray.data.imagenet.share_streamed`).
+
     Raises:
         ArtifactError: the artifact's preprocessor state is invalid.
         ArtifactMismatchError: the test data differ from what the artifact was made for (names both).
         FileNotFoundError: the data set is missing.
+        StorageError: the data cache location is not writable.
     """
     try:
         pre = data.Preprocessor.from_state_dict(art.preprocessor)
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactError(f"{path}: invalid preprocessor state ({e})") from None
     test = data.load_split(cfg.data, "test")
+    location = cfg.data_cache_location()
+    if location is not None:  # streamed: Ray tasks on other nodes
+        share_streamed([test], location)
     try:
         check_artifact_matches(art, test_meta_for(test, pre))
     except ArtifactMismatchError as e:

@@ -402,7 +402,12 @@ def _aggregate_cli(args, stores: Sequence[tuple[str, Any, Any]]) -> int:
     except ValueError as e:
         return cli_error(e)
     derive = [m for m in metrics if m in HISTORY_METRICS]
-    rows = [r for _, client, exp in stores for r in run_rows(client, exp.experiment_id, args.parent_run, derive)]
+    rows, seen = [], set()
+    for _, client, exp in stores:  # a store given twice (or a copy beside its original) counts its runs once
+        for r in run_rows(client, exp.experiment_id, args.parent_run, derive):
+            if r["run_id"] not in seen:
+                seen.add(r["run_id"])
+                rows.append(r)
     tables = []
     for metric in metrics:
         try:
@@ -440,7 +445,10 @@ def _aggregate_cli(args, stores: Sequence[tuple[str, Any, Any]]) -> int:
         plot = Path(args.plot or out.run_dir().parent / f"{name}.png")
         if args.plot and len(tables) > 1:
             plot = plot.with_name(f"{plot.stem}-{metric.replace('/', '_')}{plot.suffix}")
-        plot_aggregate(aggs, diffs, plot, args.experiment, metric)
+        try:
+            plot_aggregate(aggs, diffs, plot, args.experiment, metric)
+        except OSError as e:
+            return cli_error(f"--plot={str(plot)!r}: cannot be written ({e.strerror or e})")
         if parent:
             stores[0][1].log_artifact(parent, str(plot), "report")
             print(f"plot: {plot} (logged to parent run {parent} under report/)\n")
@@ -498,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-key", default="distill.seed", help="param holding the distillation seed "
                    "(default: distill.seed)")
     p.add_argument("--plot", default=None,
-                   help="with --group-by: PNG path of the bar chart (default: runs/report-<experiment>.png)")
+                   help="with --group-by: PNG path of the bar chart; with several --metric values one chart each, "
+                        "<stem>-<metric>.png (default: runs/report-<experiment>[-<metric>].png)")
     args = p.parse_args(argv)
     if not args.experiment and not args.relocate:
         p.error("the following arguments are required: --experiment")

@@ -257,6 +257,11 @@ def test_cli_dd_ranking_without_the_expert_store_names_it(distilled, tmp_path, c
                 "--epochs", "1", "--experts", str(store)])
     assert len(got["syn_hard"]) == 1 and len(got["random_own_nodsa"]) == 1
     assert f"teacher: expert 0 at epoch 2 of {store}" in capsys.readouterr().out
+    for bad, why in ((["--experts", str(store)], "only --protocol dd-ranking reads an expert store"),
+                     (["--experts", " ", "--protocol", "dd-ranking"], "give the expert store's folder or URI")):
+        with pytest.raises(SystemExit) as e:
+            main(["--artifact", str(moved), "--no-tracking", "--inline", *bad])
+        assert e.value.code == 2 and why in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--artifact", str(distilled), "--protocol", "dd-ranking", "--models", "resnet18", "--no-tracking"])
     assert e.value.code == 2 and "--models=resnet18: --protocol dd-ranking" in capsys.readouterr().err

@@ -328,4 +328,6 @@ def test_prepare_refuses_an_unusable_out_uri_before_any_work(prepared, s3_server
     assert main([*args, "s3://no-such-bucket-7f3a/b"]) == 2  # the server has no such bucket
     err = capsys.readouterr().err
     assert err.startswith("error: --out='s3://no-such-bucket-7f3a/b': cannot be written (") and err.count("\n") == 1
+    assert main([*args, ""]) == 2  # not "here": an empty --out would write into the working directory
+    assert capsys.readouterr().err.startswith("error: --out='': give the folder or URI for the .beton files")
     assert not (tmp_path / "mirror").exists()  # nothing written

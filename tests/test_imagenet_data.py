@@ -274,6 +274,16 @@ def test_publish_decoded_skips_a_copy_already_there_and_locations_are_checked(tm
     assert publish_decoded(folder, s3_bucket) == dest and storage._remote_files(dest) == stamp  # not re-uploaded
     other = publish_decoded(folder, f"{s3_bucket}/other")  # a second location gets every file too
     assert sorted(storage.list_files(other)) == ["images.npy", "labels.npy", "meta.json"]
+    # a shared cache that cannot be written is refused before any decoding, naming the field
+    from contra_ray.data.prepare import prepare_data
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "runs"), "data": {
+        "dataset": "imagenet", "root": str(root), "resolution": 8, "zca": False, "cache_dir": str(tmp_path / "c2"),
+        "shared_cache": "s3://no-such-bucket-5e1f/sc"}})
+    with pytest.raises(storage.StorageError, match="data.shared_cache='s3://no-such-bucket-5e1f/sc': cannot be "
+                                                   "written"):
+        prepare_data(cfg)
+    assert not (tmp_path / "c2" / "decoded").exists()
     with pytest.raises(ConfigError, match="data.shared_cache='foo://x'"):
         config_from_dict({"data": {"shared_cache": "foo://x"}})
     with pytest.raises(ConfigError, match="data.cache_dir='s3://b/c': a URI is not supported"):

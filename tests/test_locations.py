@@ -56,3 +56,18 @@ def test_relative_paths_are_refused_inside_a_ray_job_working_dir(tmp_path, monke
     assert cfg.run_dir() == tmp_path / "out" / "tiny_cpu"  # absolute locations are accepted
     monkeypatch.setenv("CONTRA_RAY_SHARED", str(tmp_path))
     load_config("tiny_cpu", {"output_dir": str(tmp_path / "out"), "data": {"cache_dir": str(tmp_path / "c")}})
+
+
+def test_moving_a_run_s_locations_does_not_block_its_resume():
+    """Locations (a cluster's data.shared_cache, a URI experts.ffcv_dir, ...) change where files are, not the
+    result: a checkpoint or finished set made without them continues; a changed beta is still named."""
+    from contra_ray.config import config_from_dict
+    from contra_ray.distill.checkpoint import resume_mismatches
+
+    saved = config_from_dict({"output_dir": "runs"}).to_dict()
+    moved = config_from_dict({"output_dir": "s3://bkt/runs", "data": {"shared_cache": "s3://bkt/cache",
+                                                                      "cache_dir": "/mnt/local"},
+                              "experts": {"ffcv_dir": "s3://bkt/betons", "store": "s3://bkt/experts"}}).to_dict()
+    assert resume_mismatches(saved, moved) == []
+    moved["distill"]["beta"] = 0.5
+    assert resume_mismatches(saved, moved) == [f"distill.beta={saved['distill']['beta']!r} in the checkpoint, 0.5 now"]

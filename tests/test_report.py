@@ -242,3 +242,9 @@ def test_cli_pools_stores_several_metrics_and_history_measures(tmp_path, capsys)
     assert all((tmp_path / f"r-{m}.png").is_file() for m in ("ddr_lrs", "loss_osc", "syn_lr_path"))
     assert report.main(["--experiment", "contra_ray", "--tracking-uri", uris[0], "--tracking-uri", uris[1]]) == 2
     assert "pooling stores needs --group-by" in capsys.readouterr().err
+    # a store given twice: its runs count once
+    assert report.main([*args[:4], "--tracking-uri", uris[0], *args[4:]]) == 0
+    assert "contra_ray: 6 run(s) in 2 group(s) of distill.K; ddr/lrs" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("")
+    assert report.main([*args[:-1], str(tmp_path / "afile" / "r.png")]) == 2
+    assert "--plot=" in capsys.readouterr().err

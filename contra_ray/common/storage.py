@@ -30,7 +30,7 @@ from contra_ray.common.fileio import atomic_write, wait_lock
 
 __all__ = ["URI_SCHEME", "SCHEMES", "StorageError", "is_uri", "check_location", "filesystem", "join", "exists",
            "read_bytes", "write_bytes", "list_files", "push", "pull", "delete", "local_mirror", "pulled",
-           "read_through", "ray_storage"]
+           "read_through", "check_writable", "ray_storage"]
 
 URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOOKS_LIKE_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:$")  # first path component "s3:" (not "C:")
@@ -389,6 +389,20 @@ def pulled(location: str | os.PathLike, what: str) -> Iterator[Path]:
     with wait_lock(mirror.parent / f".{mirror.name}.pull.lock", f"fetching {what}"):
         pull(location, mirror)
     yield mirror
+
+
+def check_writable(field: str, location: str | os.PathLike) -> None:
+    """Write and delete a probe object under the folder ``location`` (a URI): before work that would publish there.
+
+    Raises:
+        StorageError: ``<field>=<location>: cannot be written (<cause>)``.
+    """
+    probe = join(location, f".contra_ray-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"")
+        delete(probe)
+    except StorageError as e:
+        raise StorageError(f"{field}={str(location)!r}: cannot be written ({e})") from None
 
 
 def read_through(location: str | os.PathLike, local: str | os.PathLike, *, complete: Callable[[Path], bool],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import uuid
 
 from contra_ray.common import storage
 from contra_ray.common.cli import check_folder, cli_entry, cli_error, interrupted
@@ -49,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict({"data": {"dataset": args.dataset, "root": args.root, "resolution": args.resolution,
                                          "cache_dir": args.cache_dir, "train_per_class": args.train_per_class,
                                          "subset_seed": args.subset_seed}}).data
+        if not args.out.strip():
+            raise ConfigError(f"--out={args.out!r}: give the folder or URI for the .beton files")
         storage.check_location("--out", args.out)  # before any work: a scheme we open (or a path)
         remote = is_remote(args.out)
         if remote:  # and a location that takes a write
-            probe = storage.join(args.out, f".contra_ray-probe-{uuid.uuid4().hex}")
             try:
-                storage.write_bytes(probe, b"")
-                storage.delete(probe)
+                storage.check_writable("--out", args.out)
             except storage.StorageError as e:
-                raise ConfigError(f"--out={args.out!r}: cannot be written ({e})") from None
+                raise ConfigError(str(e)) from None
             check_folder(str(storage.local_mirror(args.out)), "--out (its local copy)")
         else:  # a path, or file://: written in place
             args.out = str(storage.local_mirror(args.out)) if storage.is_uri(args.out) else args.out

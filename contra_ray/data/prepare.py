@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from contra_ray.common import storage
 from contra_ray.config import Config
-from contra_ray.data.imagenet import read_class_names, share_streamed
+from contra_ray.data.imagenet import in_memory, read_class_names, share_streamed
 from contra_ray.data.preprocess import fit_preprocessor
 from contra_ray.data.sources import load_split
 from contra_ray.models import ModelSpec
@@ -45,10 +46,13 @@ def prepare_data(cfg: Config, with_test: bool = True) -> PreparedData:
         FileNotFoundError: dataset missing (see :func:`contra_ray.data.load_split`).
         StorageError: the data cache location is not writable.
     """
+    location = cfg.data_cache_location()
+    if location is not None and not in_memory(cfg.data):  # before hours of decoding, not after
+        storage.check_writable("data.shared_cache" if cfg.data.shared_cache else "output_dir (its data-cache)",
+                               location)
     train = load_split(cfg.data, "train")
     cfg.validate_data(train.num_classes, int(train.class_counts().min()))
     test = load_split(cfg.data, "test") if with_test else None
-    location = cfg.data_cache_location()
     if location is not None:  # in-memory sets are skipped (they reach workers through Ray's object store)
         share_streamed([s for s in (train, test) if s is not None], location)
     pre = fit_preprocessor(train, cfg.data)
@@ -61,8 +65,6 @@ def streamed_locations(cfg: Config) -> dict[str, str]:
     workers through the object store): ``data.shared_cache`` (:meth:`Config.data_cache_location`, from which each
     node fills its own ``data.cache_dir``) when there is one, else ``data.cache_dir`` itself. For
     :func:`contra_ray.common.raycluster.check_locations_on_nodes`."""
-    from contra_ray.data.imagenet import in_memory
-
     if in_memory(cfg.data):
         return {}
     location = cfg.data_cache_location()

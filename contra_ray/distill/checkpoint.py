@@ -39,8 +39,8 @@ MANIFEST_FILE = "manifest.json"  # written last: a directory without a valid man
 # resources, and the memory/execution strategy (same gradients). Every other field of these sections
 # changes the result, so a checkpoint made with another value is refused.
 RESUMABLE_CHANGES = {
-    "data": {"cache_dir", "root", "download"},
-    "experts": {"store", "cpus_per_expert", "gpus_per_expert", "eval_every"},
+    "data": {"cache_dir", "shared_cache", "root", "download"},
+    "experts": {"store", "ffcv_dir", "cpus_per_expert", "gpus_per_expert", "eval_every"},
     "distill": {"iterations", "checkpoint_every", "eval_every", "eval_runs_periodic", "unroll_memory",
                 "student_execution"},
 }

@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run_cli(args: argparse.Namespace, art: DistilledSet) -> dict:
+    if args.experts is not None and (args.protocol != "dd-ranking" or not args.experts.strip()):
+        raise ConfigError(f"--experts={args.experts!r}: " + ("give the expert store's folder or URI"
+                          if args.protocol == "dd-ranking" else "only --protocol dd-ranking reads an expert store"))
     cfg = config_for_artifact(art, args)
     if args.seed is not None:
         cfg.eval.seed = args.seed

@@ -255,13 +255,16 @@ def paired_differences(rows: Sequence[Mapping], group_by: Sequence[str], baselin
     return out
 
 
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+def _fmt(v: float | None, digits: int | str = 2) -> str:
+    """``v`` with ``digits`` decimals, or in the format ``digits`` names (``".4g"``); ``-`` for ``None``."""
+    if v is None:
+        return "-"
+    return f"{v:{digits}}" if isinstance(digits, str) else f"{v:.{digits}f}"
 
 
-def _digits(metric: str) -> int:
-    """Decimals shown: 2 for accuracies and times (percent, seconds), 4 for fractions and ratios."""
-    return 2 if "acc" in metric or metric.startswith("s_per") or metric == "iters_to_plateau" else 4
+def _digits(metric: str) -> int | str:
+    """How values show: 2 decimals for accuracies and times (percent, seconds), else 4 significant digits."""
+    return 2 if "acc" in metric or metric.startswith("s_per") or metric == "iters_to_plateau" else ".4g"
 
 
 def spread_test(a: Sequence[float], b: Sequence[float]) -> dict:
@@ -297,7 +300,7 @@ def format_aggregate(aggs: Sequence[dict], diffs: Sequence[dict] | None = None,
     body = []
     k = _digits(metric)
     for a in aggs:
-        row = [a["label"], str(a["n_seeds"]), str(a["n_runs"]), f"{a['mean']:.{k}f} ± {_fmt(a['std'], k)}"]
+        row = [a["label"], str(a["n_seeds"]), str(a["n_runs"]), f"{_fmt(a['mean'], k)} ± {_fmt(a['std'], k)}"]
         if diffs is not None:
             d = by_label.get(a["label"])
             if d is None:
@@ -376,13 +379,17 @@ def run_rows(client, experiment_id: str, parent_run_id: str | None = None,
         row = {**run.data.params, **run.data.metrics, "name": run.info.run_name, "run_id": run.info.run_id,
                "parent": run.data.tags.get("mlflow.parentRunId")}
         histories: dict[str, list[float]] = {}
-        for name in derive:
-            series, fn = HISTORY_METRICS[name]
-            if series not in histories:
-                steps = sorted(client.get_metric_history(run.info.run_id, series), key=lambda m: (m.step, m.timestamp))
-                histories[series] = list({m.step: m.value for m in steps}.values())  # a replayed step: its last
-            if histories[series]:
-                row[name] = fn(histories[series])
+        for name in derive if run.info.status == "FINISHED" else ():  # a running run's curve is not whole
+            pattern, fn = HISTORY_METRICS[name]
+            series = ([k for k in sorted(run.data.metrics) if k.startswith(pattern[:-1])] if pattern.endswith("*")
+                      else [pattern])
+            for key in series:
+                if key not in histories:
+                    steps = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+                    histories[key] = list({m.step: m.value for m in steps}.values())  # a replayed step: its last
+            values = [fn(histories[k]) for k in series if histories[k]]
+            if values:
+                row[name] = sum(values) / len(values)
         rows.append(row)
     return rows
 
@@ -410,29 +417,34 @@ def _aggregate_cli(args, stores: Sequence[tuple[str, Any, Any]]) -> int:
                 rows.append(r)
     tables = []
     for metric in metrics:
+        unpaired = None
         try:
             aggs = aggregate_by_seed(rows, group_by, metric, args.seed_key)
             diffs = paired_differences(rows, group_by, baseline, metric, args.seed_key, within) if baseline else None
         except ValueError as e:
-            return cli_error(e)
+            if len(metrics) == 1 or not str(e).startswith("no run with"):
+                return cli_error(e)
+            diffs, unpaired = None, str(e)  # e.g. segment_loss_osc: concurrent runs only
         if not aggs:
             return cli_error(f"no run in {args.experiment!r} has a {metric} metric")
         spread = None
         if len(aggs) == 2:
             spread = spread_test(list(aggs[0]["seeds"].values()), list(aggs[1]["seeds"].values()))
-        tables.append((metric, aggs, diffs, spread))
+        tables.append((metric, aggs, diffs, spread, unpaired))
     if args.json:
-        print(json.dumps({m: {"groups": a, "differences": d, "spread": sp} for m, a, d, sp in tables}
+        print(json.dumps({m: {"groups": a, "differences": d, "spread": sp} for m, a, d, sp, _ in tables}
                          if len(tables) > 1 else {"groups": tables[0][1], "differences": tables[0][2],
                                                   "spread": tables[0][3]}, indent=2, default=str))
         return 0
     out = Config(output_dir=args.output_dir) if args.output_dir else Config()
     parents = {r["parent"] for r in rows if any(r.get(m) is not None for m in metrics)}
     parent = args.parent_run or (next(iter(parents)) if len(parents) == 1 else None)
-    for metric, aggs, diffs, spread in tables:
+    for metric, aggs, diffs, spread, unpaired in tables:
         print(f"{args.experiment}: {sum(a['n_runs'] for a in aggs)} run(s) in {len(aggs)} group(s) of "
               f"{', '.join(group_by)}" + (f"; {metric}" if len(tables) > 1 else ""))
         print(format_aggregate(aggs, diffs, baseline, metric))
+        if unpaired:
+            print(f"no paired differences: {unpaired}")
         if spread is not None and spread["F"] is not None:
             k = _digits(metric)
             print(f"spread over seeds: std {_fmt(aggs[0]['std'], k)} ({aggs[0]['label']}) vs "

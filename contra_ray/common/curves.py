@@ -57,9 +57,12 @@ def path_ratio(values: Sequence[float]) -> float:
     return sum(abs(b - a) for a, b in zip(v, v[1:])) / abs(v[-1] - v[0])
 
 
-#: metrics ``contra_ray.report`` derives from a run's logged per-iteration history: name -> (history, function)
+#: metrics ``contra_ray.report`` derives from a finished run's logged per-iteration history: name -> (history,
+#: function); a history ending in ``*`` stands for every logged metric with that prefix, and the value is the mean
+#: of the function over them (``segment_loss_osc``: each concurrent segment's own Eq. 2 loss, ConTra runs only)
 HISTORY_METRICS = {
     "loss_osc": ("loss", relative_oscillation),
+    "segment_loss_osc": ("loss/start_*", relative_oscillation),
     "syn_lr_osc": ("syn_lr", relative_oscillation),
     "syn_lr_path": ("syn_lr", path_ratio),
 }
